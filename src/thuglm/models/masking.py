@@ -1,0 +1,141 @@
+"""GLM's 2D positions and prefix-LM attention mask, for plain, left-padded and packed batches.
+
+ChatGLM-6B reads a sample as `context [gMASK] <sop> generated...`:
+
+* every token before `<sop>` (the context) sees the whole context, both ways;
+* `<sop>` and every token after it see the context and the generated tokens before them (causal);
+* position ids are two rows: the position (0, 1, ... in the context, then frozen at the index of `[gMASK]`) and the
+  block position (0 in the context, then 1, 2, ... from `<sop>` on).
+
+The block position is therefore 0 exactly on the context tokens, so the mask follows from the position ids. A row
+may hold several samples ("packing"): a 2D `attention_mask` of segment numbers (1, 2, 3, ...; 0 for padding) keeps
+each sample's positions and mask exactly as if it were alone, with no attention across samples. A 0/1 mask is the
+ordinary padding mask: one sample a row.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class MissingGlmTokensError(ValueError):
+    """A sample has no `<sop>` or no `[gMASK]`/`[MASK]`, so GLM positions cannot be derived from it."""
+
+
+def _segment_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    if attention_mask is None:
+        return torch.ones_like(input_ids)
+    if attention_mask.dim() != 2:
+        raise ValueError(f"expected a 2D attention_mask [batch, seq], got shape {tuple(attention_mask.shape)}")
+    return attention_mask.to(device=input_ids.device, dtype=torch.long)
+
+
+def glm_position_ids(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    bos_token_id: int,
+    mask_token_id: int,
+    gmask_token_id: int,
+    strict: bool = False,
+) -> torch.Tensor:
+    """Position ids [batch, 2, seq] of every sample in `input_ids` [batch, seq], as the official code derives them.
+
+    Within each sample (a run of equal non-zero `attention_mask` values; the whole row when the mask is None), the
+    context is everything before its first `<sop>` (the whole sample if it has none) and positions after the context
+    freeze at its first `[gMASK]`, or first `[MASK]` if it has no `[gMASK]`. Padding gets position 0.
+    With `strict`, a sample lacking `<sop>` or a mask token raises `MissingGlmTokensError` instead.
+    """
+    batch, seq = input_ids.shape
+    device = input_ids.device
+    segments = _segment_ids(input_ids, attention_mask)
+    index = torch.arange(seq, device=device).expand(batch, seq)
+
+    # Give every sample of every row its own group number, then reduce per group with scatter_reduce.
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    group = starts.long().cumsum(1) - 1 + torch.arange(batch, device=device)[:, None] * seq
+    start_index = torch.where(starts, index, torch.zeros_like(index)).cummax(1).values
+    local = index - start_index
+
+    groups = batch * seq
+    absent = seq + 1  # larger than any local index
+
+    def first_local(token_id: int) -> torch.Tensor:
+        found = input_ids == token_id
+        first = torch.full((groups,), absent, dtype=torch.long, device=device)
+        first.scatter_reduce_(0, group[found], local[found], reduce="amin")
+        return first[group]
+
+    length = torch.zeros(groups, dtype=torch.long, device=device)
+    length.scatter_reduce_(0, group.flatten(), local.flatten() + 1, reduce="amax")
+    length = length[group]
+
+    first_sop = first_local(bos_token_id)
+    first_gmask = first_local(gmask_token_id)
+    mask_position = torch.where(first_gmask < absent, first_gmask, first_local(mask_token_id))
+    if strict:
+        _check_glm_tokens(segments, first_sop, mask_position, absent)
+
+    context_length = torch.where(first_sop < absent, first_sop, length)
+    in_context = local < context_length
+    frozen = torch.where(mask_position < absent, mask_position, local)
+    position = torch.where(in_context, local, frozen)
+    block_position = torch.where(in_context, torch.zeros_like(local), local - context_length + 1)
+    padding = segments == 0
+    position = position.masked_fill(padding, 0)
+    block_position = block_position.masked_fill(padding, 0)
+    return torch.stack([position, block_position], dim=1)
+
+
+def _check_glm_tokens(segments, first_sop, mask_position, absent) -> None:
+    real = segments != 0
+    for what, missing in (("<sop>", first_sop >= absent), ("[gMASK] (or [MASK])", mask_position >= absent)):
+        bad = (missing & real).any(dim=1).nonzero().flatten().tolist()
+        if bad:
+            raise MissingGlmTokensError(
+                f"row {bad[0]} of the batch has no {what} token, so ChatGLM cannot tell its context from its "
+                "continuation. Encode each sample as `text [gMASK] <sop>` (what tokenizer(text) returns with "
+                "add_special_tokens=True; for training samples `[gMASK] <sop> text <eop>`), or pass position_ids "
+                "[batch, 2, seq] yourself."
+            )
+
+
+def glm_attention_mask(
+    position_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    past_length: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Additive attention mask [batch, 1, q_len, past_length + q_len] for the current chunk of queries.
+
+    Query i (absolute index past_length + i) sees key j when both belong to the same sample and j <= i or key j is
+    in its sample's context (block position 0). Past keys always come before the current queries, so only the
+    current chunk's block positions are needed. `attention_mask` is the 2D mask over all past_length + q_len keys.
+    Masked entries hold the dtype's minimum rather than -inf, so a padding query (which sees nothing) gets a uniform,
+    finite softmax instead of NaN.
+    """
+    batch, _, q_len = position_ids.shape
+    device = position_ids.device
+    k_len = past_length + q_len
+    if attention_mask is None:
+        key_segments = torch.ones(batch, k_len, dtype=torch.long, device=device)
+    else:
+        key_segments = attention_mask.to(device=device, dtype=torch.long)
+        if key_segments.shape[-1] != k_len:
+            raise ValueError(
+                f"attention_mask covers {key_segments.shape[-1]} tokens but past + current tokens are {k_len}"
+            )
+    query_segments = key_segments[:, past_length:]
+
+    query_index = torch.arange(past_length, k_len, device=device)
+    key_index = torch.arange(k_len, device=device)
+    key_in_context = torch.zeros(batch, k_len, dtype=torch.bool, device=device)
+    key_in_context[:, past_length:] = position_ids[:, 1] == 0
+
+    causal = key_index[None, None, :] <= query_index[None, :, None]
+    visible = causal | key_in_context[:, None, :]
+    same_sample = query_segments[:, :, None] == key_segments[:, None, :]
+    allowed = visible & same_sample & (key_segments[:, None, :] != 0)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[:, None]

@@ -1,0 +1,474 @@
+"""ChatGLM-6B for current transformers, without remote code.
+
+The math is the official `modeling_chatglm.py`'s (THUDM/chatglm-6b), written the way transformers writes its own
+models: batch-first tensors, attention behind `ALL_ATTENTION_FUNCTIONS` (eager and sdpa), the KV cache in a
+`transformers.Cache`, gradient checkpointing through `GradientCheckpointingLayer`. Parameter names are the
+official checkpoint's, so its `pytorch_model-*.bin` shards load as they are.
+
+What makes GLM different from a GPT:
+* 2D rotary embeddings: each head's first half is rotated by the position, its second half by the block position
+  (see `masking.py` for both, and for the prefix-LM mask);
+* post-LayerNorm residuals scaled by sqrt(2 * num_layers): `h = LN(x) * alpha + f(LN(x))`;
+* attention scores of layer i are computed on q / (sqrt(d) * (i + 1)) and scaled back in fp32, so fp16 never
+  overflows (the eager path keeps this; sdpa computes in fp32 internally);
+* a tanh-approximated GELU MLP, and an lm_head tied to the word embeddings.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from queue import Queue
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation.logits_process import LogitsProcessor, LogitsProcessorList
+from transformers.generation.streamers import BaseStreamer
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
+
+from ..inference.chat import build_prompt, process_response
+from .configuration_chatglm import ChatGLMConfig
+from .masking import glm_attention_mask, glm_position_ids
+
+
+class ChatGLMRotaryEmbedding(nn.Module):
+    """cos/sin tables for GLM's two rotary halves, looked up at the position and the block position."""
+
+    def __init__(self, config: ChatGLMConfig, base: float = 10000.0):
+        super().__init__()
+        self.dim = config.head_dim // 2
+        self.base = base
+        self._inv_freq: dict[torch.device, torch.Tensor] = {}
+
+    def inv_freq(self, device: torch.device) -> torch.Tensor:
+        # The official code rounds the frequencies through fp16; keep exactly those frequencies. Kept out of the
+        # module's buffers, so that casting the model to bf16/fp16 never coarsens them further and loading on the
+        # meta device never leaves them empty.
+        if device not in self._inv_freq:
+            exponents = torch.arange(0, self.dim, 2, dtype=torch.float32) / self.dim
+            self._inv_freq[device] = (1.0 / (self.base**exponents)).half().float().to(device)
+        return self._inv_freq[device]
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """position_ids [batch, 2, seq] -> cos, sin [batch, 2, seq, dim] in x's dtype."""
+        freqs = position_ids[..., None].float() * self.inv_freq(position_ids.device)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_glm_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [batch, heads, seq, head_dim]; cos/sin [batch, 2, seq, head_dim // 2]."""
+    halves = []
+    for half, c, s in zip(x.chunk(2, dim=-1), cos.unbind(1), sin.unbind(1)):
+        c, s = c[:, None], s[:, None]
+        halves.append(half * c + rotate_half(half) * s)
+    return torch.cat(halves, dim=-1)
+
+
+def glm_eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The official attention: scores of layer i on q / (sqrt(d) * (i + 1)), rescaled and softmaxed in fp32."""
+    coeff = float(module.layer_idx + 1)
+    scores = torch.matmul(query * (scaling / coeff), key.transpose(2, 3)).float() * coeff
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    probs = nn.functional.softmax(scores, dim=-1).to(query.dtype)
+    probs = nn.functional.dropout(probs, p=dropout, training=module.training)
+    output = torch.matmul(probs, value).transpose(1, 2).contiguous()
+    return output, probs
+
+
+class ChatGLMAttention(nn.Module):
+    def __init__(self, config: ChatGLMConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = False  # the mask is GLM's prefix-LM mask, always passed explicitly
+        self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size)
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch, seq, _ = hidden_states.shape
+        # The fused projection is laid out per head as [q | k | v], as in the official checkpoint.
+        mixed = self.query_key_value(hidden_states).view(batch, seq, self.num_heads, 3 * self.head_dim)
+        query, key, value = (t.transpose(1, 2) for t in mixed.split(self.head_dim, dim=-1))
+        cos, sin = position_embeddings
+        query, key = apply_glm_rotary(query, cos, sin), apply_glm_rotary(key, cos, sin)
+        if past_key_values is not None:
+            key, value = past_key_values.update(key, value, self.layer_idx)
+
+        attention_interface: Callable = glm_eager_attention_forward
+        if self.config._attn_implementation != "eager":
+            attention_interface = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
+        output, weights = attention_interface(
+            self, query, key, value, attention_mask, scaling=self.scaling, dropout=0.0, is_causal=False, **kwargs
+        )
+        return self.dense(output.reshape(batch, seq, -1)), weights
+
+
+class ChatGLMMLP(nn.Module):
+    def __init__(self, config: ChatGLMConfig):
+        super().__init__()
+        self.dense_h_to_4h = nn.Linear(config.hidden_size, config.inner_hidden_size)
+        self.dense_4h_to_h = nn.Linear(config.inner_hidden_size, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.dense_4h_to_h(nn.functional.gelu(self.dense_h_to_4h(hidden_states), approximate="tanh"))
+
+
+class ChatGLMBlock(GradientCheckpointingLayer):
+    def __init__(self, config: ChatGLMConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+        self.attention = ChatGLMAttention(config, layer_idx)
+        self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+        self.mlp = ChatGLMMLP(config)
+        self.residual_scale = (2 * config.num_layers) ** 0.5
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        use_cache: bool | None = False,
+        **kwargs,
+    ) -> torch.Tensor:
+        # GLM's residual is the *normalised* input, scaled up (DeepNorm-style), not the raw input.
+        attention_input = self.input_layernorm(hidden_states)
+        attention_output, _ = self.attention(
+            attention_input, position_embeddings, attention_mask, past_key_values=past_key_values, **kwargs
+        )
+        hidden_states = attention_input * self.residual_scale + attention_output
+        mlp_input = self.post_attention_layernorm(hidden_states)
+        return mlp_input * self.residual_scale + self.mlp(mlp_input)
+
+
+class ChatGLMPreTrainedModel(PreTrainedModel):
+    config_class = ChatGLMConfig
+    config: ChatGLMConfig
+    base_model_prefix = "transformer"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["ChatGLMBlock"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _supports_flash_attn = False  # GLM's prefix-LM mask is not causal; flash kernels only take causal masks
+    _supports_flex_attn = False
+    _supports_attention_backend = False
+    _can_compile_fullgraph = False
+    # Old checkpoints store each layer's rotary table; it is a pure function of the config.
+    _keys_to_ignore_on_load_unexpected = [r"rotary_emb\.inv_freq"]
+    _can_record_outputs = {"hidden_states": ChatGLMBlock, "attentions": ChatGLMAttention}
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+
+
+class ChatGLMModel(ChatGLMPreTrainedModel):
+    def __init__(self, config: ChatGLMConfig):
+        super().__init__(config)
+        if not config.position_encoding_2d:
+            raise NotImplementedError(
+                "position_encoding_2d=false is not a released ChatGLM-6B variant; thuglm implements the 2D positions "
+                "that every ChatGLM-6B checkpoint uses."
+            )
+        if config.quantization_bit:
+            raise NotImplementedError(
+                f"this config has quantization_bit={config.quantization_bit}: the int4/int8 ChatGLM-6B checkpoints "
+                "store custom packed weights. Load the fp16 checkpoint (THUDM/chatglm-6b) instead."
+            )
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(ChatGLMBlock(config, i) for i in range(config.num_layers))
+        self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+        self.rotary_emb = ChatGLMRotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.word_embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.word_embeddings = value
+
+    def derive_position_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """GLM position ids from the token ids, as the official code derives them (see `masking.py`)."""
+        config = self.config
+        return glm_position_ids(
+            input_ids, attention_mask, config.bos_token_id, config.mask_token_id, config.gmask_token_id, strict=True
+        )
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        """
+        attention_mask: 2D [batch, past + seq]: 1 for tokens, 0 for padding, or sample numbers 1, 2, ... for packed
+            rows (see `masking.py`); or a ready 4D additive mask [batch, 1, seq, past + seq].
+        position_ids: [batch, 2, seq] position and block position. Derived from input_ids when absent (not
+            possible with a non-empty cache or with inputs_embeds alone).
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.word_embeddings(input_ids)
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+
+        if position_ids is None:
+            if input_ids is None or past_length:
+                raise ValueError(
+                    "ChatGLM needs position_ids [batch, 2, seq] here: they can be derived from input_ids only "
+                    "for a whole sequence without cache."
+                )
+            query_mask = attention_mask if attention_mask is None or attention_mask.dim() == 2 else None
+            position_ids = self.derive_position_ids(input_ids, query_mask)
+        elif position_ids.dim() != 3 or position_ids.shape[1] != 2:
+            raise ValueError(
+                f"ChatGLM position_ids have shape [batch, 2, seq] (position, block position); got "
+                f"{tuple(position_ids.shape)}. The tokenizer returns them in this shape."
+            )
+
+        if attention_mask is not None and attention_mask.dim() == 4:
+            mask = attention_mask
+        else:
+            mask = glm_attention_mask(position_ids, attention_mask, past_length, inputs_embeds.dtype)
+
+        position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
+        hidden_states = inputs_embeds
+        for layer in self.layers:
+            hidden_states = layer(
+                hidden_states,
+                position_embeddings,
+                attention_mask=mask,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+                **kwargs,
+            )
+        hidden_states = self.final_layernorm(hidden_states)
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states, past_key_values=past_key_values if use_cache else None
+        )
+
+
+class InvalidScoreLogitsProcessor(LogitsProcessor):
+    """The official chat's guard: if fp16 logits overflowed, emit token 5 rather than crash in sampling."""
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if torch.isnan(scores).any() or torch.isinf(scores).any():
+            scores.zero_()
+            scores[..., 5] = 5e4
+        return scores
+
+
+class _TokenQueueStreamer(BaseStreamer):
+    """Hands each step's new token ids from `generate` (running in a thread) to the caller."""
+
+    def __init__(self):
+        self.queue: Queue = Queue()
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate first puts the prompt
+            self.prompt_seen = True
+            return
+        self.queue.put(value.reshape(-1).tolist())
+
+    def end(self) -> None:
+        self.queue.put(None)
+
+
+class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "transformer.word_embeddings.weight"}
+
+    def __init__(self, config: ChatGLMConfig):
+        super().__init__(config)
+        self.transformer = ChatGLMModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """labels: [batch, seq], -100 where no loss is taken; shifted inside (token t predicts t + 1)."""
+        outputs: BaseModelOutputWithPast = self.transformer(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        # Only the positions asked for get logits: with a 130,528-token vocabulary these dominate memory.
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+    # ---- generation: GLM's 2D positions ----------------------------------------------------------------------
+    def _prepare_position_ids_for_generation(self, inputs_tensor: torch.Tensor, model_kwargs: dict) -> torch.Tensor:
+        attention_mask = model_kwargs.get("attention_mask")
+        if attention_mask is not None and attention_mask.dim() != 2:
+            attention_mask = None
+        return self.transformer.derive_position_ids(inputs_tensor, attention_mask)
+
+    def _update_model_kwargs_for_generation(
+        self, outputs, model_kwargs: dict[str, Any], is_encoder_decoder: bool = False, num_new_tokens: int = 1
+    ) -> dict[str, Any]:
+        # A generated token keeps the [gMASK] position and advances the block position.
+        position_ids = model_kwargs.pop("position_ids", None)
+        model_kwargs = super()._update_model_kwargs_for_generation(
+            outputs, model_kwargs, is_encoder_decoder=is_encoder_decoder, num_new_tokens=num_new_tokens
+        )
+        if position_ids is not None:
+            last = position_ids[..., -1:]
+            steps = torch.arange(1, num_new_tokens + 1, device=position_ids.device)
+            new = torch.stack([last[:, 0].expand(-1, num_new_tokens), last[:, 1] + steps], dim=1)
+            model_kwargs["position_ids"] = torch.cat([position_ids, new], dim=-1)
+        return model_kwargs
+
+    # ---- chat, as the official model offers it --------------------------------------------------------------
+    def _chat_generation_kwargs(self, logits_processor, max_length, do_sample, top_p, temperature, kwargs):
+        processors = LogitsProcessorList(logits_processor or [])
+        processors.append(InvalidScoreLogitsProcessor())
+        sampling = {"top_p": top_p, "temperature": temperature} if do_sample else {}
+        return {"max_length": max_length, "do_sample": do_sample, "logits_processor": processors, **sampling, **kwargs}
+
+    @torch.no_grad()
+    def chat(
+        self,
+        tokenizer,
+        query: str,
+        history: list[tuple[str, str]] | None = None,
+        max_length: int = 2048,
+        num_beams: int = 1,
+        do_sample: bool = True,
+        top_p: float = 0.7,
+        temperature: float = 0.95,
+        logits_processor=None,
+        **kwargs,
+    ) -> tuple[str, list[tuple[str, str]]]:
+        """Answer `query` after the earlier rounds in `history`; returns the answer and the extended history."""
+        history = list(history or [])
+        gen_kwargs = self._chat_generation_kwargs(logits_processor, max_length, do_sample, top_p, temperature, kwargs)
+        inputs = tokenizer([build_prompt(query, history)], return_tensors="pt").to(self.device)
+        outputs = self.generate(**inputs, num_beams=num_beams, **gen_kwargs)
+        response = process_response(tokenizer.decode(outputs[0, inputs["input_ids"].shape[1] :].tolist()))
+        return response, history + [(query, response)]
+
+    @torch.no_grad()
+    def stream_chat(
+        self,
+        tokenizer,
+        query: str,
+        history: list[tuple[str, str]] | None = None,
+        max_length: int = 2048,
+        do_sample: bool = True,
+        top_p: float = 0.7,
+        temperature: float = 0.95,
+        logits_processor=None,
+        **kwargs,
+    ) -> Iterator[tuple[str, list[tuple[str, str]]]]:
+        """Like `chat`, yielding (answer so far, history with it) after every generated token."""
+        history = list(history or [])
+        gen_kwargs = self._chat_generation_kwargs(logits_processor, max_length, do_sample, top_p, temperature, kwargs)
+        inputs = tokenizer([build_prompt(query, history)], return_tensors="pt").to(self.device)
+        streamer = _TokenQueueStreamer()
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                self.generate(**inputs, streamer=streamer, **gen_kwargs)
+            except BaseException as error:  # re-raised in the caller's thread below
+                errors.append(error)
+                streamer.end()
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        generated: list[int] = []
+        eos = {self.generation_config.eos_token_id} if isinstance(self.generation_config.eos_token_id, int) else set(
+            self.generation_config.eos_token_id or []
+        )
+        while (tokens := streamer.queue.get()) is not None:
+            if eos and tokens[0] in eos:  # the official stream stops before yielding the end token
+                continue
+            generated.extend(tokens)
+            response = process_response(tokenizer.decode(generated))
+            yield response, history + [(query, response)]
+        thread.join()
+        if errors:
+            raise errors[0]

@@ -1,0 +1,237 @@
+"""ChatGLM-6B tokenizer: sentencepiece (`ice_text.model`) plus GLM's text preprocessing and special tokens.
+
+Gives the same ids as the official `tokenization_chatglm.py`, without remote code. Layout of an encoded text:
+
+    single text:  text [gMASK] <sop>
+    pair:         a [gMASK] <sop> b <eop>
+
+Batches are padded on the left, and every encoding carries `position_ids` of shape [2, seq] (GLM's position and
+block position) next to a 2D `attention_mask`; see `thuglm.models.masking` for how the model turns them into the
+prefix-LM mask.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections.abc import Sequence
+
+import numpy as np
+import sentencepiece as spm
+import torch
+from transformers.tokenization_python import PreTrainedTokenizer
+from transformers.tokenization_utils_base import BatchEncoding, EncodedInput
+from transformers.utils import PaddingStrategy
+
+from .masking import glm_position_ids
+
+LINEBREAK_TOKEN = "<n>"
+TAB_TOKEN = "<|tab|>"
+MAX_BLANK_LENGTH = 80
+BLANK_TOKENS = [f"<|blank_{n}|>" for n in range(2, MAX_BLANK_LENGTH + 1)]
+CHATGLM_SPECIAL_TOKENS = ["[MASK]", "[gMASK]", "[sMASK]", "<unused_0>", "<sop>", "<eop>", "<ENC>", "<dBLOCK>"]
+
+# Runs of 2..80 spaces, longest first from the left: the same split as the official loop that replaces runs of
+# 80, 79, ..., 2 spaces in turn, done in one pass.
+_BLANK_RUN = re.compile(" {2,%d}" % MAX_BLANK_LENGTH)
+_BLANK_TOKEN = re.compile(r"<\|blank_(\d+)\|>")
+
+
+def preprocess_text(text: str) -> str:
+    """GLM's text preprocessing before sentencepiece: newlines, tabs and runs of spaces become pieces."""
+    text = text.replace("\n", LINEBREAK_TOKEN).replace("\t", TAB_TOKEN)
+    return _BLANK_RUN.sub(lambda run: f"<|blank_{len(run.group())}|>", text)
+
+
+def postprocess_text(text: str) -> str:
+    """Undo `preprocess_text` on decoded text."""
+    text = text.replace(LINEBREAK_TOKEN, "\n").replace(TAB_TOKEN, "\t")
+
+    def spaces(match: re.Match) -> str:
+        length = int(match.group(1))
+        return " " * length if 2 <= length <= MAX_BLANK_LENGTH else match.group(0)
+
+    return _BLANK_TOKEN.sub(spaces, text)
+
+
+class ChatGLMTokenizer(PreTrainedTokenizer):
+    """Tokenizer for ChatGLM-6B, reading the official `ice_text.model` and `tokenizer_config.json`.
+
+    `num_image_tokens` is the offset the first ChatGLM-6B release put before the text ids (20,000); the current
+    release's `tokenizer_config.json` sets it to 0.
+    """
+
+    vocab_files_names = {"vocab_file": "ice_text.model"}
+    model_input_names = ["input_ids", "attention_mask", "position_ids"]
+    padding_side = "left"
+
+    def __init__(
+        self,
+        vocab_file: str,
+        do_lower_case: bool = False,
+        remove_space: bool = False,
+        bos_token: str = "<sop>",
+        eos_token: str = "<eop>",
+        end_token: str = "</s>",
+        mask_token: str = "[MASK]",
+        gmask_token: str = "[gMASK]",
+        padding_side: str = "left",
+        pad_token: str = "<pad>",
+        unk_token: str = "<unk>",
+        num_image_tokens: int = 20000,
+        **kwargs,
+    ) -> None:
+        if padding_side != "left":
+            raise ValueError(
+                "ChatGLM is trained with left padding (its positions count from the first real token); "
+                f"got padding_side={padding_side!r}. Leave padding_side at 'left'."
+            )
+        self.vocab_file = vocab_file
+        self.sp_model = spm.SentencePieceProcessor(model_file=vocab_file)
+        self.num_image_tokens = num_image_tokens
+        self.do_lower_case = do_lower_case
+        self.remove_space = remove_space
+        self.end_token = end_token
+        self.gmask_token = gmask_token
+        kwargs.pop("added_tokens_decoder", None)  # every special token is a sentencepiece piece already
+        super().__init__(
+            do_lower_case=do_lower_case,
+            remove_space=remove_space,
+            padding_side=padding_side,
+            bos_token=bos_token,
+            eos_token=eos_token,
+            end_token=end_token,
+            mask_token=mask_token,
+            gmask_token=gmask_token,
+            pad_token=pad_token,
+            unk_token=unk_token,
+            num_image_tokens=num_image_tokens,
+            **kwargs,
+        )
+
+    # ---- vocabulary -------------------------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self.num_image_tokens + self.sp_model.get_piece_size()
+
+    def get_vocab(self) -> dict[str, int]:
+        return {self._convert_id_to_token(i): i for i in range(self.vocab_size)}
+
+    def _convert_token_to_id(self, token: str) -> int:
+        if token.startswith("<image_") and token.endswith(">") and token[7:-1].isdigit():
+            return int(token[7:-1])
+        return self.sp_model.piece_to_id(token) + self.num_image_tokens
+
+    def _convert_id_to_token(self, index: int) -> str:
+        if index < self.num_image_tokens:
+            return f"<image_{index}>"
+        return self.sp_model.id_to_piece(index - self.num_image_tokens)
+
+    @property
+    def gmask_token_id(self) -> int:
+        return self._convert_token_to_id(self.gmask_token)
+
+    @property
+    def end_token_id(self) -> int:
+        return self._convert_token_to_id(self.end_token)
+
+    # ---- text <-> tokens -----------------------------------------------------------------------------------
+    def _normalize(self, text: str) -> str:
+        if self.remove_space:
+            text = " ".join(text.strip().split())
+        if self.do_lower_case:
+            text = text.lower()
+        return preprocess_text(text)
+
+    def _tokenize(self, text: str, **kwargs) -> list[str]:
+        return self.sp_model.encode(self._normalize(text), out_type=str)
+
+    def convert_tokens_to_string(self, tokens: list[str]) -> str:
+        return postprocess_text(self.sp_model.decode_pieces(tokens))
+
+    def _decode(self, token_ids, skip_special_tokens: bool = False, **kwargs) -> str:
+        if isinstance(token_ids, int):
+            token_ids = [token_ids]
+        # Like the official tokenizer: padding is never text, and image ids decode to nothing.
+        token_ids = [int(i) for i in token_ids if int(i) != self.pad_token_id and int(i) >= self.num_image_tokens]
+        if skip_special_tokens:
+            special = set(self.all_special_ids)
+            token_ids = [i for i in token_ids if i not in special]
+        return postprocess_text(self.sp_model.decode([i - self.num_image_tokens for i in token_ids]))
+
+    def encode_text(self, texts: Sequence[str]) -> list[list[int]]:
+        """Ids of many plain texts at once (no special tokens), in sentencepiece's batched C++ encoder.
+
+        Equal to `tokenizer(text, add_special_tokens=False)["input_ids"]` for text without special-token strings;
+        this is the fast path for corpora.
+        """
+        pieces = self.sp_model.encode([self._normalize(text) for text in texts])
+        if self.num_image_tokens:
+            return [[i + self.num_image_tokens for i in ids] for ids in pieces]
+        return pieces
+
+    # ---- special tokens and padding ---------------------------------------------------------------------------
+    def build_inputs_with_special_tokens(self, token_ids_0: list[int], token_ids_1: list[int] | None = None):
+        ids = token_ids_0 + [self.gmask_token_id, self.bos_token_id]
+        if token_ids_1 is not None:
+            ids = ids + token_ids_1 + [self.eos_token_id]
+        return ids
+
+    def get_special_tokens_mask(self, token_ids_0, token_ids_1=None, already_has_special_tokens=False):
+        if already_has_special_tokens:
+            special = set(self.all_special_ids) | {self.gmask_token_id}
+            return [1 if i in special else 0 for i in token_ids_0]
+        mask = [0] * len(token_ids_0) + [1, 1]
+        if token_ids_1 is not None:
+            mask += [0] * len(token_ids_1) + [1]
+        return mask
+
+    def create_token_type_ids_from_sequences(self, token_ids_0, token_ids_1=None):
+        return [0] * len(self.build_inputs_with_special_tokens(token_ids_0, token_ids_1))
+
+    def position_ids_for(self, input_ids: Sequence[int]) -> np.ndarray:
+        """GLM's [2, len] position ids of one unpadded sequence (see `thuglm.models.masking.glm_position_ids`)."""
+        ids = torch.as_tensor([list(input_ids)], dtype=torch.long)
+        return glm_position_ids(
+            ids, None, self.bos_token_id, self.mask_token_id, self.gmask_token_id
+        )[0].numpy()
+
+    def _pad(
+        self,
+        encoded_inputs: dict[str, EncodedInput] | BatchEncoding,
+        max_length: int | None = None,
+        padding_strategy: PaddingStrategy = PaddingStrategy.DO_NOT_PAD,
+        pad_to_multiple_of: int | None = None,
+        padding_side: str | None = None,
+        return_attention_mask: bool | None = None,
+    ) -> dict:
+        if (padding_side or self.padding_side) != "left":
+            raise ValueError("ChatGLM inputs are padded on the left; do not pass padding_side='right'.")
+        input_ids = encoded_inputs[self.model_input_names[0]]
+        # Positions are computed on the unpadded sequence, so padding never shifts them.
+        if "position_ids" not in encoded_inputs:
+            encoded_inputs["position_ids"] = self.position_ids_for(input_ids).tolist()
+        position_ids = encoded_inputs.pop("position_ids")
+        encoded_inputs = super()._pad(
+            encoded_inputs,
+            max_length=max_length,
+            padding_strategy=padding_strategy,
+            pad_to_multiple_of=pad_to_multiple_of,
+            padding_side="left",
+            return_attention_mask=True if return_attention_mask is None else return_attention_mask,
+        )
+        difference = len(encoded_inputs[self.model_input_names[0]]) - len(input_ids)
+        position_ids = [list(row) for row in position_ids]
+        if difference > 0:
+            position_ids = [[0] * difference + row for row in position_ids]
+        encoded_inputs["position_ids"] = position_ids
+        return encoded_inputs
+
+    # ---- saving -----------------------------------------------------------------------------------------------
+    def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple[str]:
+        name = (filename_prefix + "-" if filename_prefix else "") + self.vocab_files_names["vocab_file"]
+        out_file = os.path.join(save_directory, name) if os.path.isdir(save_directory) else save_directory
+        if os.path.abspath(out_file) != os.path.abspath(self.vocab_file):
+            shutil.copyfile(self.vocab_file, out_file)
+        return (out_file,)
