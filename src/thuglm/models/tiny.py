@@ -56,6 +56,10 @@ def train_tiny_sentencepiece(
 
     # One sentence per line: sentencepiece reads lines, and a cell may hold several paragraphs.
     lines = [preprocess_text(text) for text in texts]
+    # Every character of the corpus needs a piece of its own, plus the specials and 256 byte pieces; grow the
+    # vocabulary to fit a larger corpus rather than fail.
+    distinct_chars = len(set("".join(lines)))
+    vocab_size = max(vocab_size, distinct_chars + len(SPECIAL_PIECES) + 260 + 500)
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines),
