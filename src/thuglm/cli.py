@@ -31,14 +31,26 @@ def _load(model_dir: str, dtype: str):
     return tokenizer, model.eval()
 
 
+def _fit_history(model, tokenizer, query, history, max_new_tokens):
+    """Forget the oldest rounds until the prompt and the answer fit the model's context."""
+    from .inference import build_prompt
+
+    limit = model.config.max_sequence_length - max_new_tokens
+    while history and len(tokenizer(build_prompt(query, history))["input_ids"]) > limit:
+        history = history[1:]
+    return history
+
+
 def _chat_turn(model, tokenizer, query, history, args, out=sys.stdout):
     printed = 0
     response = ""
+    history = _fit_history(model, tokenizer, query, history, args.max_new_tokens)
     for response, history in model.stream_chat(
         tokenizer,
         query,
         history,
-        max_length=args.max_length,
+        max_length=None,
+        max_new_tokens=args.max_new_tokens,
         do_sample=not args.greedy,
         top_p=args.top_p,
         temperature=args.temperature,
@@ -93,7 +105,7 @@ def cmd_demo(args) -> int:
 
 
 def _add_generation_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-length", type=int, default=2048, help="prompt + answer tokens at most")
+    parser.add_argument("--max-new-tokens", type=int, default=512, help="answer tokens at most")
     parser.add_argument("--top-p", type=float, default=0.7)
     parser.add_argument("--temperature", type=float, default=0.95)
     parser.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
@@ -117,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="build the tiny model and chat with it")
     demo.add_argument("--out", default="outputs/tiny-chatglm")
     _add_generation_args(demo)
-    demo.set_defaults(func=cmd_demo, max_length=256)
+    demo.set_defaults(func=cmd_demo, max_new_tokens=48)
     return parser
 
 

@@ -280,3 +280,20 @@ def test_random_init_is_used_for_fresh_models(tokenizer):
     assert 0.015 < std < 0.025
     assert torch.equal(model.transformer.layers[0].input_layernorm.weight, torch.ones(config.hidden_size))
     random_weights(model)  # the helper used by other tests works on a fresh model too
+
+
+def test_stopping_a_stream_stops_generation(model, tokenizer):
+    import threading
+
+    before = threading.active_count()
+    stream = model.stream_chat(tokenizer, "你好", do_sample=False, max_length=None, max_new_tokens=200,
+                               eos_token_id=None)
+    next(stream)
+    stream.close()
+    assert threading.active_count() == before
+
+
+def test_ids_in_the_models_padded_vocab_tail_decode_to_nothing(model, tokenizer):
+    assert model.config.vocab_size > tokenizer.vocab_size
+    ids = tokenizer("你好", add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids + [model.config.vocab_size - 1]) == "你好"

@@ -27,6 +27,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation.logits_process import LogitsProcessor, LogitsProcessorList
+from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
@@ -327,6 +328,14 @@ class _TokenQueueStreamer(BaseStreamer):
         self.queue.put(None)
 
 
+class _StopWhenSet(StoppingCriteria):
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
 class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "transformer.word_embeddings.weight"}
 
@@ -448,27 +457,32 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         gen_kwargs = self._chat_generation_kwargs(logits_processor, max_length, do_sample, top_p, temperature, kwargs)
         inputs = tokenizer([build_prompt(query, history)], return_tensors="pt").to(self.device)
         streamer = _TokenQueueStreamer()
+        stop = threading.Event()  # set when the caller stops iterating, so generation stops too
+        stopping = StoppingCriteriaList(gen_kwargs.pop("stopping_criteria", None) or [])
+        stopping.append(_StopWhenSet(stop))
         errors: list[BaseException] = []
 
         def run() -> None:
             try:
-                self.generate(**inputs, streamer=streamer, **gen_kwargs)
+                self.generate(**inputs, streamer=streamer, stopping_criteria=stopping, **gen_kwargs)
             except BaseException as error:  # re-raised in the caller's thread below
                 errors.append(error)
                 streamer.end()
 
         thread = threading.Thread(target=run, daemon=True)
         thread.start()
+        eos = self.generation_config.eos_token_id
+        eos = {eos} if isinstance(eos, int) else set(eos or [])
         generated: list[int] = []
-        eos = {self.generation_config.eos_token_id} if isinstance(self.generation_config.eos_token_id, int) else set(
-            self.generation_config.eos_token_id or []
-        )
-        while (tokens := streamer.queue.get()) is not None:
-            if eos and tokens[0] in eos:  # the official stream stops before yielding the end token
-                continue
-            generated.extend(tokens)
-            response = process_response(tokenizer.decode(generated))
-            yield response, history + [(query, response)]
-        thread.join()
+        try:
+            while (tokens := streamer.queue.get()) is not None:
+                if tokens[0] in eos:  # the official stream stops before yielding the end token
+                    continue
+                generated.extend(tokens)
+                response = process_response(tokenizer.decode(generated))
+                yield response, history + [(query, response)]
+        finally:
+            stop.set()
+            thread.join()
         if errors:
             raise errors[0]

@@ -138,6 +138,8 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
     def _convert_id_to_token(self, index: int) -> str:
         if index < self.num_image_tokens:
             return f"<image_{index}>"
+        if index >= self.vocab_size:  # the model's vocabulary is padded beyond the tokenizer's (130,528 > 130,344)
+            return str(self.unk_token)
         return self.sp_model.id_to_piece(index - self.num_image_tokens)
 
     @property
@@ -173,7 +175,9 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
         if isinstance(token_ids, int):
             token_ids = [token_ids]
         # Like the official tokenizer: padding is never text, and image ids decode to nothing.
-        token_ids = [int(i) for i in token_ids if int(i) != self.pad_token_id and int(i) >= self.num_image_tokens]
+        # Ids past the sentencepiece vocabulary (the model's padded rows) are not text either.
+        text_ids = range(self.num_image_tokens, self.vocab_size)
+        token_ids = [int(i) for i in token_ids if int(i) != self.pad_token_id and int(i) in text_ids]
         if skip_special_tokens:
             special = set(self.all_special_ids)
             token_ids = [i for i in token_ids if i not in special]

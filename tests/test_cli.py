@@ -1,0 +1,38 @@
+import subprocess
+import sys
+
+from transformers import AutoModelForCausalLM
+
+
+def run_cli(*args, stdin=""):
+    return subprocess.run(
+        [sys.executable, "-m", "thuglm", *args], input=stdin, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_tiny_builds_a_loadable_model(tmp_path):
+    result = run_cli("tiny", str(tmp_path / "tiny"))
+    assert result.returncode == 0, result.stderr
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "tiny")
+    assert model.config.model_type == "chatglm" and model.config.num_layers == 2
+    assert (tmp_path / "tiny" / "ice_text.model").is_file()
+
+
+def test_chat_answers_clears_and_exits(tiny_dir):
+    result = run_cli("chat", str(tiny_dir), "--greedy", "--max-new-tokens", "16", stdin="你好\n/clear\n春天\n/exit\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("ChatGLM：") == 2
+    assert "(history cleared)" in result.stdout
+
+
+def test_chat_on_a_folder_without_a_model_says_what_to_do(tmp_path):
+    result = run_cli("chat", str(tmp_path))
+    assert result.returncode != 0
+    assert "no config.json" in result.stderr and "thuglm tiny" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_demo_runs(tmp_path):
+    result = run_cli("demo", "--out", str(tmp_path / "demo"), "--greedy", "--max-new-tokens", "16")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("ChatGLM：") == 2
