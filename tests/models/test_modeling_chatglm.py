@@ -25,10 +25,10 @@ def test_lm_head_is_tied_to_the_embeddings(model):
     assert model.lm_head.weight is model.transformer.word_embeddings.weight
 
 
-def test_eager_and_sdpa_agree(model, tokenizer):
-    sdpa = ChatGLMForConditionalGeneration(model.config).eval()
+def test_eager_and_sdpa_agree(model, tokenizer, tiny_dir):
+    sdpa = ChatGLMForConditionalGeneration.from_pretrained(tiny_dir, attn_implementation="sdpa").eval()
     sdpa.load_state_dict(model.state_dict())
-    sdpa.set_attn_implementation("sdpa")
+    assert (model.config._attn_implementation, sdpa.config._attn_implementation) == ("eager", "sdpa")
     batch = tokenizer(PROMPTS, padding=True, return_tensors="pt")
     real = batch["attention_mask"].bool()
     eager_logits = model(**batch).logits[real]
@@ -138,6 +138,7 @@ def test_half_precision_forward_and_backward(tiny_dir, tokenizer, dtype):
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
     for attn in ("eager", "sdpa"):
         model.set_attn_implementation(attn)
+        assert model.config._attn_implementation == attn
         out = model(**batch, labels=labels)
         assert out.logits.dtype == dtype and torch.isfinite(out.loss)
         out.loss.backward()
