@@ -75,7 +75,14 @@ def test_packed_mask_is_block_diagonal_and_padding_sees_nothing():
         [0, 0, 0, 1, 1, 1],
     ]
     padded = allowed([[0, 0, 0], [0, 0, 1]], mask=[0, 1, 1])
-    assert padded[0] == [0, 0, 0] and padded[1] == [0, 1, 0] and padded[2] == [0, 1, 1]
+    # the padding query sees only itself, so no softmax row is empty (NaN under fp16 autocast)
+    assert padded[0] == [1, 0, 0] and padded[1] == [0, 1, 0] and padded[2] == [0, 1, 1]
+
+
+def test_padding_stays_finite_under_fp16_softmax():
+    mask = glm_attention_mask(torch.tensor([[[0, 0, 1], [0, 0, 1]]]), torch.tensor([[0, 1, 1]]), 0, torch.float32)
+    scores = torch.zeros(1, 1, 3, 3, dtype=torch.float16) + mask.to(torch.float16)  # fp32 minimum becomes -inf
+    assert torch.isfinite(torch.softmax(scores.float(), dim=-1)).all()
 
 
 def test_decoding_step_sees_all_past_tokens_of_its_row():

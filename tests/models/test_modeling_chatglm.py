@@ -298,3 +298,16 @@ def test_ids_in_the_models_padded_vocab_tail_decode_to_nothing(model, tokenizer)
     assert model.config.vocab_size > tokenizer.vocab_size
     ids = tokenizer("你好", add_special_tokens=False)["input_ids"]
     assert tokenizer.decode(ids + [model.config.vocab_size - 1]) == "你好"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mixed_precision_autocast_keeps_padded_batches_finite(tiny_dir, tokenizer, dtype):
+    """fp32 weights under autocast (what the Trainer does with bf16/fp16=True): no dtype errors, no NaN."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, attn_implementation="sdpa")
+    batch = tokenizer(PROMPTS, padding=True, return_tensors="pt")
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    with torch.autocast("cpu", dtype=dtype):
+        out = model(**batch, labels=labels)
+    out.loss.backward()
+    assert torch.isfinite(out.logits).all()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())

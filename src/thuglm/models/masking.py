@@ -111,8 +111,7 @@ def glm_attention_mask(
     Query i (absolute index past_length + i) sees key j when both belong to the same sample and j <= i or key j is
     in its sample's context (block position 0). Past keys always come before the current queries, so only the
     current chunk's block positions are needed. `attention_mask` is the 2D mask over all past_length + q_len keys.
-    Masked entries hold the dtype's minimum rather than -inf, so a padding query (which sees nothing) gets a uniform,
-    finite softmax instead of NaN.
+    Masked entries hold the dtype's minimum; a padding query sees only itself.
     """
     batch, _, q_len = position_ids.shape
     device = position_ids.device
@@ -136,6 +135,11 @@ def glm_attention_mask(
     visible = causal | key_in_context[:, None, :]
     same_sample = query_segments[:, :, None] == key_segments[:, None, :]
     allowed = visible & same_sample & (key_segments[:, None, :] != 0)
+    # A padding query would see nothing, and a softmax over nothing but -inf (which the dtype minimum becomes
+    # when autocast runs attention in fp16) is NaN, whose gradient poisons the batch even though no loss is
+    # taken there. Let padding attend to itself: its output is never used, and every softmax stays finite.
+    padding_query = (query_segments == 0)[:, :, None] & (key_index[None, None, :] == query_index[None, :, None])
+    allowed = allowed | padding_query
     mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
     return mask[:, None]
