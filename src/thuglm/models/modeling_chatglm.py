@@ -8,7 +8,8 @@ official checkpoint's, so its `pytorch_model-*.bin` shards load as they are.
 What makes GLM different from a GPT:
 * 2D rotary embeddings: each head's first half is rotated by the position, its second half by the block position
   (see `masking.py` for both, and for the prefix-LM mask);
-* post-LayerNorm residuals scaled by sqrt(2 * num_layers): `h = LN(x) * alpha + f(LN(x))`;
+* post-LayerNorm residuals scaled by alpha = sqrt(2 * 28): `h = LN(x) * alpha + f(LN(x))` (28 whatever the
+  depth: see `RESIDUAL_SCALE`);
 * attention scores of layer i are computed on q / (sqrt(d) * (i + 1)) and scaled back in fp32, so fp16 never
   overflows (the eager path keeps this; sdpa computes in fp32 internally);
 * a tanh-approximated GELU MLP, and an lm_head tied to the word embeddings.
@@ -149,6 +150,12 @@ class ChatGLMMLP(nn.Module):
         return self.dense_4h_to_h(nn.functional.gelu(self.dense_h_to_4h(hidden_states), approximate="tanh"))
 
 
+# The official GLMBlock computes alpha = sqrt(2 * num_layers) from a constructor default of 28 that ChatGLMModel
+# never overrides, so every checkpoint in this format, whatever its depth, was trained and runs with sqrt(56).
+# For ChatGLM-6B (28 layers) this is sqrt(2 * num_layers); for smaller models it is what the official code computes.
+RESIDUAL_SCALE = (2 * 28) ** 0.5
+
+
 class ChatGLMBlock(GradientCheckpointingLayer):
     def __init__(self, config: ChatGLMConfig, layer_idx: int):
         super().__init__()
@@ -156,7 +163,7 @@ class ChatGLMBlock(GradientCheckpointingLayer):
         self.attention = ChatGLMAttention(config, layer_idx)
         self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
         self.mlp = ChatGLMMLP(config)
-        self.residual_scale = (2 * config.num_layers) ** 0.5
+        self.residual_scale = RESIDUAL_SCALE
 
     def forward(
         self,

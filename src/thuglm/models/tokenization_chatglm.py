@@ -159,9 +159,10 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
         return preprocess_text(text)
 
     def tokenize(self, text: str, **kwargs) -> list[str]:
-        # Most text holds no added-token string; skip the trie that looks for them (a tenth of encoding time).
-        initials = {token[:1] for token in self._added_tokens_encoder}
-        if not any(initial in text for initial in initials):
+        # Like the official tokenizer, hand the whole text to sentencepiece: the GLM special tokens are pieces of
+        # ice_text.model and come out whole, with the spaces around them kept. Only tokens added on top of the
+        # vocabulary need the added-token splitting of the base class.
+        if self._added_tokens_are_pieces():
             return self._tokenize(text)
         return super().tokenize(text, **kwargs)
 
