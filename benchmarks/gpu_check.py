@@ -145,10 +145,30 @@ def decode_speed(batch: int, new_tokens: int = 128, layers: int = 28) -> dict:
     return row
 
 
+@torch.no_grad()
+def profile_decode(layers: int = 28, new_tokens: int = 16) -> None:
+    """Where a greedy decoding step spends its time (a lead for the decode work of issue #4)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = random_model(ChatGLMConfig(num_layers=layers), torch.bfloat16).eval()
+    prompt = sample_batch(1, 32)["input_ids"][:, :-1]
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, eos_token_id=None)
+    model.generate(input_ids=prompt, **kwargs)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        model.generate(input_ids=prompt, **kwargs)
+    events = prof.key_averages()
+    kernels = sum(e.count for e in events if e.device_type.name == "CUDA")
+    print(f"\ndecode profile: {kernels / new_tokens:.0f} GPU kernels a token")
+    print(events.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=50))
+    del model
+    torch.cuda.empty_cache()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--record", help="append result rows (JSON lines) to this file")
     parser.add_argument("--layers", type=int, default=28)
+    parser.add_argument("--profile-decode", action="store_true", help="also profile a greedy decode")
     parser.add_argument("--commit", help="the commit measured (the GPU machine's copy has no .git)")
     args = parser.parse_args()
     device = torch.cuda.get_device_name()
@@ -174,6 +194,9 @@ def main() -> None:
         tps = f"{r['tokens_per_s']:9.0f}" if r["tokens_per_s"] else f"{'-':>9s}"
         print(f"{r['mode']:7s} {r['seq']:5d} {r['batch']:5d} {str(r['grad_ckpt']):>5s} {r['status']:>6s} {tps} "
               f"{r['peak_gib']:9.2f}")
+
+    if args.profile_decode:
+        profile_decode(layers=args.layers)
 
     if args.record:
         commit = args.commit or subprocess.run(
