@@ -115,3 +115,16 @@ def test_tokenizer_positions_equal_the_models_batched_rule(tokenizer):
             torch.tensor([ids]), None, tokenizer.bos_token_id, tokenizer.mask_token_id, tokenizer.gmask_token_id
         )
         assert tokenizer.position_ids_for(ids) == batched[0].tolist(), ids
+
+
+def test_added_tokens_split_out_and_survive_saving(tiny_dir, tmp_path):
+    tokenizer = ChatGLMTokenizer.from_pretrained(tiny_dir)
+    tokenizer.add_tokens(["<新词>"])
+    new_id = tokenizer.convert_tokens_to_ids("<新词>")
+    assert new_id >= tokenizer.vocab_size
+    ids = tokenizer("前<新词>后", add_special_tokens=False)["input_ids"]
+    assert new_id in ids
+    tokenizer.save_pretrained(tmp_path)
+    reloaded = ChatGLMTokenizer.from_pretrained(tmp_path)
+    assert reloaded("前<新词>后", add_special_tokens=False)["input_ids"] == ids
+    assert reloaded("你好")["input_ids"] == tokenizer("你好")["input_ids"]

@@ -90,7 +90,6 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
         self.remove_space = remove_space
         self.end_token = end_token
         self.gmask_token = gmask_token
-        kwargs.pop("added_tokens_decoder", None)  # every special token is a sentencepiece piece already
         super().__init__(
             do_lower_case=do_lower_case,
             remove_space=remove_space,
