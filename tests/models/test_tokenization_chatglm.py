@@ -127,4 +127,5 @@ def test_added_tokens_split_out_and_survive_saving(tiny_dir, tmp_path):
     tokenizer.save_pretrained(tmp_path)
     reloaded = ChatGLMTokenizer.from_pretrained(tmp_path)
     assert reloaded("前<新词>后", add_special_tokens=False)["input_ids"] == ids
+    assert reloaded.decode(ids) == "前<新词>后"
     assert reloaded("你好")["input_ids"] == tokenizer("你好")["input_ids"]

@@ -193,7 +193,7 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
     _skip_keys_device_placement = ["past_key_values"]
     _supports_sdpa = True
     _supports_flash_attn = False  # GLM's prefix-LM mask is not causal; flash kernels only take causal masks
-    _supports_flex_attn = False
+    _supports_flex_attn = False  # a dense mask through score_mod gave NaN on CPU (torch 2.13); needs a BlockMask
     _supports_attention_backend = False
     _can_compile_fullgraph = False
     # Old checkpoints store each layer's rotary table; it is a pure function of the config.

@@ -174,14 +174,22 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
     def _decode(self, token_ids, skip_special_tokens: bool = False, **kwargs) -> str:
         if isinstance(token_ids, int):
             token_ids = [token_ids]
-        # Like the official tokenizer: padding is never text, and image ids decode to nothing.
-        # Ids past the sentencepiece vocabulary (the model's padded rows) are not text either.
+        special = set(self.all_special_ids) if skip_special_tokens else set()
         text_ids = range(self.num_image_tokens, self.vocab_size)
-        token_ids = [int(i) for i in token_ids if int(i) != self.pad_token_id and int(i) in text_ids]
-        if skip_special_tokens:
-            special = set(self.all_special_ids)
-            token_ids = [i for i in token_ids if i not in special]
-        return postprocess_text(self.sp_model.decode([i - self.num_image_tokens for i in token_ids]))
+        pieces: list[str] = []
+        run: list[int] = []  # consecutive sentencepiece ids, decoded together
+        for index in map(int, token_ids):
+            # Like the official tokenizer: padding is never text, and image ids decode to nothing; nor do ids in
+            # the model's padded vocabulary rows. Tokens added on top of ice_text.model decode to their text.
+            if index == self.pad_token_id or index in special:
+                continue
+            if index in text_ids:
+                run.append(index - self.num_image_tokens)
+            elif index in self._added_tokens_decoder:
+                pieces += [self.sp_model.decode(run), self._added_tokens_decoder[index].content]
+                run = []
+        pieces.append(self.sp_model.decode(run))
+        return postprocess_text("".join(pieces))
 
     def encode_text(self, texts: Sequence[str], num_threads: int = -1) -> list[list[int]]:
         """Ids of many plain texts at once (no special tokens), in sentencepiece's batched C++ encoder.
