@@ -311,3 +311,20 @@ def test_mixed_precision_autocast_keeps_padded_batches_finite(tiny_dir, tokenize
     out.loss.backward()
     assert torch.isfinite(out.logits).all()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [({"quantization_bit": 4}, "int4/int8"), ({"position_encoding_2d": False}, "2D positions")],
+)
+def test_unsupported_configs_are_refused_with_a_reason(tokenizer, override, message):
+    from thuglm.models.tiny import tiny_config
+
+    with pytest.raises(NotImplementedError, match=message):
+        ChatGLMForConditionalGeneration(tiny_config(tokenizer.vocab_size, tokenizer, **override))
+
+
+def test_position_ids_of_the_wrong_shape_are_explained(model, tokenizer):
+    batch = tokenizer("你好", return_tensors="pt")
+    with pytest.raises(ValueError, match=r"\[batch, 2, seq\]"):
+        model(input_ids=batch["input_ids"], position_ids=batch["position_ids"][:, 0])
