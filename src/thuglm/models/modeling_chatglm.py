@@ -41,6 +41,16 @@ from .configuration_chatglm import ChatGLMConfig
 from .masking import glm_attention_mask, glm_position_ids
 
 
+# transformers renamed the `past_key_values` argument and output field to `cache` during 5.x (the old name is
+# deprecated until 5.40). thuglm supports 5.17 onwards, so it accepts both and returns the field of the installed one.
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def _cache_argument(past_key_values: Cache | None, kwargs: dict) -> Cache | None:
+    cache = kwargs.pop("cache", None)
+    return past_key_values if past_key_values is not None else cache
+
+
 class ChatGLMRotaryEmbedding(nn.Module):
     """cos/sin tables for GLM's two rotary halves, looked up at the position and the block position."""
 
@@ -264,8 +274,11 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         position_ids: [batch, 2, seq] position and block position. Derived from input_ids when absent (not
             possible with a non-empty cache or with inputs_embeds alone).
         """
+        past_key_values = _cache_argument(past_key_values, kwargs)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if self.gradient_checkpointing and self.training:
+            use_cache = False  # recomputed layers must not append to a cache a second time
         if inputs_embeds is None:
             inputs_embeds = self.word_embeddings(input_ids)
         if use_cache and past_key_values is None:
@@ -304,7 +317,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
             )
         hidden_states = self.final_layernorm(hidden_states)
         return BaseModelOutputWithPast(
-            last_hidden_state=hidden_states, past_key_values=past_key_values if use_cache else None
+            last_hidden_state=hidden_states, **{CACHE_FIELD: past_key_values if use_cache else None}
         )
 
 
@@ -371,6 +384,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """labels: [batch, seq], -100 where no loss is taken; shifted inside (token t predicts t + 1)."""
+        past_key_values = _cache_argument(past_key_values, kwargs)
         outputs: BaseModelOutputWithPast = self.transformer(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -390,9 +404,9 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+            **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
         )
 
     # ---- generation: GLM's 2D positions ----------------------------------------------------------------------
