@@ -42,10 +42,10 @@ def _fit_history(model, tokenizer, query, history, max_new_tokens):
 
 
 def _chat_turn(model, tokenizer, query, history, args, out=sys.stdout):
-    printed = 0
-    response = ""
+    """Stream one answer to `out`; return the history with this round added."""
     history = _fit_history(model, tokenizer, query, history, args.max_new_tokens)
-    for response, history in model.stream_chat(
+    shown = ""
+    for response, _ in model.stream_chat(
         tokenizer,
         query,
         history,
@@ -55,11 +55,13 @@ def _chat_turn(model, tokenizer, query, history, args, out=sys.stdout):
         top_p=args.top_p,
         temperature=args.temperature,
     ):
-        out.write(response[printed:])
+        # Post-processing may rewrite earlier characters (half-width to full-width punctuation next to hanzi);
+        # then the answer is shown again on a fresh line rather than garbled.
+        out.write(response[len(shown):] if response.startswith(shown) else "\n" + response)
         out.flush()
-        printed = len(response)
+        shown = response
     out.write("\n")
-    return history
+    return history + [(query, shown)]
 
 
 def cmd_tiny(args) -> int:

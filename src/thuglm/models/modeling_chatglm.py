@@ -40,7 +40,6 @@ from ..inference.chat import build_prompt, process_response
 from .configuration_chatglm import ChatGLMConfig
 from .masking import glm_attention_mask, glm_position_ids
 
-
 # transformers renamed the `past_key_values` argument and output field to `cache` during 5.x (the old name is
 # deprecated until 5.40). thuglm supports 5.17 onwards, so it accepts both and returns the field of the installed one.
 CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"

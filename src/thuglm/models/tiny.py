@@ -18,7 +18,15 @@ import sentencepiece as spm
 import torch
 
 from .configuration_chatglm import ChatGLMConfig
-from .tokenization_chatglm import BLANK_TOKENS, CHATGLM_SPECIAL_TOKENS, LINEBREAK_TOKEN, TAB_TOKEN
+from .modeling_chatglm import ChatGLMForConditionalGeneration
+from .tokenization_chatglm import (
+    BLANK_TOKENS,
+    CHATGLM_SPECIAL_TOKENS,
+    LINEBREAK_TOKEN,
+    TAB_TOKEN,
+    ChatGLMTokenizer,
+    preprocess_text,
+)
 
 # The pieces the official tokenizer relies on, in ice_text.model's order after <unk> <s> </s> <pad>.
 SPECIAL_PIECES = [LINEBREAK_TOKEN, *CHATGLM_SPECIAL_TOKENS, TAB_TOKEN, *BLANK_TOKENS]
@@ -52,8 +60,6 @@ def train_tiny_sentencepiece(
     preprocessing replaces newlines, tabs and runs of spaces before sentencepiece sees the text, so the training
     text gets the same replacement.
     """
-    from .tokenization_chatglm import preprocess_text
-
     # One sentence per line: sentencepiece reads lines, and a cell may hold several paragraphs.
     lines = [preprocess_text(text) for text in texts]
     # Every character of the corpus needs a piece of its own, plus the specials and 256 byte pieces; grow the
@@ -129,9 +135,6 @@ def build_tiny_chatglm(
     The folder loads with `AutoTokenizer.from_pretrained` and `AutoModelForCausalLM.from_pretrained` after
     `import thuglm`.
     """
-    from .modeling_chatglm import ChatGLMForConditionalGeneration
-    from .tokenization_chatglm import ChatGLMTokenizer
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     vocab_file = train_tiny_sentencepiece(iter_corpus_texts(corpus_dir), out_dir / "ice_text.model", vocab_size)
