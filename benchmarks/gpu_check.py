@@ -62,7 +62,9 @@ def numerics(layers: int = 2) -> list[dict]:
     ref_logits = ref_out.logits.float()
     rows = []
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        for attn in ("eager", "sdpa"):
+        for attn in ("eager", "sdpa", "flex_attention"):
+            if attn == "flex_attention" and dtype == torch.float16:
+                continue
             model = random_model(config, dtype, attn)
             model.load_state_dict({k: v.to(dtype) for k, v in reference.state_dict().items()})
             out = model(**batch)
@@ -90,12 +92,35 @@ def numerics(layers: int = 2) -> list[dict]:
     return rows
 
 
-def lora_speed(seq: int, batch: int, steps: int = 6, layers: int = 28, grad_ckpt: bool = False) -> dict:
+def packed_numerics(layers: int = 2) -> dict[str, float]:
+    """Rows packing two samples each plus left padding: every attention path against fp32 eager."""
+    config = ChatGLMConfig(num_layers=layers)
+    reference = random_model(config, torch.float32, "eager")
+    a, b = sample_batch(2, 70), sample_batch(2, 50)
+    pad = torch.full((2, 8), PAD, device="cuda")
+    ids = torch.cat([pad, a["input_ids"], b["input_ids"]], 1)
+    mask = torch.cat([torch.zeros_like(pad), torch.ones_like(a["input_ids"]), 2 * torch.ones_like(b["input_ids"])], 1)
+    real = mask != 0
+    with torch.no_grad():
+        expected = reference(input_ids=ids, attention_mask=mask).logits[real].float()
+    errors = {}
+    for attn in ("sdpa", "flex_attention"):
+        model = random_model(config, torch.float32, attn)
+        model.load_state_dict(reference.state_dict())
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask).logits[real].float()
+        errors[attn] = ((logits - expected).abs().max() / expected.abs().max()).item()
+        del model
+    return errors
+
+
+def lora_speed(seq: int, batch: int, steps: int = 6, layers: int = 28, grad_ckpt: bool = False,
+               attn: str = "sdpa") -> dict:
     from peft import LoraConfig, get_peft_model
 
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    model = random_model(ChatGLMConfig(num_layers=layers), torch.bfloat16)
+    model = random_model(ChatGLMConfig(num_layers=layers), torch.bfloat16, attn)
     if grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -103,7 +128,7 @@ def lora_speed(seq: int, batch: int, steps: int = 6, layers: int = 28, grad_ckpt
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets, task_type="CAUSAL_LM"))
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    row = {"mode": "lora", "seq": seq, "batch": batch, "grad_ckpt": grad_ckpt, "dtype": "bfloat16"}
+    row = {"mode": "lora", "seq": seq, "batch": batch, "grad_ckpt": grad_ckpt, "dtype": "bfloat16", "attn": attn}
     try:
         for step in range(steps):
             if step == 2:
@@ -138,6 +163,7 @@ def decode_speed(batch: int, new_tokens: int = 128, layers: int = 28) -> dict:
     torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
     row = {"mode": "decode", "seq": 31 + new_tokens, "batch": batch, "grad_ckpt": False, "dtype": "bfloat16",
+           "attn": "sdpa",
            "status": "ok", "tokens_per_s": batch * new_tokens / elapsed,
            "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
     del model
@@ -175,24 +201,28 @@ def main() -> None:
     print(f"device {device}, torch {torch.__version__}")
 
     print("\nnumerics (2 layers of the real width, against fp32 eager):")
-    print(f"{'dtype':9s} {'attn':6s} {'logits rel err':>15s} {'loss':>8s} {'qkv grad rel err':>17s} cache==nocache")
+    print(f"{'dtype':9s} {'attn':14s} {'logits rel err':>15s} {'loss':>8s} {'qkv grad rel err':>17s} cache==nocache")
     for r in numerics():
-        print(f"{r['dtype']:9s} {r['attn']:6s} {r['logits_max_rel_err']:15.2e} {r['loss']:8.4f} "
+        print(f"{r['dtype']:9s} {r['attn']:14s} {r['logits_max_rel_err']:15.2e} {r['loss']:8.4f} "
               f"{r['grad_rel_err']:17.2e} {r['cache_equals_no_cache']}")
+
+    print("packed rows (2 samples + padding), fp32, logits rel err against eager:", packed_numerics())
 
     rows = [
         lora_speed(512, 4, layers=args.layers),
+        lora_speed(512, 4, layers=args.layers, attn="flex_attention"),
         lora_speed(512, 8, layers=args.layers),
         lora_speed(512, 1, layers=args.layers, grad_ckpt=True),
         lora_speed(2048, 1, layers=args.layers, grad_ckpt=True),
         decode_speed(1, layers=args.layers),
         decode_speed(8, layers=args.layers),
     ]
-    print("\nspeed, 6B shape, random weights, bf16, sdpa (thuglm before any optimisation):")
-    print(f"{'mode':7s} {'seq':>5s} {'batch':>5s} {'ckpt':>5s} {'status':>6s} {'tokens/s':>9s} {'peak GiB':>9s}")
+    print("\nspeed, 6B shape, random weights, bf16 (thuglm before any optimisation):")
+    print(f"{'mode':7s} {'attn':14s} {'seq':>5s} {'batch':>5s} {'ckpt':>5s} {'status':>6s} {'tokens/s':>9s} "
+          f"{'peak GiB':>9s}")
     for r in rows:
         tps = f"{r['tokens_per_s']:9.0f}" if r["tokens_per_s"] else f"{'-':>9s}"
-        print(f"{r['mode']:7s} {r['seq']:5d} {r['batch']:5d} {str(r['grad_ckpt']):>5s} {r['status']:>6s} {tps} "
+        print(f"{r['mode']:7s} {r['attn']:14s} {r['seq']:5d} {r['batch']:5d} {str(r['grad_ckpt']):>5s} {r['status']:>6s} {tps} "
               f"{r['peak_gib']:9.2f}")
 
     if args.profile_decode:

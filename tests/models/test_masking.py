@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from thuglm.models.masking import MissingGlmTokensError, glm_attention_mask, glm_position_ids
+from thuglm.models.masking import MissingGlmTokensError, glm_attention_mask, glm_mask_rule, glm_position_ids
 
 MASK, GMASK, SOP = 90, 91, 92
 
@@ -88,3 +88,16 @@ def test_padding_stays_finite_under_fp16_softmax():
 def test_decoding_step_sees_all_past_tokens_of_its_row():
     grid = allowed([[2], [3]], mask=[0, 1, 1, 1, 1], past=4)
     assert grid == [[0, 1, 1, 1, 1]]
+
+
+def test_flex_attention_sees_the_same_rule():
+    """FlexAttention evaluates the rule through vmap; its dense view must equal the additive mask's."""
+    from torch.nn.attention.flex_attention import create_mask
+
+    position_ids = torch.tensor([[[0, 0, 0, 1, 1, 1, 2, 0], [0, 0, 1, 0, 0, 1, 2, 0]]] * 2)
+    attention_mask = torch.tensor([[0, 1, 1, 2, 2, 2, 2, 0], [1, 1, 1, 1, 1, 1, 1, 1]])
+    for past in (0, 3):
+        keys = torch.cat([torch.ones(2, past, dtype=torch.long), attention_mask], 1)
+        dense = glm_attention_mask(position_ids, keys, past, torch.float32)[:, 0] == 0
+        flex = create_mask(glm_mask_rule(position_ids, keys, past), 2, 1, 8, past + 8, device="cpu")[:, 0]
+        assert torch.equal(flex, dense)

@@ -328,3 +328,4 @@ def test_position_ids_of_the_wrong_shape_are_explained(model, tokenizer):
     batch = tokenizer("你好", return_tensors="pt")
     with pytest.raises(ValueError, match=r"\[batch, 2, seq\]"):
         model(input_ids=batch["input_ids"], position_ids=batch["position_ids"][:, 0])
+

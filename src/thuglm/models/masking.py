@@ -15,6 +15,8 @@ ordinary padding mask: one sample a row.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 
@@ -100,46 +102,57 @@ def _check_glm_tokens(segments, first_sop, mask_position, absent) -> None:
             )
 
 
-def glm_attention_mask(
-    position_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    past_length: int,
-    dtype: torch.dtype,
-) -> torch.Tensor:
-    """Additive attention mask [batch, 1, q_len, past_length + q_len] for the current chunk of queries.
+def glm_mask_rule(
+    position_ids: torch.Tensor, attention_mask: torch.Tensor | None, past_length: int
+) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """GLM's attention rule as a FlexAttention-style `mask_mod(batch, head, query, key) -> allowed`.
 
-    Query i (absolute index past_length + i) sees key j when both belong to the same sample and j <= i or key j is
+    Query q (absolute index past_length + q) sees key k when both belong to the same sample and k <= q or key k is
     in its sample's context (block position 0). Past keys always come before the current queries, so only the
-    current chunk's block positions are needed. `attention_mask` is the 2D mask over all past_length + q_len keys.
-    Masked entries hold the dtype's minimum; a padding query sees only itself.
+    current chunk's block positions are needed; `attention_mask` is the 2D mask over all past_length + q_len keys.
+    A padding query sees only itself: a softmax over nothing is NaN (the dtype minimum becomes -inf once autocast
+    runs attention in fp16), and its gradient would poison the batch though no loss is taken there.
     """
     batch, _, q_len = position_ids.shape
     device = position_ids.device
     k_len = past_length + q_len
     if attention_mask is None:
-        key_segments = torch.ones(batch, k_len, dtype=torch.long, device=device)
+        segments = torch.ones(batch, k_len, dtype=torch.long, device=device)
     else:
-        key_segments = attention_mask.to(device=device, dtype=torch.long)
-        if key_segments.shape[-1] != k_len:
-            raise ValueError(
-                f"attention_mask covers {key_segments.shape[-1]} tokens but past + current tokens are {k_len}"
-            )
-    query_segments = key_segments[:, past_length:]
+        segments = attention_mask.to(device=device, dtype=torch.long)
+        if segments.shape[-1] != k_len:
+            raise ValueError(f"attention_mask covers {segments.shape[-1]} tokens but past + current tokens are {k_len}")
+    in_context = torch.zeros(batch, k_len, dtype=torch.bool, device=device)
+    in_context[:, past_length:] = position_ids[:, 1] == 0
 
-    query_index = torch.arange(past_length, k_len, device=device)
-    key_index = torch.arange(k_len, device=device)
-    key_in_context = torch.zeros(batch, k_len, dtype=torch.bool, device=device)
-    key_in_context[:, past_length:] = position_ids[:, 1] == 0
+    def mask_mod(b, h, q, k):
+        q = q + past_length
+        same_sample = (segments[b, q] == segments[b, k]) & (segments[b, k] != 0)
+        padding_self = (segments[b, q] == 0) & (k == q)
+        return (same_sample & ((k <= q) | in_context[b, k])) | padding_self
 
-    causal = key_index[None, None, :] <= query_index[None, :, None]
-    visible = causal | key_in_context[:, None, :]
-    same_sample = query_segments[:, :, None] == key_segments[:, None, :]
-    allowed = visible & same_sample & (key_segments[:, None, :] != 0)
-    # A padding query would see nothing, and a softmax over nothing but -inf (which the dtype minimum becomes
-    # when autocast runs attention in fp16) is NaN, whose gradient poisons the batch even though no loss is
-    # taken there. Let padding attend to itself: its output is never used, and every softmax stays finite.
-    padding_query = (query_segments == 0)[:, :, None] & (key_index[None, None, :] == query_index[None, :, None])
-    allowed = allowed | padding_query
+    return mask_mod
+
+
+def glm_attention_mask(
+    position_ids: torch.Tensor, attention_mask: torch.Tensor | None, past_length: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """`glm_mask_rule` as an additive mask [batch, 1, q_len, past_length + q_len] (eager and sdpa attention)."""
+    batch, _, q_len = position_ids.shape
+    device = position_ids.device
+    rule = glm_mask_rule(position_ids, attention_mask, past_length)
+    b = torch.arange(batch, device=device)[:, None, None, None]
+    q = torch.arange(q_len, device=device)[None, None, :, None]
+    k = torch.arange(past_length + q_len, device=device)[None, None, None, :]
+    allowed = rule(b, 0, q, k)
     mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
-    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask[:, None]
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+
+
+def glm_block_mask(position_ids: torch.Tensor, attention_mask: torch.Tensor | None, past_length: int):
+    """`glm_mask_rule` as a FlexAttention BlockMask: blocks that no query sees are skipped, not computed."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    batch, _, q_len = position_ids.shape
+    rule = glm_mask_rule(position_ids, attention_mask, past_length)
+    return create_block_mask(rule, batch, None, q_len, past_length + q_len, device=position_ids.device)

@@ -38,7 +38,7 @@ from transformers.utils.output_capturing import capture_outputs
 
 from ..inference.chat import build_prompt, process_response
 from .configuration_chatglm import ChatGLMConfig
-from .masking import glm_attention_mask, glm_position_ids
+from .masking import glm_attention_mask, glm_block_mask, glm_position_ids
 
 # transformers renamed the `past_key_values` argument and output field to `cache` during 5.x (the old name is
 # deprecated until 5.40). thuglm supports 5.17 onwards, so it accepts both and returns the field of the installed one.
@@ -202,7 +202,7 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
     _skip_keys_device_placement = ["past_key_values"]
     _supports_sdpa = True
     _supports_flash_attn = False  # GLM's prefix-LM mask is not causal; flash kernels only take causal masks
-    _supports_flex_attn = False  # a dense mask through score_mod gave NaN on CPU (torch 2.13); needs a BlockMask
+    _supports_flex_attn = True  # with GLM's mask as a BlockMask (masking.glm_block_mask); GPU only for training
     _supports_attention_backend = False
     _can_compile_fullgraph = False
     # Old checkpoints store each layer's rotary table; it is a pure function of the config.
@@ -300,6 +300,8 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
 
         if attention_mask is not None and attention_mask.dim() == 4:
             mask = attention_mask
+        elif self.config._attn_implementation == "flex_attention":
+            mask = glm_block_mask(position_ids, attention_mask, past_length)
         else:
             mask = glm_attention_mask(position_ids, attention_mask, past_length, inputs_embeds.dtype)
 
