@@ -100,10 +100,15 @@ def train_tiny_sentencepiece(
     return out_file
 
 
+def padded_vocab_size(vocab_pieces: int) -> int:
+    """The model's vocabulary for a tokenizer of `vocab_pieces`: rounded up to a multiple of 64, like the official
+    130,528 rows for 130,344 pieces, so that tests meet ids past the tokenizer's end as real checkpoints do."""
+    return (vocab_pieces + 63) // 64 * 64
+
+
 def tiny_config(vocab_pieces: int, tokenizer, **overrides) -> ChatGLMConfig:
     """A small config whose special-token ids come from the tokenizer, like the official config.json."""
-    # The official vocab_size (130,528) is the sentencepiece size rounded up; mimic the unused tail rows.
-    vocab_size = (vocab_pieces + 63) // 64 * 64
+    vocab_size = padded_vocab_size(vocab_pieces)
     values = dict(
         vocab_size=vocab_size,
         hidden_size=64,

@@ -143,7 +143,7 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
 
     @property
     def gmask_token_id(self) -> int:
-        return self._convert_token_to_id(self.gmask_token)
+        return self._layout_ids[0]
 
     @property
     def end_token_id(self) -> int:
@@ -194,8 +194,9 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
     def encode_text(self, texts: Sequence[str], num_threads: int = -1) -> list[list[int]]:
         """Ids of many plain texts at once (no special tokens), in sentencepiece's batched C++ encoder.
 
-        Equal to `tokenizer(text, add_special_tokens=False)["input_ids"]` for text without special-token strings;
-        this is the fast path for corpora. `num_threads` -1 uses every core.
+        Equal to `tokenizer(text, add_special_tokens=False)["input_ids"]` (special-token strings in the text
+        included, as in the official tokenizer) unless tokens were added on top of ice_text.model; this is the fast
+        path for corpora. `num_threads` -1 uses every core.
         """
         pieces = self.sp_model.encode([self._normalize(text) for text in texts], num_threads=num_threads)
         if self.num_image_tokens:
