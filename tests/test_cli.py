@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM
 
 def run_cli(*args, stdin=""):
     return subprocess.run(
-        [sys.executable, "-m", "thuglm", *args], input=stdin, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "thuglm", *args], input=stdin, capture_output=True, text=True, timeout=300, check=False
     )
 
 
@@ -36,3 +36,10 @@ def test_demo_runs(tmp_path):
     result = run_cli("demo", "--out", str(tmp_path / "demo"), "--greedy", "--max-new-tokens", "16")
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("ChatGLM：") == 2
+
+
+def test_merge_of_a_folder_without_an_adapter_exits_2_with_a_message(tiny_dir, tmp_path):
+    result = run_cli("merge", "--base", str(tiny_dir), "--adapter", str(tmp_path), "--out", str(tmp_path / "merged"))
+    assert result.returncode == 2
+    assert result.stderr.startswith("thuglm: ") and "no adapter_config.json" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "merged").exists()

@@ -1,34 +1,29 @@
 """The `thuglm` command.
 
+    thuglm train CONFIG.yaml [key=value ...]   fine-tune (LoRA, full or freeze) from a folder of CSV/JSON files
     thuglm tiny OUT_DIR            build the tiny demo ChatGLM (tokenizer trained on the bundled corpus)
-    thuglm chat MODEL_DIR          chat in the terminal (/clear forgets the history, /exit quits)
+    thuglm chat MODEL_DIR [--adapter DIR]   chat in the terminal (/clear forgets the history, /exit quits)
+    thuglm merge --adapter DIR --out DIR [--base DIR]   fold a LoRA adapter into its base, save a standalone model
+    thuglm generate MODEL_DIR --input FILE --output FILE.jsonl   answer a file of prompts in batches
+    thuglm eval MODEL_DIR --data FILES... [--format text|alpaca]   perplexity, or BLEU-4 / ROUGE; prints JSON
     thuglm demo [--out DIR]        build the tiny model and show a short chat with it
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 DEMO_QUESTIONS = ["你好，请介绍一下你自己。", "春天适合做什么？"]
+DTYPE_CHOICES = ["auto", "fp32", "bf16", "fp16"]
 
 
-def _load(model_dir: str, dtype: str):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _load(model_dir: str, dtype: str, adapter: str | None = None):
+    from .inference.loading import load_for_inference
 
-    import thuglm  # noqa: F401  (registers ChatGLM with the Auto classes)
-
-    path = Path(model_dir)
-    if not (path / "config.json").is_file():
-        raise SystemExit(f"thuglm: {path} is not a model folder (no config.json). Build one with `thuglm tiny {path}`.")
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
-    if torch.cuda.is_available():
-        model = model.cuda()
-    return tokenizer, model.eval()
+    return load_for_inference(model_dir, adapter=adapter, dtype=dtype)
 
 
 def _fit_history(model, tokenizer, query, history, max_new_tokens):
@@ -41,8 +36,9 @@ def _fit_history(model, tokenizer, query, history, max_new_tokens):
     return history
 
 
-def _chat_turn(model, tokenizer, query, history, args, out=sys.stdout):
-    """Stream one answer to `out`; return the history with this round added."""
+def _chat_turn(model, tokenizer, query, history, args, out=None):
+    """Stream one answer to `out` (default: the current sys.stdout); return the history with this round added."""
+    out = out or sys.stdout
     history = _fit_history(model, tokenizer, query, history, args.max_new_tokens)
     shown = ""
     for response, _ in model.stream_chat(
@@ -64,6 +60,12 @@ def _chat_turn(model, tokenizer, query, history, args, out=sys.stdout):
     return history + [(query, shown)]
 
 
+def cmd_train(args) -> int:
+    from .training.recipe import train_from_cli
+
+    return train_from_cli(args.config, args.overrides)
+
+
 def cmd_tiny(args) -> int:
     from .models.tiny import build_tiny_chatglm
 
@@ -73,7 +75,7 @@ def cmd_tiny(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    tokenizer, model = _load(args.model, args.dtype)
+    tokenizer, model = _load(args.model, args.dtype, args.adapter)
     history: list[tuple[str, str]] = []
     print("thuglm chat — /clear forgets the conversation, /exit quits")
     while True:
@@ -93,6 +95,55 @@ def cmd_chat(args) -> int:
         history = _chat_turn(model, tokenizer, query, history, args)
 
 
+def cmd_merge(args) -> int:
+    from .inference.merge import merge_adapter
+
+    out = merge_adapter(args.base, args.adapter, args.out, dtype=args.dtype, overwrite=args.overwrite)
+    print(f"merged model written to {out}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from .inference.generate import generate_responses, read_prompts, write_jsonl
+
+    rows = read_prompts(args.input)
+    tokenizer, model = _load(args.model, args.dtype, args.adapter)
+    responses = generate_responses(
+        model,
+        tokenizer,
+        [row["prompt"] for row in rows],
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.sample,
+        top_p=args.top_p,
+        temperature=args.temperature,
+    )
+    rows = [{"prompt": row["prompt"], "response": response, **row} for row, response in zip(rows, responses)]
+    print(f"{len(rows)} answers written to {write_jsonl(rows, args.output)}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .inference.evaluation import evaluate_alpaca, perplexity
+
+    tokenizer, model = _load(args.model, args.dtype, args.adapter)
+    if args.format == "text":
+        metrics = perplexity(
+            model, tokenizer, args.data, text_column=args.text_column, max_seq_len=args.max_seq_len,
+            batch_size=args.batch_size,
+        )
+    else:
+        metrics = evaluate_alpaca(
+            model, tokenizer, args.data, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens
+        )
+    report = json.dumps(metrics, ensure_ascii=False)
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(report + "\n", encoding="utf-8")
+    print(report)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .models.tiny import build_tiny_chatglm
 
@@ -106,6 +157,12 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="a model folder (official layout or saved by thuglm), or a LoRA run's output_dir")
+    parser.add_argument("--adapter", help="a peft adapter folder to apply on top of MODEL")
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="auto: bf16 on a GPU that has it, else fp32")
+
+
 def _add_generation_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=512, help="answer tokens at most")
     parser.add_argument("--top-p", type=float, default=0.7)
@@ -117,16 +174,52 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="thuglm", description="Fine-tune and use ChatGLM-6B.")
     commands = parser.add_subparsers(dest="command", required=True)
 
+    train = commands.add_parser("train", help="fine-tune from a YAML config (LoRA, full or freeze)")
+    train.add_argument("config", help="a YAML file (see configs/)")
+    train.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys, e.g. data.text_column=sentence")
+    train.set_defaults(func=cmd_train)
+
     tiny = commands.add_parser("tiny", help="build the tiny demo ChatGLM")
     tiny.add_argument("out_dir")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=cmd_tiny)
 
     chat = commands.add_parser("chat", help="chat with a model in the terminal")
-    chat.add_argument("model", help="a model folder (official layout or saved by thuglm)")
-    chat.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    _add_model_args(chat)
     _add_generation_args(chat)
     chat.set_defaults(func=cmd_chat)
+
+    merge = commands.add_parser("merge", help="fold a LoRA adapter into its base model and save a standalone model")
+    merge.add_argument("--base", help="the base model folder (default: the one recorded in the adapter's config)")
+    merge.add_argument("--adapter", required=True, help="the LoRA adapter folder (a LoRA run's output_dir)")
+    merge.add_argument("--out", required=True, help="the folder to write the merged model to")
+    merge.add_argument("--dtype", choices=DTYPE_CHOICES[1:], default="fp32", help="dtype of the saved weights")
+    merge.add_argument("--overwrite", action="store_true", help="replace --out if it is not empty")
+    merge.set_defaults(func=cmd_merge)
+
+    generate = commands.add_parser("generate", help="answer a file of prompts in batches, into a JSONL file")
+    _add_model_args(generate)
+    generate.add_argument("--input", required=True, help="prompts: .txt (one a line), .json or .jsonl rows with "
+                          "`prompt`, or alpaca rows (instruction / input / history; `output` kept as `reference`)")
+    generate.add_argument("--output", required=True, help="the .jsonl file to write (prompt, response, reference)")
+    generate.add_argument("--batch-size", type=int, default=8)
+    generate.add_argument("--max-new-tokens", type=int, default=256, help="answer tokens at most")
+    generate.add_argument("--sample", action="store_true", help="sample (top-p) instead of greedy decoding")
+    generate.add_argument("--top-p", type=float, default=0.7, help="with --sample")
+    generate.add_argument("--temperature", type=float, default=0.95, help="with --sample")
+    generate.set_defaults(func=cmd_generate)
+
+    evaluate = commands.add_parser("eval", help="perplexity on text, or BLEU-4 / ROUGE on alpaca data; prints JSON")
+    _add_model_args(evaluate)
+    evaluate.add_argument("--data", nargs="+", required=True, help="data files or glob patterns (CSV / JSON / JSONL)")
+    evaluate.add_argument("--format", choices=["text", "alpaca"], default="text",
+                          help="text: perplexity of a text column; alpaca: answer `instruction`, score against `output`")
+    evaluate.add_argument("--text-column", help="with --format text (default: guessed from the columns)")
+    evaluate.add_argument("--max-seq-len", type=int, default=512, help="with --format text: tokens a window")
+    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument("--max-new-tokens", type=int, default=256, help="with --format alpaca: answer tokens at most")
+    evaluate.add_argument("--output", help="also write the metrics to this JSON file")
+    evaluate.set_defaults(func=cmd_eval)
 
     demo = commands.add_parser("demo", help="build the tiny model and chat with it")
     demo.add_argument("--out", default="outputs/tiny-chatglm")
@@ -136,8 +229,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .data import DataError
+    from .inference.loading import ModelLoadError
+
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ModelLoadError, DataError) as error:  # the user's folders or files: one line, no traceback
+        print(f"thuglm: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,5 +1,42 @@
-"""Using a trained ChatGLM: chat prompts and answers."""
+"""Using a trained ChatGLM: chat prompts and answers, loading with adapters, merging, batch generation, evaluation.
+
+The model module imports `build_prompt` / `process_response` from this package while `thuglm` is still being
+imported, so only `chat` is imported here eagerly; the other names load their module on first use.
+"""
+
+from importlib import import_module
 
 from .chat import build_prompt, process_response
 
-__all__ = ["build_prompt", "process_response"]
+_LAZY_NAMES = {
+    "ModelLoadError": "loading",
+    "load_for_inference": "loading",
+    "merge_adapter": "merge",
+    "read_prompts": "generate",
+    "generate_responses": "generate",
+    "write_jsonl": "generate",
+    "perplexity": "evaluation",
+    "generation_scores": "evaluation",
+    "evaluate_alpaca": "evaluation",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY_NAMES:
+        return getattr(import_module(f".{_LAZY_NAMES[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "ModelLoadError",
+    "build_prompt",
+    "evaluate_alpaca",
+    "generate_responses",
+    "generation_scores",
+    "load_for_inference",
+    "merge_adapter",
+    "perplexity",
+    "process_response",
+    "read_prompts",
+    "write_jsonl",
+]

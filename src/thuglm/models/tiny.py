@@ -10,6 +10,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import shutil
+import tempfile
 from collections.abc import Iterable, Iterator
 from importlib import resources
 from pathlib import Path
@@ -151,3 +154,30 @@ def build_tiny_chatglm(
     tokenizer.save_pretrained(out_dir)
     (out_dir / "thuglm_tiny.json").write_text(json.dumps({"seed": seed, "vocab_pieces": tokenizer.vocab_size}) + "\n")
     return out_dir
+
+
+TINY_CACHE_VERSION = 1
+
+
+def cached_tiny_chatglm(cache_root: str | Path | None = None) -> Path:
+    """The tiny demo model (seed 0), built once and kept in `$THUGLM_CACHE` (default ~/.cache/thuglm).
+
+    This is what `model: tiny` in a training config resolves to. The folder is built under a temporary name and
+    renamed, so an interrupted build never leaves a half-written model behind.
+    """
+    root = Path(cache_root or os.environ.get("THUGLM_CACHE") or Path.home() / ".cache" / "thuglm")
+    target = root / f"tiny-chatglm-v{TINY_CACHE_VERSION}"
+    if (target / "config.json").is_file():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=root))
+    try:
+        build_tiny_chatglm(staging, seed=0)
+        try:
+            staging.rename(target)
+        except OSError:  # another process finished first
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target

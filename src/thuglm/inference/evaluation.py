@@ -1,0 +1,113 @@
+"""Measure a trained ChatGLM: perplexity on a text corpus, BLEU-4 / ROUGE on instruction data.
+
+The text corpus goes through the same pipeline as training (`thuglm.data`: `[gMASK] <sop> text <eop>` windows,
+loss on the text and `<eop>`), so the evaluation loss is comparable with the training loss. The generation scores
+are computed exactly as the official ChatGLM-6B p-tuning evaluation computes them (`ptuning/main.py`,
+`compute_metrics`), so numbers can be compared with published ones.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from ..data import (
+    DataError,
+    GlmCollator,
+    encode_text_dataset,
+    guess_text_column,
+    load_raw_dataset,
+)
+from .generate import generate_responses, prompt_row
+
+IGNORE_INDEX = -100
+ROUGE_KEYS = ("rouge-1", "rouge-2", "rouge-l")
+
+
+@torch.no_grad()
+def summed_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
+    """(sum of token losses, number of predicted tokens) of one batch; the model's `.loss` is their mean."""
+    batch = {name: tensor.to(model.device) for name, tensor in batch.items()}
+    tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    loss = model(**batch).loss
+    return float(loss) * tokens, tokens
+
+
+def perplexity(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    files: Sequence[str],
+    text_column: str | None = None,
+    max_seq_len: int = 512,
+    batch_size: int = 8,
+) -> dict:
+    """Token-weighted mean loss over every text of `files` and its exponential: {eval_loss, perplexity, tokens}.
+
+    Texts are not packed: each window is scored alone, as it would be read at inference.
+    """
+    dataset = load_raw_dataset(list(files))
+    column = guess_text_column(dataset.column_names, text_column, source=", ".join(map(str, files)))
+    encoded = encode_text_dataset(dataset, tokenizer, text_column=column, max_seq_len=max_seq_len, packing=False)
+    encoded = encoded.select_columns(["input_ids", "labels", "attention_mask"])
+    loader = DataLoader(encoded, batch_size=batch_size, collate_fn=GlmCollator(tokenizer.pad_token_id))
+    total_loss, total_tokens = 0.0, 0
+    for batch in loader:
+        loss, tokens = summed_loss(model, batch)
+        total_loss, total_tokens = total_loss + loss, total_tokens + tokens
+    eval_loss = total_loss / total_tokens
+    return {"eval_loss": eval_loss, "perplexity": math.exp(eval_loss), "tokens": total_tokens}
+
+
+def row_scores(prediction: str, reference: str) -> dict[str, float]:
+    """BLEU-4 and ROUGE F1 (×100, rounded to 4 places) of one answer, as the official `compute_metrics`.
+
+    ROUGE is taken over jieba words, BLEU-4 over characters with smoothing method 3. rouge_chinese raises on an
+    empty side; the official loop would crash there, here such a row scores 0.
+    """
+    import jieba
+    from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+    from rouge_chinese import Rouge
+
+    hypothesis, words = " ".join(jieba.cut(prediction)), " ".join(jieba.cut(reference))
+    if hypothesis.strip() and words.strip():
+        rouge = Rouge().get_scores(hypothesis, words)[0]
+        scores = {key: round(rouge[key]["f"] * 100, 4) for key in ROUGE_KEYS}
+    else:
+        scores = dict.fromkeys(ROUGE_KEYS, 0.0)
+    bleu = sentence_bleu([list(reference)], list(prediction), smoothing_function=SmoothingFunction().method3)
+    return {"bleu-4": round(bleu * 100, 4), **scores}
+
+
+def generation_scores(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """Mean per-row BLEU-4, ROUGE-1, ROUGE-2 and ROUGE-L (0-100), as the official ChatGLM-6B evaluation."""
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references: pass one per reference")
+    if not predictions:
+        raise ValueError("no predictions to score")
+    rows = [row_scores(prediction, reference) for prediction, reference in zip(predictions, references)]
+    return {key: float(np.mean([row[key] for row in rows])) for key in ("bleu-4", *ROUGE_KEYS)}
+
+
+def evaluate_alpaca(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    files: Sequence[str],
+    batch_size: int = 8,
+    max_new_tokens: int = 256,
+) -> dict:
+    """Answer every instruction of `files` greedily and score the answers against `output`: scores plus `samples`."""
+    source = ", ".join(map(str, files))
+    rows = [prompt_row(row, source) for row in load_raw_dataset(list(files))]
+    unscored = [index for index, row in enumerate(rows) if "reference" not in row]
+    if unscored:
+        raise DataError(f"{source}: rows {unscored[:5]} have no `output` to score the answers against")
+    predictions = generate_responses(
+        model, tokenizer, [row["prompt"] for row in rows], batch_size=batch_size, max_new_tokens=max_new_tokens
+    )
+    references = [row["reference"] for row in rows]
+    return {**generation_scores(predictions, references), "samples": len(rows)}

@@ -1,0 +1,122 @@
+"""Answer a file of prompts in batches, the way `model.chat` answers one.
+
+Prompts are padded on the left (the tokenizer does this and returns GLM's 2D position ids), generated together, cut
+at the end token and post-processed with `process_response`, so under greedy decoding every answer equals
+`model.chat(tokenizer, prompt, do_sample=False)`'s.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+from transformers import LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
+
+from ..data import DataError, alpaca_query
+from ..models.modeling_chatglm import InvalidScoreLogitsProcessor
+from .chat import build_prompt, process_response
+
+
+def prompt_row(row: dict, source: str) -> dict:
+    """{"prompt", "reference"?} from a `prompt` row or an alpaca row (instruction / input / history / output)."""
+    if row.get("prompt") is not None:
+        prompt = row["prompt"]
+    elif row.get("instruction") is not None:
+        history = [tuple(turn) for turn in row.get("history") or []]
+        prompt = build_prompt(alpaca_query(row), history)
+    else:
+        raise DataError(f"{source}: a row needs a `prompt` or an `instruction` field; got {sorted(row)}")
+    reference = row.get("reference") if row.get("reference") is not None else row.get("output")
+    return {"prompt": prompt} if reference is None else {"prompt": prompt, "reference": reference}
+
+
+def read_json_rows(path: Path) -> list[tuple[str, dict]]:
+    """(where, row) pairs from a .json list or a .jsonl file, `where` naming the row for error messages."""
+    text = path.read_text(encoding="utf-8-sig")
+    try:
+        if path.suffix == ".jsonl":
+            lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+            rows = [(f"{path}:{n}", json.loads(line)) for n, line in lines]
+        else:
+            rows = json.loads(text)
+            if not isinstance(rows, list):
+                raise DataError(f"{path} holds a JSON {type(rows).__name__}: a .json prompt file is a list of rows")
+            rows = [(f"{path} row {n}", row) for n, row in enumerate(rows)]
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path} is not valid JSON ({error})") from None
+    for where, row in rows:
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: a row is a JSON object with a `prompt` or `instruction` field")
+    return rows
+
+
+def read_prompts(path: str | Path) -> list[dict]:
+    """Rows {"prompt": ..., "reference"?: ...} from a .txt (one prompt a line), .json (a list) or .jsonl file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"prompt file {path} does not exist")
+    if path.suffix == ".txt":
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+        return [{"prompt": line} for line in lines if line.strip()]
+    if path.suffix in (".json", ".jsonl"):
+        return [prompt_row(row, where) for where, row in read_json_rows(path)]
+    raise DataError(f"{path}: prompts are read from .txt (one a line), .json (a list of rows) or .jsonl files")
+
+
+def cut_at_end(token_ids: list[int], end_ids: set[int]) -> list[int]:
+    """Tokens up to and including the first end token: what `chat` decodes (later ones are batch padding)."""
+    for index, token in enumerate(token_ids):
+        if token in end_ids:
+            return token_ids[: index + 1]
+    return token_ids
+
+
+@torch.no_grad()
+def generate_batch(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], **generate_kwargs
+) -> list[str]:
+    inputs = tokenizer(list(prompts), padding=True, return_tensors="pt").to(model.device)
+    # The official chat's guard against fp16 overflow, so that answers match `model.chat` in every dtype.
+    processors = LogitsProcessorList([InvalidScoreLogitsProcessor()])
+    outputs = model.generate(**inputs, logits_processor=processors, **generate_kwargs)
+    end_ids = model.generation_config.eos_token_id
+    end_ids = {end_ids} if isinstance(end_ids, int) else set(end_ids or [])
+    answers = outputs[:, inputs["input_ids"].shape[1] :].tolist()
+    return [process_response(tokenizer.decode(cut_at_end(answer, end_ids))) for answer in answers]
+
+
+def generate_responses(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    batch_size: int = 8,
+    max_new_tokens: int = 256,
+    do_sample: bool = False,
+    top_p: float = 0.7,
+    temperature: float = 0.95,
+) -> list[str]:
+    """One answer per prompt (a prompt is the text `chat` would build: `build_prompt(query, history)`).
+
+    Prompts are batched by length, so a batch carries little padding; the answers come back in the input order.
+    """
+    sampling = {"top_p": top_p, "temperature": temperature} if do_sample else {}
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    answers: dict[int, str] = {}
+    for start in range(0, len(order), batch_size):
+        indices = order[start : start + batch_size]
+        batch = generate_batch(
+            model, tokenizer, [prompts[i] for i in indices], max_new_tokens=max_new_tokens, do_sample=do_sample, **sampling
+        )
+        answers.update(zip(indices, batch))
+    return [answers[i] for i in range(len(prompts))]
+
+
+def write_jsonl(rows: Iterable[dict], path: str | Path) -> Path:
+    """One JSON object a line, UTF-8 with Chinese kept readable (ensure_ascii off)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    return path

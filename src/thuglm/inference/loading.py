@@ -1,0 +1,148 @@
+"""Load a ChatGLM for inference: a model folder, a base plus a peft adapter, or a LoRA training's output folder.
+
+A LoRA run's `output_dir` holds `adapter_config.json`, the adapter weights and the tokenizer files, but not the base
+model; peft records the base folder in `adapter_config.json` (`base_model_name_or_path`), so that folder alone is
+enough to load the trained model. Every way this can go wrong raises `ModelLoadError`, naming the folder, what is
+missing there and what to do about it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers.utils import (
+    SAFE_WEIGHTS_INDEX_NAME,
+    SAFE_WEIGHTS_NAME,
+    WEIGHTS_INDEX_NAME,
+    WEIGHTS_NAME,
+)
+
+# Importing anything under thuglm runs thuglm/__init__.py first, which registers ChatGLM with the Auto classes.
+from ..models.tokenization_chatglm import ChatGLMTokenizer
+
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+TOKENIZER_FILE = ChatGLMTokenizer.vocab_files_names["vocab_file"]  # ice_text.model
+WEIGHT_FILES = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class ModelLoadError(ValueError):
+    """A model, adapter or tokenizer folder that cannot be loaded; the message says why and how to fix it."""
+
+
+def resolve_dtype(dtype: str | torch.dtype = "auto") -> torch.dtype:
+    """"auto" is bf16 on a CUDA card that supports it (ChatGLM-6B in fp16 can overflow), else fp32."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"unknown dtype {dtype!r}: use one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def is_adapter_folder(path: str | Path) -> bool:
+    return (Path(path) / ADAPTER_CONFIG_NAME).is_file()
+
+
+def check_model_folder(path: Path) -> None:
+    """Fail with a useful message before transformers fails with a generic one."""
+    if not path.is_dir():
+        raise ModelLoadError(f"{path} is not a folder: pass the folder of a ChatGLM checkpoint (or `thuglm tiny {path}`)")
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(
+            f"{path} is not a model folder (no config.json). Pass the ChatGLM-6B checkpoint folder, a folder written "
+            f"by `thuglm train` / `thuglm merge`, or build a tiny one with `thuglm tiny {path}`."
+        )
+    if not any((path / name).is_file() for name in WEIGHT_FILES):
+        raise ModelLoadError(
+            f"{path} has a config.json but no weights (none of {', '.join(WEIGHT_FILES)}); the download or copy is "
+            "incomplete: fetch the checkpoint's weight files into it."
+        )
+
+
+def check_adapter_folder(path: Path) -> None:
+    if not path.is_dir():
+        raise ModelLoadError(f"adapter folder {path} does not exist: pass the output_dir of a LoRA training run")
+    if not is_adapter_folder(path):
+        raise ModelLoadError(
+            f"{path} is not a peft adapter folder (no {ADAPTER_CONFIG_NAME}). Pass the output_dir of a LoRA run of "
+            "`thuglm train` (it holds adapter_config.json and adapter_model.safetensors); a full fine-tune's output "
+            "is a whole model: load it as the model, without --adapter."
+        )
+
+
+def adapter_base_folder(adapter: Path) -> Path:
+    """The base model folder a peft adapter was trained on, as recorded in its adapter_config.json."""
+    from peft import PeftConfig
+
+    base = PeftConfig.from_pretrained(str(adapter)).base_model_name_or_path
+    if not base:
+        raise ModelLoadError(
+            f"{adapter / ADAPTER_CONFIG_NAME} does not name its base model (base_model_name_or_path is empty): "
+            "pass the base model folder explicitly, with the adapter as `adapter` (CLI: MODEL --adapter DIR)."
+        )
+    if not Path(base).is_dir():
+        raise ModelLoadError(
+            f"the adapter in {adapter} was trained on {base}, which is not a folder here (moved, deleted, or a "
+            "hub name; nothing is downloaded). Pass the base model folder explicitly, with the adapter as `adapter` "
+            "(CLI: thuglm chat BASE_DIR --adapter ADAPTER_DIR)."
+        )
+    return Path(base)
+
+
+def tokenizer_folder(*candidates: Path | None) -> Path:
+    """The first folder holding the tokenizer: a training output's own copy wins over the base model's."""
+    folders = [folder for folder in candidates if folder is not None]
+    for folder in folders:
+        if (folder / TOKENIZER_FILE).is_file():
+            return folder
+    raise ModelLoadError(
+        f"no tokenizer: none of {', '.join(map(str, folders))} holds {TOKENIZER_FILE}. Copy ice_text.model and "
+        "tokenizer_config.json from the ChatGLM-6B checkpoint into the model folder."
+    )
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_for_inference(
+    model_path: str | Path,
+    adapter: str | Path | None = None,
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device | None = None,
+) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
+    """Tokenizer and model in eval mode, from a model folder, optionally with a peft adapter on top.
+
+    `model_path` may also be a LoRA training's output folder (it holds adapter_config.json): the base then comes
+    from the adapter's config. The result of an adapter is a `peft.PeftModel`; `model.chat` and `model.generate`
+    reach the ChatGLM underneath.
+    """
+    model_path = Path(model_path)
+    adapter = Path(adapter) if adapter is not None else None
+    if is_adapter_folder(model_path):
+        if adapter is not None:
+            raise ModelLoadError(
+                f"{model_path} is itself an adapter folder, and an adapter ({adapter}) was given too: pass the base "
+                f"model folder as the model and one adapter, or {model_path} alone."
+            )
+        model_path, adapter = adapter_base_folder(model_path), model_path
+    elif adapter is not None:
+        check_adapter_folder(adapter)
+    check_model_folder(model_path)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder(adapter, model_path))
+    device = device or default_device()
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=resolve_dtype(dtype), device_map=str(device))
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    return tokenizer, model.eval()

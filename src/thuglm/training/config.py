@@ -1,0 +1,255 @@
+"""The training config: typed dataclasses read from one YAML file plus `key=value` overrides.
+
+    model: path/to/chatglm-6b          # or `tiny`, the built-in demo model
+    method: lora                       # lora | full | freeze
+    data:
+      files: [data/*.csv]
+      text_column: content
+    lora: {r: 8, alpha: 16}
+
+Every key is checked: an unknown key or a value of the wrong type is a `ConfigError` that names the key and, for a
+misspelling, its closest valid spelling. Defaults are chosen so that a config needs only `model` and `data.files`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+DEFAULT_LORA_TARGETS = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
+
+
+class ConfigError(ValueError):
+    """A config the user must fix: the message names the key and what is accepted."""
+
+
+@dataclass
+class DataConfig:
+    files: list[str] = field(default_factory=list)
+    """Files, folders or globs of .csv / .tsv / .json / .jsonl / .parquet / .txt."""
+    format: Literal["text", "alpaca"] = "text"
+    """`text`: one text column, causal-LM loss on all of it. `alpaca`: instruction / input / output (/ history)."""
+    text_column: str | None = None
+    """Guessed when obvious (`content`, `text`, `sentence`)."""
+    eval_files: list[str] = field(default_factory=list)
+    validation_split: float = 0.0
+    """Fraction of the training rows held out for evaluation when `eval_files` is empty."""
+    streaming: bool = False
+    """Read the files lazily instead of through the Arrow cache (needs `max_steps`)."""
+    num_proc: int | None = None
+    """Processes for tokenization (None: one)."""
+    cache_dir: str | None = None
+    """Where `datasets` keeps its Arrow cache (None: its default, ~/.cache/huggingface/datasets)."""
+
+
+@dataclass
+class LoraSettings:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+
+
+@dataclass
+class FreezeSettings:
+    trainable_layers: int = 2
+    """`method: freeze` trains only the last N transformer layers."""
+
+
+@dataclass
+class TrainConfig:
+    model: str = ""
+    """A model folder (official ChatGLM-6B layout or saved by thuglm), or `tiny`."""
+    data: DataConfig = field(default_factory=DataConfig)
+    method: Literal["lora", "full", "freeze"] = "lora"
+    output_dir: str = "outputs/run"
+    max_seq_len: int = 512
+    packing: bool | None = None
+    """Several samples a row, each with its own positions and mask. Default: on for text, off for alpaca."""
+    max_steps: int = -1
+    """Optimizer steps; -1 trains for `epochs`."""
+    epochs: float = 1.0
+    batch_size: int = 4
+    eval_batch_size: int | None = None
+    gradient_accumulation_steps: int = 1
+    learning_rate: float | None = None
+    """Default: 2e-4 for lora, 2e-5 for full and freeze."""
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    logging_steps: int = 10
+    save_steps: int = 500
+    save_total_limit: int | None = None
+    eval_steps: int | None = None
+    """Default: every `save_steps`."""
+    resume_from_checkpoint: bool | str = False
+    """`true`: the newest checkpoint in output_dir; or a checkpoint folder."""
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """`auto`: bf16 on a GPU that has it, fp16 on an older GPU, fp32 on CPU."""
+    gradient_checkpointing: bool = False
+    attn_implementation: Literal["sdpa", "eager", "flex_attention"] = "sdpa"
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    freeze: FreezeSettings = field(default_factory=FreezeSettings)
+
+    def resolved_learning_rate(self) -> float:
+        if self.learning_rate is not None:
+            return self.learning_rate
+        return 2e-4 if self.method == "lora" else 2e-5
+
+    def resolved_packing(self) -> bool:
+        return self.packing if self.packing is not None else self.data.format == "text"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Read a YAML config, apply `key=value` overrides (dotted keys, YAML values) and check every key."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path} is not valid YAML: {error}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path} must hold a mapping of keys (model: ..., data: ...), not {type(raw).__name__}")
+    for override in overrides:
+        key, value = parse_override(override)
+        set_dotted(raw, key, value)
+    config = build_dataclass(TrainConfig, raw, prefix="")
+    check_config(config)
+    return config
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override `{text}` must look like key=value, e.g. data.text_column=sentence")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value  # a plain string that YAML cannot read, such as `a: b`
+    return key.strip(), parsed
+
+
+def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    node = raw
+    for name in parents:
+        child = node.setdefault(name, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override `{key}`: `{name}` is a value, not a section")
+        node = child
+    node[leaf] = value
+
+
+def valid_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every dotted key of a config dataclass (sections and their fields)."""
+    keys = []
+    for name, hint in typing.get_type_hints(cls).items():
+        keys.append(prefix + name)
+        if dataclasses.is_dataclass(hint):
+            keys.extend(valid_keys(hint, f"{prefix}{name}."))
+    return keys
+
+
+def _unknown_key_error(key: str) -> ConfigError:
+    close = difflib.get_close_matches(key, valid_keys(TrainConfig), n=1, cutoff=0.6)
+    hint = f" Did you mean `{close[0]}`?" if close else " See configs/ for the keys that exist."
+    return ConfigError(f"unknown config key `{key}`.{hint}")
+
+
+def build_dataclass(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config key `{prefix.rstrip('.')}` is a section: give it keys, not {raw!r}")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for key, value in raw.items():
+        if key not in hints:
+            raise _unknown_key_error(prefix + str(key))
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            values[key] = build_dataclass(hint, value if value is not None else {}, f"{prefix}{key}.")
+        else:
+            values[key] = coerce(value, hint, prefix + key)
+    return cls(**values)
+
+
+def coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check `value` against the field's type; accept the obvious conversions (int for float, one item for a list)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return coerce(value, option, key)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(errors[-1] if len(errors) == 1 else f"config key `{key}`: {value!r} fits none of its types")
+    if origin is Literal:
+        if value in args:
+            return value
+        close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+        hint_text = f" (did you mean `{close[0]}`?)" if close else ""
+        raise ConfigError(f"config key `{key}` must be one of {', '.join(map(str, args))}; got {value!r}{hint_text}")
+    if origin is list:
+        items = value if isinstance(value, list) else [value]
+        return [coerce(item, args[0], key) for item in items]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key `{key}` must be true or false; got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key `{key}` must be an integer; got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `2e-4` as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"config key `{key}` must be a number; got {value!r}")
+    if hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"config key `{key}` must be a string; got {value!r}")
+    raise TypeError(f"config field `{key}` has a type the loader does not handle: {hint}")
+
+
+def check_config(config: TrainConfig) -> None:
+    """Rules that span several keys."""
+    if not config.model:
+        raise ConfigError("config key `model` is required: a model folder (official layout or saved by thuglm), or `tiny`")
+    if not config.data.files:
+        raise ConfigError("config key `data.files` is required: files, folders or globs of your training data")
+    if config.max_seq_len < 8:
+        raise ConfigError(f"config key `max_seq_len` must be at least 8; got {config.max_seq_len}")
+    if not 0.0 <= config.data.validation_split < 1.0:
+        raise ConfigError(f"config key `data.validation_split` must be in [0, 1); got {config.data.validation_split}")
+    if config.data.streaming and config.max_steps <= 0:
+        raise ConfigError("`data.streaming: true` needs `max_steps`: a stream has no known length to count epochs in")
+    if config.data.streaming and config.data.validation_split and not config.data.eval_files:
+        raise ConfigError("`data.validation_split` cannot split a stream; give `data.eval_files` instead")
+    for key in ("batch_size", "gradient_accumulation_steps", "save_steps", "logging_steps"):
+        if getattr(config, key) < 1:
+            raise ConfigError(f"config key `{key}` must be at least 1; got {getattr(config, key)}")
+    if config.method == "lora" and not config.lora.target_modules:
+        raise ConfigError("config key `lora.target_modules` is empty: name the linear layers LoRA adapts")

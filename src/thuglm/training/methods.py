@@ -1,0 +1,88 @@
+"""Loading the base model and making the right parameters trainable: LoRA (peft), full, or the last N layers."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, TaskType, get_peft_model
+
+from .config import ConfigError, TrainConfig
+
+logger = logging.getLogger("thuglm.train")
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def resolve_precision(precision: str) -> str:
+    """`auto` becomes bf16 on a GPU that has it, fp16 on an older GPU and fp32 on CPU."""
+    if precision != "auto":
+        if precision in ("bf16", "fp16") and not torch.cuda.is_available():
+            logger.warning("precision %s on CPU is slow and only partly supported by torch; fp32 is the CPU default", precision)
+        return precision
+    if not torch.cuda.is_available():
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def resolve_model_dir(model: str) -> Path:
+    """`tiny` is the built-in demo model; anything else is a folder in the official layout or saved by thuglm."""
+    if model == "tiny":
+        from ..models.tiny import cached_tiny_chatglm
+
+        return cached_tiny_chatglm()
+    return Path(model).expanduser().resolve()
+
+
+def weights_dtype(method: str, precision: str) -> torch.dtype:
+    """The dtype the base weights are loaded in.
+
+    bf16 trains in pure bf16. fp16 mixed precision needs fp32 master copies of whatever is trained (the gradient
+    scaler refuses fp16 gradients), so full and freeze load fp32 and run under autocast; LoRA keeps a fp16 base and
+    peft holds the adapter in fp32.
+    """
+    if precision == "fp16" and method != "lora":
+        return torch.float32
+    return DTYPES[precision]
+
+
+def load_base_model(model_dir: Path, dtype: torch.dtype, attn_implementation: str) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    import thuglm  # noqa: F401  (registers ChatGLM with the Auto classes)
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=attn_implementation)
+
+
+def prepare_for_method(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:
+    """Freeze what the method does not train; return the model the Trainer should see (a PeftModel for LoRA)."""
+    if config.method == "lora":
+        lora = config.lora
+        peft_config = LoraConfig(
+            task_type=TaskType.CAUSAL_LM,
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=lora.target_modules,
+        )
+        # peft keeps the adapter weights in fp32 under a bf16/fp16 base (autocast_adapter_dtype).
+        model = get_peft_model(model, peft_config)
+    elif config.method == "freeze":
+        layers = model.transformer.layers
+        keep = config.freeze.trainable_layers
+        if not 1 <= keep <= len(layers):
+            raise ConfigError(f"config key `freeze.trainable_layers` must be between 1 and {len(layers)}; got {keep}")
+        model.requires_grad_(False)
+        for layer in layers[-keep:]:
+            layer.requires_grad_(True)
+    if config.gradient_checkpointing and config.method != "full":
+        # With a frozen embedding no input to the first checkpointed layer needs grad; make the inputs carry it.
+        model.enable_input_require_grads()
+    return model
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

@@ -1,0 +1,104 @@
+import csv
+import json
+import math
+
+import pytest
+import torch
+
+from thuglm.data import DataError, causal_lm_sample
+from thuglm.inference import (
+    evaluate_alpaca,
+    generate_responses,
+    generation_scores,
+    load_for_inference,
+    perplexity,
+)
+
+TEXTS = ["春眠不觉晓，处处闻啼鸟。", "今天天气很好，我们去公园散步吧。"]
+
+
+@pytest.fixture(scope="module")
+def loaded(base_dir):
+    return load_for_inference(base_dir)
+
+
+def write_csv(path, column, texts):
+    with open(path, "w", encoding="utf-8", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow([column])
+        writer.writerows([text] for text in texts)
+    return path
+
+
+def summed_loss_by_hand(model, tokenizer, text):
+    """Sum of -log p over `text <eop>` after `[gMASK] <sop>`, one sample, from the logits."""
+    ids = tokenizer.encode_text([text])[0]
+    sample = causal_lm_sample(ids, tokenizer.gmask_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([sample["input_ids"]])).logits[0, :-1]
+    labels = torch.tensor(sample["labels"][1:])
+    predicted = labels != -100
+    log_probs = torch.log_softmax(logits[predicted].double(), dim=-1)
+    return -log_probs.gather(1, labels[predicted, None]).sum().item(), int(predicted.sum())
+
+
+def test_perplexity_is_exp_of_the_token_weighted_loss(loaded, tmp_path):
+    tokenizer, model = loaded
+    by_hand = [summed_loss_by_hand(model, tokenizer, text) for text in TEXTS]
+    tokens = sum(count for _, count in by_hand)
+    loss = sum(total for total, _ in by_hand) / tokens
+    assert by_hand[0][1] != by_hand[1][1]  # unequal lengths: a mean of per-text means would differ
+    metrics = perplexity(model, tokenizer, [str(write_csv(tmp_path / "corpus.csv", "text", TEXTS))], batch_size=2)
+    assert metrics["tokens"] == tokens
+    assert metrics["eval_loss"] == pytest.approx(loss, rel=1e-5)
+    assert metrics["perplexity"] == pytest.approx(math.exp(loss), rel=1e-5)
+
+
+def test_identical_answers_score_100():
+    scores = generation_scores(["今天天气很好。"], ["今天天气很好。"])
+    assert scores == {"bleu-4": 100.0, "rouge-1": 100.0, "rouge-2": 100.0, "rouge-l": 100.0}
+
+
+def test_disjoint_answers_score_0():
+    assert generation_scores(["你好世界"], ["春眠不觉晓"]) == dict.fromkeys(["bleu-4", "rouge-1", "rouge-2", "rouge-l"], 0.0)
+
+
+def test_a_mixed_case_scores_as_computed_by_hand():
+    # jieba: "我爱北京" -> 我 / 爱 / 北京, "我爱上海" -> 我 / 爱 / 上海.
+    # ROUGE-1: 2 of 3 words shared both ways, F = 2/3 -> 66.6667. ROUGE-2: bigrams (我 爱)(爱 北京) vs
+    # (我 爱)(爱 上海), 1 of 2 -> 50. ROUGE-L: LCS 我 爱 = 2 of 3 -> 66.6667.
+    # BLEU-4 over characters 我爱北京 vs 我爱上海 (same length, no brevity penalty): p1 = 2/4, p2 = 1/3 (我爱),
+    # p3 = 0/2 and p4 = 0/1, which smoothing method 3 makes 1/(2·2) and 1/(4·1);
+    # (1/2 · 1/3 · 1/4 · 1/4) ** (1/4) = 96 ** -0.25 = 0.319472 -> 31.9472.
+    scores = generation_scores(["我爱北京"], ["我爱上海"])
+    assert scores == {"bleu-4": 31.9472, "rouge-1": 66.6667, "rouge-2": 50.0, "rouge-l": 66.6667}
+
+
+def test_scores_are_means_over_rows_and_an_empty_answer_scores_0():
+    scores = generation_scores(["我爱北京", "", "今天天气很好。"], ["我爱上海", "春眠不觉晓", "今天天气很好。"])
+    assert scores["rouge-2"] == pytest.approx((50.0 + 0 + 100) / 3)
+    assert scores["bleu-4"] == pytest.approx((31.9472 + 0 + 100) / 3)
+
+
+def test_scores_need_one_prediction_per_reference():
+    with pytest.raises(ValueError, match="2 predictions for 1 references"):
+        generation_scores(["a", "b"], ["a"])
+
+
+def test_evaluate_alpaca_scores_the_greedy_answers(loaded, tmp_path):
+    tokenizer, model = loaded
+    rows = [{"instruction": "你好", "input": "", "output": "你好，有什么可以帮你？"},
+            {"instruction": "春天适合做什么？", "input": "", "output": "踏青"}]
+    path = tmp_path / "eval.json"
+    path.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    metrics = evaluate_alpaca(model, tokenizer, [str(path)], max_new_tokens=8)
+    answers = generate_responses(model, tokenizer, ["你好", "春天适合做什么？"], max_new_tokens=8)
+    assert metrics == {**generation_scores(answers, [row["output"] for row in rows]), "samples": 2}
+
+
+def test_evaluate_alpaca_needs_outputs(loaded, tmp_path):
+    tokenizer, model = loaded
+    path = tmp_path / "eval.json"
+    path.write_text(json.dumps([{"instruction": "你好", "input": ""}]), encoding="utf-8")
+    with pytest.raises(DataError, match="no `output`"):
+        evaluate_alpaca(model, tokenizer, [str(path)])

@@ -1,0 +1,111 @@
+"""The training config: YAML, dotted overrides, defaults, and errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from thuglm.training.config import (
+    DEFAULT_LORA_TARGETS,
+    ConfigError,
+    load_config,
+    valid_keys,
+)
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "config.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_minimal_config_gets_defaults(tmp_path):
+    config = load_config(write(tmp_path, "model: tiny\ndata:\n  files: corpus/*.csv\n"))
+    assert config.model == "tiny"
+    assert config.data.files == ["corpus/*.csv"]  # one item becomes a list
+    assert config.method == "lora"
+    assert config.lora.target_modules == DEFAULT_LORA_TARGETS
+    assert config.resolved_learning_rate() == 2e-4
+    assert config.resolved_packing() is True
+    assert config.data.format == "text" and config.precision == "auto"
+
+
+def test_every_key_named_by_the_issue_exists():
+    keys = set(valid_keys(__import__("thuglm.training.config", fromlist=["TrainConfig"]).TrainConfig))
+    wanted = ["model", "method", "data.files", "data.format", "data.text_column", "max_seq_len", "packing", "max_steps", "epochs", "batch_size", "gradient_accumulation_steps", "learning_rate", "seed", "save_steps", "output_dir", "resume_from_checkpoint", "precision", "gradient_checkpointing", "lora.r", "lora.alpha", "lora.dropout", "lora.target_modules", "data.streaming", "data.eval_files", "data.validation_split", "data.num_proc", "freeze.trainable_layers"]
+    assert set(wanted) <= keys
+
+
+def test_overrides_are_dotted_and_typed_by_yaml(tmp_path):
+    path = write(tmp_path, "model: tiny\ndata: {files: [a.csv]}\n")
+    config = load_config(
+        path,
+        ["data.text_column=sentence", "lora.r=16", "learning_rate=3e-4", "packing=false", "data.files=[x.csv, y.json]",
+         "method=full", "resume_from_checkpoint=out/checkpoint-4"],
+    )
+    assert config.data.text_column == "sentence"
+    assert config.lora.r == 16
+    assert config.learning_rate == 3e-4
+    assert config.packing is False
+    assert config.data.files == ["x.csv", "y.json"]
+    assert config.resolved_learning_rate() == 3e-4
+    assert config.resume_from_checkpoint == "out/checkpoint-4"
+
+
+def test_learning_rate_written_as_yaml_1_1_string_is_a_number(tmp_path):
+    config = load_config(write(tmp_path, "model: tiny\ndata: {files: a.csv}\nlearning_rate: 1e-5\n"))
+    assert config.learning_rate == 1e-5
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("lerning_rate=1e-4", "unknown config key `lerning_rate`. Did you mean `learning_rate`?"),
+        ("data.text_colum=x", "Did you mean `data.text_column`?"),
+        ("lora.rank=4", "unknown config key `lora.rank`"),
+        ("method=lorra", "must be one of lora, full, freeze; got 'lorra' (did you mean `lora`?)"),
+        ("batch_size=four", "`batch_size` must be an integer; got 'four'"),
+        ("gradient_checkpointing=maybe", "`gradient_checkpointing` must be true or false"),
+        ("batch_size=0", "`batch_size` must be at least 1"),
+        ("data.validation_split=1.5", "data.validation_split"),
+        ("data.streaming=true", "needs `max_steps`"),
+        ("notakey", "must look like key=value"),
+        ("lora=3", "`lora` is a section"),
+    ],
+)
+def test_bad_keys_and_values_are_named(tmp_path, override, message):
+    path = write(tmp_path, "model: tiny\ndata: {files: [a.csv]}\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(path, [override])
+    assert message in str(error.value)
+
+
+def test_model_and_data_are_required(tmp_path):
+    with pytest.raises(ConfigError, match="`model` is required"):
+        load_config(write(tmp_path, "data: {files: a.csv}\n"))
+    with pytest.raises(ConfigError, match="`data.files` is required"):
+        load_config(write(tmp_path, "model: tiny\n"))
+
+
+def test_unreadable_yaml_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "model: [tiny\n"))
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(write(tmp_path, "- a\n- b\n"))
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).parents[2].glob("configs/*.yaml")), ids=lambda p: p.name)
+def test_shipped_example_configs_load(path):
+    config = load_config(path)
+    assert config.model and config.data.files
+
+
+@pytest.mark.parametrize("name", ["demo_pretrain.yaml", "demo_lora.yaml"])
+def test_demo_configs_load(name):
+    from thuglm.training.demo import resource_path
+
+    config = load_config(resource_path("configs", name), ["model=tiny", "data.files=x"])
+    assert config.precision == "fp32"
