@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 
@@ -32,10 +33,20 @@ def test_chat_on_a_folder_without_a_model_says_what_to_do(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_demo_runs(tmp_path):
-    result = run_cli("demo", "--out", str(tmp_path / "demo"), "--greedy", "--max-new-tokens", "16")
+def test_demo_pretrains_tunes_and_chats(tmp_path, monkeypatch):
+    """The README's main command, as it is: both training stages, falling losses, a chat answer."""
+    monkeypatch.setenv("THUGLM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    result = run_cli("demo", "--out", str(tmp_path / "demo"), "--max-new-tokens", "16")
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("ChatGLM：") == 2
+    for stage in ("pretrain", "lora"):
+        metrics = json.loads((tmp_path / "demo" / stage / "metrics.json").read_text())
+        state = json.loads((tmp_path / "demo" / stage / "trainer_state.json").read_text())
+        losses = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+        assert losses[-1] < losses[0] - 0.5, (stage, losses)
+        assert metrics["eval_loss"] is not None and (tmp_path / "demo" / stage / "loss.png").is_file()
+    assert (tmp_path / "demo" / "lora" / "adapter_model.safetensors").is_file()
 
 
 def test_merge_of_a_folder_without_an_adapter_exits_2_with_a_message(tiny_dir, tmp_path):

@@ -6,7 +6,7 @@
     thuglm merge --adapter DIR --out DIR [--base DIR]   fold a LoRA adapter into its base, save a standalone model
     thuglm generate MODEL_DIR --input FILE --output FILE.jsonl   answer a file of prompts in batches
     thuglm eval MODEL_DIR --data FILES... [--format text|alpaca]   perplexity, or BLEU-4 / ROUGE; prints JSON
-    thuglm demo [--out DIR]        build the tiny model and show a short chat with it
+    thuglm demo [--out DIR]        pre-train the tiny model on the bundled CSV corpus, LoRA-tune it on alpaca, chat
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import json
 import sys
 from pathlib import Path
 
-DEMO_QUESTIONS = ["你好，请介绍一下你自己。", "春天适合做什么？"]
 DTYPE_CHOICES = ["auto", "fp32", "bf16", "fp16"]
 
 
@@ -145,15 +144,13 @@ def cmd_eval(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .models.tiny import build_tiny_chatglm
+    import logging
 
-    out = build_tiny_chatglm(args.out, seed=0)
-    print(f"built a tiny random ChatGLM in {out} (its answers are noise until it is trained)")
-    tokenizer, model = _load(str(out), "fp32")
-    history: list[tuple[str, str]] = []
-    for query in DEMO_QUESTIONS:
-        print(f"\n用户：{query}\nChatGLM：", end="")
-        history = _chat_turn(model, tokenizer, query, history, args)
+    from .training.demo import run_demo
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    run_demo(args.out, max_new_tokens=args.max_new_tokens, do_sample=not args.greedy, top_p=args.top_p,
+             temperature=args.temperature)
     return 0
 
 
@@ -221,8 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--output", help="also write the metrics to this JSON file")
     evaluate.set_defaults(func=cmd_eval)
 
-    demo = commands.add_parser("demo", help="build the tiny model and chat with it")
-    demo.add_argument("--out", default="outputs/tiny-chatglm")
+    demo = commands.add_parser("demo", help="pre-train the tiny model, LoRA-tune it and chat with it (CPU, minutes)")
+    demo.add_argument("--out", default="outputs/demo")
     _add_generation_args(demo)
     demo.set_defaults(func=cmd_demo, max_new_tokens=48)
     return parser

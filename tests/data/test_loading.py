@@ -3,97 +3,155 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import datasets
 import pandas as pd
 import pytest
 
-from thuglm.data import (
-    DataError,
-    guess_text_column,
-    load_raw_dataset,
-    resolve_data_files,
-)
+from thuglm.data import DataError, guess_text_column, load_raw_dataset, resolve_data_files
 
-ROWS = ["春眠不觉晓", "处处闻啼鸟", "夜来风雨声"]
+ROWS = ["春眠不觉晓", "处处闻啼鸟", "夜来风雨声", "花落知多少"]
 
 
 def write_all_formats(folder):
+    """One row in each format, all with the columns content and title."""
     folder.mkdir(parents=True, exist_ok=True)
     pd.DataFrame({"content": ROWS[:1], "title": ["a"]}).to_csv(folder / "a.csv", index=False)
     (folder / "b.json").write_text(json.dumps([{"content": ROWS[1], "title": "b"}], ensure_ascii=False))
     (folder / "c.jsonl").write_text(json.dumps({"content": ROWS[2], "title": "c"}, ensure_ascii=False) + "\n")
-    pd.DataFrame({"content": ["花落知多少"], "title": ["d"]}).to_parquet(folder / "d.parquet")
+    pd.DataFrame({"content": ROWS[3:], "title": ["d"]}).to_parquet(folder / "d.parquet")
     return folder
 
 
-@pytest.mark.parametrize("name", ["a.csv", "b.json", "c.jsonl", "d.parquet"])
-def test_each_format_loads(tmp_path, name):
-    folder = write_all_formats(tmp_path / "data")
-    dataset = load_raw_dataset(str(folder / name), cache_dir=str(tmp_path / "cache"))
-    assert "content" in dataset.column_names and len(dataset) == 1
+def load(pattern, tmp_path, **kwargs):
+    return load_raw_dataset(pattern, cache_dir=str(tmp_path / "cache"), **kwargs)
+
+
+@pytest.mark.parametrize(("name", "row"), [("a.csv", 0), ("b.json", 1), ("c.jsonl", 2), ("d.parquet", 3)])
+def test_each_format_loads(tmp_path, name, row):
+    dataset = load(str(write_all_formats(tmp_path / "data") / name), tmp_path)
+    assert isinstance(dataset, datasets.Dataset)
+    assert dataset.column_names == ["content", "title"] and dataset["content"] == [ROWS[row]]
 
 
 def test_txt_is_one_row_a_line_and_tsv_splits_on_tabs(tmp_path):
     (tmp_path / "lines.txt").write_text("第一行\n第二行\n", encoding="utf-8")
-    (tmp_path / "table.tsv").write_text("text\tlabel\n你好\t1\n", encoding="utf-8")
-    lines = load_raw_dataset(str(tmp_path / "lines.txt"), cache_dir=str(tmp_path / "cache"))
-    assert lines["text"] == ["第一行", "第二行"]
-    table = load_raw_dataset(str(tmp_path / "table.tsv"), cache_dir=str(tmp_path / "cache"))
-    assert table.column_names == ["text", "label"]
+    (tmp_path / "table.tsv").write_text("text\tlabel\n你好，世界\t1\n", encoding="utf-8")
+    assert load(str(tmp_path / "lines.txt"), tmp_path)["text"] == ["第一行", "第二行"]
+    table = load(str(tmp_path / "table.tsv"), tmp_path)
+    assert table.column_names == ["text", "label"] and table["text"] == ["你好，世界"]
 
 
 def test_folder_mixes_formats_and_skips_hidden_and_foreign_files(tmp_path):
     folder = write_all_formats(tmp_path / "data")
     (folder / "README.md").write_text("not data")
     (folder / ".hidden.csv").write_text("content\n隐藏\n")
+    (folder / ".git").mkdir()
+    (folder / ".git" / "x.json").write_text("[]")
     (folder / "sub").mkdir()
-    (folder / "sub" / "e.csv").write_text("content,title\n深处,e\n", encoding="utf-8")
+    (folder / "sub" / "e.CSV").write_text("content,title\n深处,e\n", encoding="utf-8")
     files = resolve_data_files(str(folder))
-    assert [f.name for f in files] == ["a.csv", "b.json", "c.jsonl", "d.parquet", "e.csv"]
-    dataset = load_raw_dataset(str(folder), cache_dir=str(tmp_path / "cache"), columns=["content"])
-    assert sorted(dataset["content"]) == sorted([*ROWS, "花落知多少", "深处"])
+    assert [f.name for f in files] == ["a.csv", "b.json", "c.jsonl", "d.parquet", "e.CSV"]
+    assert all(f.is_absolute() for f in files)
+    # csv and parquet written by pandas hold large_string, JSON string: they still concatenate.
+    dataset = load(str(folder), tmp_path)
+    assert dataset.column_names == ["content", "title"]
+    assert sorted(dataset["content"]) == sorted([*ROWS, "深处"])
 
 
-def test_globs_and_repeats(tmp_path):
+def test_columns_let_files_with_other_columns_combine(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"text": "一", "id": 1}\n{"text": "二", "id": 2}\n', encoding="utf-8")
+    (tmp_path / "b.jsonl").write_text('{"text": "三", "source": "web"}\n', encoding="utf-8")
+    (tmp_path / "c.csv").write_text("text,id\n四,x\n", encoding="utf-8")  # id: a string here, a number above
+    dataset = load(str(tmp_path), tmp_path, columns=["text"])
+    assert dataset.column_names == ["text"] and sorted(dataset["text"]) == sorted("一二三四")
+    union = load([str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")], tmp_path)
+    assert union.column_names == ["text", "id", "source"] and union["source"] == [None, None, "web"]
+
+
+def test_a_file_without_a_selected_column_is_named(tmp_path):
     folder = write_all_formats(tmp_path / "data")
-    files = resolve_data_files([str(folder / "*.json*"), str(folder / "b.json")])
-    assert [f.name for f in files] == ["b.json", "c.jsonl"]
+    with pytest.raises(DataError, match=r"a\.csv: no column 'sentence' \(columns found: content, title\)"):
+        load(str(folder / "a.csv"), tmp_path, columns=["sentence"])
+
+
+def test_globs_recurse_and_repeats_are_dropped(tmp_path):
+    folder = write_all_formats(tmp_path / "data")
+    (folder / "sub").mkdir()
+    (folder / "sub" / "e.json").write_text("[]")
+    files = resolve_data_files([str(folder / "*.json*"), str(folder / "b.json"), str(folder / "**" / "*.json")])
+    assert [f.relative_to(folder).as_posix() for f in files] == ["b.json", "c.jsonl", "sub/e.json"]
+
+
+def test_unsupported_files_in_a_folder_are_skipped_with_a_debug_line(tmp_path, caplog):
+    write_all_formats(tmp_path / "data")
+    (tmp_path / "data" / "notes.md").write_text("x")
+    with caplog.at_level(logging.DEBUG, logger="thuglm.data"):
+        resolve_data_files(str(tmp_path / "data"))
+    assert "skipping" in caplog.text and "notes.md" in caplog.text
 
 
 @pytest.mark.parametrize(
     ("pattern", "message"),
-    [("missing.csv", "does not exist"), ("*.nothing", "matches no data files"), ("notes.md", "are not read")],
+    [
+        ("missing.csv", "no such file or folder"),
+        ("*.nothing", "the glob matches no files"),
+        ("notes.md", r"unsupported file type '\.md'; supported: \.csv, \.tsv, \.json, \.jsonl, \.parquet, \.txt"),
+        ("empty", "the folder matches no files"),
+        ("docs", "the folder matches only unsupported files such as readme.md"),
+    ],
 )
-def test_bad_paths_are_named(tmp_path, pattern, message):
+def test_bad_patterns_are_named(tmp_path, pattern, message):
     (tmp_path / "notes.md").write_text("x")
     (tmp_path / "empty").mkdir()
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "readme.md").write_text("x")
     with pytest.raises(DataError, match=message) as error:
         resolve_data_files(str(tmp_path / pattern))
-    assert pattern.split("*")[-1] in str(error.value)
-    with pytest.raises(DataError, match="holds no data files"):
-        resolve_data_files(str(tmp_path / "empty"))
+    assert str(error.value).startswith(str(tmp_path / pattern))
 
 
-def test_missing_selected_column_lists_the_columns(tmp_path):
-    folder = write_all_formats(tmp_path / "data")
-    with pytest.raises(DataError, match="no column sentence; the columns are content, title"):
-        load_raw_dataset(str(folder / "a.csv"), cache_dir=str(tmp_path / "cache"), columns=["sentence"])
+def test_unreadable_file_is_named_among_others(tmp_path):
+    (tmp_path / "a.json").write_text('[{"text": "好"}]', encoding="utf-8")
+    (tmp_path / "broken.json").write_text('{"text": "没有结尾"', encoding="utf-8")
+    with pytest.raises(DataError, match=r"broken\.json: could not be read") as error:
+        load(str(tmp_path / "*.json"), tmp_path)
+    assert "a.json" not in str(error.value)
+
+
+def test_columns_of_different_kinds_are_an_error_not_a_crash(tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text('{"text": "一", "id": 1}\n', encoding="utf-8")
+    (folder / "b.jsonl").write_text('{"text": "二", "id": [1, 2]}\n', encoding="utf-8")
+    with pytest.raises(DataError, match="cannot be combined"):
+        load(str(folder), tmp_path)
+    assert load(str(folder), tmp_path, columns=["text"])["text"] == ["一", "二"]
+
+
+def test_csv_cells_stay_text(tmp_path):
+    (tmp_path / "a.csv").write_text("text\nNA\nnull\n\"\"\n", encoding="utf-8")
+    assert load(str(tmp_path / "a.csv"), tmp_path)["text"] == ["NA", "null", ""]
 
 
 def test_streaming_gives_the_same_rows(tmp_path):
     folder = write_all_formats(tmp_path / "data")
-    stream = load_raw_dataset(str(folder / "a.csv"), streaming=True)
+    stream = load(str(folder), tmp_path, streaming=True)
     assert isinstance(stream, datasets.IterableDataset)
-    assert [row["content"] for row in stream] == ROWS[:1]
+    assert stream.column_names == ["content", "title"]  # known before iterating, even for csv
+    assert list(stream) == list(load(str(folder), tmp_path))
+    csv_only = load(str(folder / "a.csv"), tmp_path, streaming=True, columns=["content"])
+    assert list(csv_only) == [{"content": ROWS[0]}]
 
 
 def test_guess_text_column():
-    assert guess_text_column(["title", "content"], None, "f.csv") == "content"
+    assert guess_text_column(["title", "content", "text"], None, "f.csv") == "content"
+    assert guess_text_column(["title", "text", "sentence"], None, "f.csv") == "text"
     assert guess_text_column(["id", "sentence"], None, "f.csv") == "sentence"
     assert guess_text_column(["body"], None, "f.csv") == "body"
     assert guess_text_column(["a", "b"], "b", "f.csv") == "b"
-    with pytest.raises(DataError, match=r"f.csv: no column `contnet`; the columns are title, content. Did you mean"):
+    with pytest.raises(DataError, match=r"f\.csv: no column 'contnet' \(columns: title, content\)\. Did you mean"):
         guess_text_column(["title", "content"], "contnet", "f.csv")
-    with pytest.raises(DataError, match="cannot tell which column.*title, body.*data.text_column=NAME"):
+    with pytest.raises(DataError, match=r"cannot tell which column.*title, body.*data\.text_column=NAME"):
         guess_text_column(["title", "body"], None, "f.csv")

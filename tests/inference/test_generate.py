@@ -11,8 +11,8 @@ from thuglm.inference import (
     write_jsonl,
 )
 
-PROMPTS = ["你好", "春天适合做什么？", "请写一首关于月亮的诗。", "天空为什么是蓝色的？", "晚上睡不着应该怎么办"]
-GREEDY = {"do_sample": False, "max_length": None, "max_new_tokens": 24}
+PROMPTS = ["你好", "春天适合做什么？", "请写一首关于月亮的诗。", "晚上睡不着应该怎么办"]
+GREEDY = {"do_sample": False, "max_length": None, "max_new_tokens": 16}
 
 
 @pytest.fixture(scope="module")
@@ -24,21 +24,21 @@ def chat_answer(model, tokenizer, query, history=()):
     return model.chat(tokenizer, query, list(history), **GREEDY)[0]
 
 
-@pytest.mark.parametrize("batch_size", [2, 8])
-def test_greedy_batches_answer_as_chat_does(loaded, batch_size):
+def test_greedy_batches_answer_as_chat_does(loaded):
+    """Batches of 3 and 1 prompts, left-padded to different lengths; ordered by length, then put back in order."""
     tokenizer, model = loaded
-    responses = generate_responses(model, tokenizer, PROMPTS, batch_size=batch_size, max_new_tokens=24)
-    assert responses == [chat_answer(model, tokenizer, prompt) for prompt in PROMPTS]
-    assert len(set(responses)) > 1 and all(responses)  # the tiny model's answers vary: the check means something
+    expected = [chat_answer(model, tokenizer, prompt) for prompt in PROMPTS]
+    assert generate_responses(model, tokenizer, PROMPTS, batch_size=3, max_new_tokens=16) == expected
+    assert len(set(expected)) > 1 and all(expected)  # the tiny model's answers vary: the check means something
 
 
 def test_rows_that_end_early_in_a_batch_answer_as_chat_does(base_dir):
     """Make the third token of one answer the end token: that row stops while the others go on."""
     tokenizer, model = load_for_inference(base_dir)
     batch = tokenizer(PROMPTS[:1], return_tensors="pt")
-    first = model.generate(**batch, do_sample=False, max_new_tokens=3)[0, -1].item()
-    model.generation_config.eos_token_id = first
-    responses = generate_responses(model, tokenizer, PROMPTS, batch_size=8, max_new_tokens=24)
+    third = model.generate(**batch, do_sample=False, max_new_tokens=3)[0, -1].item()
+    model.generation_config.eos_token_id = third
+    responses = generate_responses(model, tokenizer, PROMPTS, batch_size=8, max_new_tokens=16)
     assert responses == [chat_answer(model, tokenizer, prompt) for prompt in PROMPTS]
     assert len({len(response) for response in responses}) > 1
 
@@ -50,7 +50,7 @@ def test_a_prompt_with_history_answers_as_chat_with_that_history(loaded, tmp_pat
     path.write_text(json.dumps([{"instruction": "春天适合做什么？", "input": "", "history": history, "output": "踏青"}]))
     (row,) = read_prompts(path)
     assert row == {"prompt": build_prompt("春天适合做什么？", [tuple(history[0])]), "reference": "踏青"}
-    assert generate_responses(model, tokenizer, [row["prompt"]], max_new_tokens=24) == [
+    assert generate_responses(model, tokenizer, [row["prompt"]], max_new_tokens=16) == [
         chat_answer(model, tokenizer, "春天适合做什么？", [tuple(history[0])])
     ]
 

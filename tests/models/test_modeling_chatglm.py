@@ -329,3 +329,16 @@ def test_position_ids_of_the_wrong_shape_are_explained(model, tokenizer):
     with pytest.raises(ValueError, match=r"\[batch, 2, seq\]"):
         model(input_ids=batch["input_ids"], position_ids=batch["position_ids"][:, 0])
 
+
+
+def test_chat_shows_the_answer_before_the_end_token(model, tokenizer, monkeypatch):
+    answer = tokenizer.encode_text(["你好"])[0]
+
+    def fake_generate(input_ids, **kwargs):
+        tail = torch.tensor([[*answer, tokenizer.eos_token_id, tokenizer.pad_token_id]])
+        return torch.cat([input_ids, tail], dim=1)
+
+    monkeypatch.setattr(model, "generate", fake_generate)
+    response, history = model.chat(tokenizer, "问", max_new_tokens=8)
+    assert response == "你好" and "<eop>" not in response
+    assert history == [("问", "你好")]

@@ -1,8 +1,8 @@
-"""Reading user data files with `datasets`: files, folders and globs of CSV / JSON / JSONL / parquet / TXT.
+"""Finding the user's data files and loading them with Hugging Face `datasets`.
 
-`datasets` does the reading (Arrow memory-mapping, a fingerprinted cache, streaming); this module turns what a user
-writes in a config (`data/corpus`, `data/*.csv`, `a.json`) into its `data_files`, and its failures into messages
-that name the file and say how to fix it.
+Users point thuglm at files, folders or globs of CSV/TSV/JSON/JSONL/parquet/TXT. Each format is read by its own
+`datasets` builder (`load_dataset("csv", data_files=...)`), so the rows land in memory-mapped Arrow files under a
+fingerprinted cache (or stream, with `streaming=True`), and the parts are joined with `concatenate_datasets`.
 """
 
 from __future__ import annotations
@@ -10,70 +10,86 @@ from __future__ import annotations
 import difflib
 import glob
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import datasets
+from datasets import Value
+from datasets.exceptions import DatasetGenerationError
+from datasets.features.features import _visit
 
 logger = logging.getLogger("thuglm.data")
 
-# extension -> (datasets builder, extra builder arguments)
-BUILDERS: dict[str, tuple[str, dict]] = {
-    ".csv": ("csv", {}),
-    ".tsv": ("csv", {"sep": "\t"}),
+# Extension -> (datasets builder, builder keyword arguments).
+FORMATS: dict[str, tuple[str, dict]] = {
+    # Text such as "NA" or "null" stays text: no NaN detection in CSV cells (an empty cell is "").
+    ".csv": ("csv", {"na_filter": False}),
+    ".tsv": ("csv", {"sep": "\t", "na_filter": False}),
     ".json": ("json", {}),
     ".jsonl": ("json", {}),
     ".parquet": ("parquet", {}),
     ".txt": ("text", {}),
 }
-OBVIOUS_TEXT_COLUMNS = ("content", "text", "sentence")
+SUPPORTED_EXTENSIONS = tuple(FORMATS)
+_GLOB_CHARACTERS = frozenset("*?[")
 
 
 class DataError(ValueError):
     """Bad user data. The message names the file (and row / column where it applies) and says how to fix it."""
 
 
-def _supported() -> str:
-    return " ".join(BUILDERS)
-
-
 def resolve_data_files(patterns: str | Sequence[str]) -> list[Path]:
-    """The data files that files, folders (searched recursively) and globs name, sorted and without repeats.
+    """The data files that `patterns` name, sorted and de-duplicated, as absolute paths.
 
-    Inside a folder, hidden files and files of other types (a README, a .DS_Store) are skipped; a file named
-    explicitly must be of a supported type.
+    A pattern is a file, a folder (searched recursively: hidden files and files of other formats, such as a
+    README.md, are skipped) or a glob (`data/*.csv`, `corpus/**/*.json`). A pattern that matches nothing, or a file
+    named explicitly whose format is not supported, is an error: training on fewer files than meant should not
+    pass silently.
     """
-    if isinstance(patterns, (str, Path)):
+    if isinstance(patterns, (str, os.PathLike)):
         patterns = [patterns]
-    found: dict[Path, None] = {}
-    for pattern in patterns:
-        for path in _expand(str(pattern)):
-            found.setdefault(path.resolve(), None)
-    return sorted(found)
+    if not patterns:
+        raise DataError("no data files given: name at least one file, folder or glob")
+    files = {path for pattern in patterns for path in _resolve_pattern(os.fspath(pattern))}
+    return sorted(files)
 
 
-def _expand(pattern: str) -> list[Path]:
+def _resolve_pattern(pattern: str) -> list[Path]:
     path = Path(pattern).expanduser()
-    if path.is_dir():
-        files = [
-            p for p in sorted(path.rglob("*"))
-            if p.is_file() and p.suffix.lower() in BUILDERS
-            and not any(part.startswith(".") for part in p.relative_to(path).parts)
-        ]
-        if not files:
-            raise DataError(f"folder {path} holds no data files; thuglm reads {_supported()}")
-        return files
     if path.is_file():
-        if path.suffix.lower() not in BUILDERS:
-            raise DataError(f"{path}: files of type '{path.suffix or '(none)'}' are not read; use one of {_supported()}")
-        return [path]
-    if glob.has_magic(pattern):
-        matches = [Path(p) for p in sorted(glob.glob(str(path), recursive=True))]
-        files = [p for p in matches if p.is_file() and p.suffix.lower() in BUILDERS]
-        if not files:
-            raise DataError(f"`{pattern}` matches no data files ({_supported()})")
-        return files
-    raise DataError(f"{path} does not exist; check `data.files` (files, folders or globs such as data/*.csv)")
+        if not _is_supported(path):
+            raise DataError(
+                f"{pattern}: unsupported file type {path.suffix or '(no extension)'!r}; supported: "
+                f"{', '.join(SUPPORTED_EXTENSIONS)}. Convert the file or rename it if it is one of these formats."
+            )
+        return [path.absolute()]
+    if path.is_dir():
+        candidates = [file for file in path.rglob("*") if not _is_hidden(file.relative_to(path))]
+        what = "folder"
+    elif _GLOB_CHARACTERS & set(pattern):
+        candidates = [Path(match) for match in glob.glob(os.path.expanduser(pattern), recursive=True)]
+        what = "glob"
+    else:
+        raise DataError(f"{pattern}: no such file or folder. Check the path (relative paths start at {os.getcwd()}).")
+    files = [file.absolute() for file in candidates if file.is_file()]
+    supported = [file for file in files if _is_supported(file)]
+    for file in sorted(set(files) - set(supported)):
+        logger.debug("%s: skipping %s (not one of %s)", pattern, file, ", ".join(SUPPORTED_EXTENSIONS))
+    if not supported:
+        found = f"only unsupported files such as {files[0].name}" if files else "no files"
+        raise DataError(
+            f"{pattern}: the {what} matches {found}; thuglm reads {', '.join(SUPPORTED_EXTENSIONS)} files."
+        )
+    return supported
+
+
+def _is_supported(path: Path) -> bool:
+    return path.suffix.lower() in FORMATS
+
+
+def _is_hidden(relative: Path) -> bool:
+    return any(part.startswith(".") for part in relative.parts)
 
 
 def load_raw_dataset(
@@ -83,66 +99,124 @@ def load_raw_dataset(
     cache_dir: str | None = None,
     columns: Sequence[str] | None = None,
 ) -> datasets.Dataset | datasets.IterableDataset:
-    """One `datasets` table of every row in the named files; `columns` keeps only those (files of several types
-    then combine even when their other columns differ)."""
+    """All rows of the files that `patterns` name, as one `datasets.Dataset` (or `IterableDataset` when streaming).
+
+    Files of one format are loaded together by that format's builder; the formats are then concatenated. With
+    `columns`, each part keeps only those columns first, so files whose other columns differ still combine, and a
+    file lacking one of them is an error. `.txt` files give one row per line in a column "text".
+    """
     files = resolve_data_files(patterns)
-    groups: dict[tuple[str, tuple], list[str]] = {}
-    for path in files:
-        builder, kwargs = BUILDERS[path.suffix.lower()]
-        groups.setdefault((builder, tuple(sorted(kwargs.items()))), []).append(str(path))
+    groups: dict[tuple[str, tuple], list[Path]] = {}
+    for file in files:
+        builder, kwargs = FORMATS[file.suffix.lower()]
+        groups.setdefault((builder, tuple(sorted(kwargs.items()))), []).append(file)
     parts = []
-    for (builder, kwargs), group_files in groups.items():
-        part = _load_group(builder, dict(kwargs), group_files, streaming, cache_dir)
-        if columns is not None:
-            part = _select(part, columns, group_files)
-        parts.append(part)
+    for (builder, kwargs), group in groups.items():
+        parts += _load_group(builder, dict(kwargs), group, streaming=streaming, cache_dir=cache_dir, columns=columns)
     if len(parts) == 1:
         return parts[0]
     try:
-        # Builders disagree on small things (parquet written by pandas holds large_string, JSON string): align the
-        # schemas on the first file's before concatenating.
-        first = parts[0].features
-        parts = [part if part.features == first or first is None else part.cast(first) for part in parts]
-        return datasets.concatenate_datasets(parts)
-    except (ValueError, TypeError) as error:
+        return datasets.concatenate_datasets([_plain_strings(part) for part in parts])
+    except ValueError as error:
         raise DataError(
-            f"the data files have different columns and cannot be combined ({error}); keep one kind of file per run"
-        ) from None
+            f"{_describe(files)}: the files cannot be combined ({error}). Give files whose common columns hold the "
+            "same kind of values."
+        ) from error
 
 
-def _load_group(builder: str, kwargs: dict, files: list[str], streaming: bool, cache_dir: str | None):
+def _plain_strings(dataset):
+    """The dataset with `large_string` columns cast to `string`.
+
+    pandas 3 gives `large_string` (CSV, parquet written by pandas) where the JSON builder gives `string`, and
+    `concatenate_datasets` refuses to align the two.
+    """
+    features = dataset.features
+    plain = _visit(features, lambda f: Value("string") if isinstance(f, Value) and f.dtype == "large_string" else f)
+    return dataset if plain == features else dataset.cast(plain)
+
+
+def _load_group(builder, kwargs, files, *, streaming, cache_dir, columns) -> list:
+    """Files of one format in one load; if that fails, one load per file.
+
+    A builder casts every file to the first file's columns, so files with different columns fail together but load
+    one by one; a broken file then fails alone, and the error can name it.
+    """
     try:
-        return datasets.load_dataset(
-            builder, data_files=files, split="train", streaming=streaming, cache_dir=cache_dir, **kwargs
-        )
-    except datasets.exceptions.DatasetGenerationError as error:
-        cause = error.__cause__ or error
-        raise DataError(f"could not read {', '.join(files)} as {builder}: {cause}") from None
+        loaded = [(files, _load(builder, kwargs, files, streaming=streaming, cache_dir=cache_dir))]
+    except DatasetGenerationError as error:
+        if len(files) == 1:
+            raise _generation_error(files, error) from error
+        logger.debug("reading the %s files one at a time after: %s", builder, error.__cause__ or error)
+        loaded = [([file], _load_file(builder, kwargs, file, streaming, cache_dir)) for file in files]
+    return [_select(part, names, columns) for names, part in loaded]
 
 
-def _select(dataset, columns: Sequence[str], files: list[str]):
-    present = dataset.column_names or []
-    missing = [c for c in columns if c not in present]
+def _load_file(builder, kwargs, file, streaming, cache_dir):
+    try:
+        return _load(builder, kwargs, [file], streaming=streaming, cache_dir=cache_dir)
+    except DatasetGenerationError as error:
+        raise _generation_error([file], error) from error
+
+
+def _load(builder, kwargs, files, *, streaming, cache_dir):
+    dataset = datasets.load_dataset(
+        builder, data_files=[str(file) for file in files], split="train", streaming=streaming, cache_dir=cache_dir,
+        **kwargs,
+    )
+    if streaming and dataset.features is None:
+        # Builders such as csv know their columns only once they read a row. Resolve them now, so that
+        # `column_names` works (for choosing columns and the text column) as it does without streaming.
+        dataset = dataset._resolve_features()
+    return dataset
+
+
+def _generation_error(files: Sequence[Path], error: Exception) -> DataError:
+    cause = error.__cause__ or error
+    return DataError(
+        f"{_describe(files)}: could not be read ({type(cause).__name__}: {cause}). Check that the file is valid, "
+        "UTF-8, and that its extension matches its format."
+    )
+
+
+def _select(dataset, files: Sequence[Path], columns: Sequence[str] | None):
+    if columns is None:
+        return dataset
+    found = list(dataset.column_names or [])
+    missing = [column for column in columns if column not in found]
     if missing:
-        raise DataError(f"{', '.join(files)}: no column {', '.join(missing)}; the columns are {', '.join(present)}")
+        raise DataError(
+            f"{_describe(files)}: no column {missing[0]!r} (columns found: {', '.join(found) or 'none'}). "
+            f"Every data file needs the columns {', '.join(columns)}."
+        )
     return dataset.select_columns(list(columns))
 
 
+def _describe(files: Sequence[Path]) -> str:
+    names = ", ".join(str(file) for file in files[:3])
+    return names + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+
+
 def guess_text_column(column_names: Sequence[str], requested: str | None, source: str) -> str:
-    """The column that holds the text: the one asked for, else an obvious name, else the only column."""
-    columns = list(column_names)
+    """The column that holds the training text.
+
+    `requested` (the user's `data.text_column`) must exist. Without it the column is the first of "content",
+    "text", "sentence" that exists, or the only column; anything else is ambiguous, and guessing wrong would train
+    on ids or titles without a word of warning.
+    """
+    names = list(column_names)
+    listed = ", ".join(names) or "none"
     if requested is not None:
-        if requested in columns:
+        if requested in names:
             return requested
-        close = difflib.get_close_matches(requested, columns, n=1)
-        hint = f" Did you mean `{close[0]}`?" if close else ""
-        raise DataError(f"{source}: no column `{requested}`; the columns are {', '.join(columns)}.{hint}")
-    for name in OBVIOUS_TEXT_COLUMNS:
-        if name in columns:
-            return name
-    if len(columns) == 1:
-        return columns[0]
+        close = difflib.get_close_matches(requested, names, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise DataError(f"{source}: no column {requested!r} (columns: {listed}).{hint}")
+    for candidate in ("content", "text", "sentence"):
+        if candidate in names:
+            return candidate
+    if len(names) == 1:
+        return names[0]
     raise DataError(
-        f"{source}: cannot tell which column holds the text (columns: {', '.join(columns)}); "
-        "set it with `data.text_column=NAME`"
+        f"{source}: cannot tell which column holds the text (columns: {listed}). "
+        "Set `data.text_column=NAME` to one of them."
     )

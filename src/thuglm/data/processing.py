@@ -6,9 +6,10 @@
 * Packing: whole samples fill each row in order; `attention_mask` numbers them 1, 2, 3, ... so the model gives each
   its own positions and a block-diagonal mask, exactly as if it were alone.
 
-Work is done by `datasets.map` (batched, `num_proc` workers, Arrow cache). The cache key is computed here from the
-input's fingerprint, the tokenizer's files and the parameters: `datasets` would otherwise hash the tokenizer object,
-which is not stable between processes, and tokenize everything again on every run.
+`datasets.map` does the work in two batched steps: tokenize (one row in, one row out, so skipped and shortened rows
+can be counted exactly), then lay out and pack. The cache key of each step is computed here from the input's
+fingerprint, the tokenizer's files and the parameters: `datasets` would otherwise hash the tokenizer object, which
+is not stable between processes, and tokenize everything again on every run.
 """
 
 from __future__ import annotations
@@ -20,38 +21,140 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import datasets
+import pyarrow.compute as pc
 
 from ..inference.chat import build_prompt
-from .loading import DataError
+from .loading import DataError, guess_text_column
 from .samples import IGNORE_INDEX, causal_lm_sample, prompt_response_sample
 
 logger = logging.getLogger("thuglm.data")
 
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 1  # bump when the layout of the rows changes, so that old cache files are not reused
 MAP_BATCH_SIZE = 1000
 COLUMNS = ["input_ids", "labels", "attention_mask"]
+_IDS = datasets.Sequence(datasets.Value("int32"))  # half the cache of the int64 that Python ints would give
+ROW_FEATURES = datasets.Features({name: _IDS for name in COLUMNS})
+TOKEN_FEATURES = datasets.Features({"text_ids": _IDS})
+ALPACA_FEATURES = datasets.Features({"input_ids": _IDS, "labels": _IDS, "truncated": datasets.Value("bool")})
 
 
+# ---- layouts of single samples ---------------------------------------------------------------------------------------
 def text_windows(text_ids: Sequence[int], max_seq_len: int, gmask_id: int, sop_id: int, eop_id: int) -> list[dict]:
-    """`[gMASK] <sop> chunk` windows of at most `max_seq_len` ids; the last ends with `<eop>`.
+    """`[gMASK] <sop> chunk` windows of at most `max_seq_len` ids; the last one ends with `<eop>`.
 
-    Concatenating the chunks gives back `text_ids`: no id is lost or repeated.
+    Concatenating the chunks gives back `text_ids`: no id is lost or repeated. The last window always holds at
+    least one text id, so `<eop>` is never predicted from an empty window. An empty text gives no window.
     """
-    room = max_seq_len - 2
+    _check_max_seq_len(max_seq_len)
+    ids = list(text_ids)
+    last_room = max_seq_len - 3  # [gMASK] <sop> ... <eop>
     windows, start = [], 0
-    while len(text_ids) - start >= room:  # the last window needs one slot for <eop>
-        chunk = list(text_ids[start : start + room])
+    while len(ids) - start > last_room:
+        stop = start + min(max_seq_len - 2, len(ids) - start - 1)
+        chunk = ids[start:stop]
         windows.append({"input_ids": [gmask_id, sop_id, *chunk], "labels": [IGNORE_INDEX, IGNORE_INDEX, *chunk]})
-        start += room
-    windows.append(causal_lm_sample(text_ids[start:], gmask_id, sop_id, eop_id))
+        start = stop
+    if start < len(ids):
+        windows.append(causal_lm_sample(ids[start:], gmask_id, sop_id, eop_id))
     return windows
 
 
+def _check_max_seq_len(max_seq_len: int) -> None:
+    if max_seq_len < 4:
+        raise ValueError(f"max_seq_len must be at least 4 ([gMASK] <sop> text <eop>), got {max_seq_len}")
+
+
+def alpaca_query(example: dict) -> str:
+    """The question of an alpaca record: `instruction`, then `input` on a new line when there is one."""
+    instruction, extra = _cell(example.get("instruction")).strip(), _cell(example.get("input")).strip()
+    return f"{instruction}\n{extra}" if instruction and extra else instruction or extra
+
+
+def alpaca_sample(example: dict, tokenizer, max_seq_len: int) -> dict | None:
+    """`prompt [gMASK] <sop> output <eop>` with the official chat prompt; None for a record with no output.
+
+    Too long for `max_seq_len`: the oldest history rounds go first, then the start of the prompt (the prompt keeps
+    at least half the row), and last the end of the output, which then has no `<eop>`.
+    """
+    fitted = _alpaca_samples([example], tokenizer, max_seq_len)[0]
+    return None if fitted is None else fitted[0]
+
+
+def _alpaca_samples(examples: list[dict], tokenizer, max_seq_len: int, num_threads: int = -1) -> list:
+    """(sample, truncated) for every record, None for those with no output; one batched encode for all of them."""
+    _check_max_seq_len(max_seq_len)
+    parts = [_alpaca_parts(example) for example in examples]
+    usable = [part for part in parts if part is not None]
+    prompts = tokenizer.encode_text([build_prompt(query, history) for query, history, _ in usable], num_threads)
+    outputs = tokenizer.encode_text([output for _, _, output in usable], num_threads)
+    layout = _layout_ids(tokenizer)
+    fitted = iter(
+        _fit_alpaca(query, history, prompt, response, tokenizer, max_seq_len, layout)
+        for (query, history, _), prompt, response in zip(usable, prompts, outputs)
+    )
+    return [None if part is None else next(fitted) for part in parts]
+
+
+def _alpaca_parts(example: dict) -> tuple[str, list[tuple[str, str]], str] | None:
+    output = _cell(example.get("output"))
+    if not output.strip():
+        return None
+    return alpaca_query(example), _history(example), output
+
+
+def _history(example: dict) -> list[tuple[str, str]]:
+    value = example.get("history")
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)) and all(isinstance(turn, (list, tuple)) and len(turn) == 2 for turn in value):
+        return [(_cell(query), _cell(response)) for query, response in value]
+    raise DataError(
+        f"alpaca record {alpaca_query(example)[:40]!r}: `history` must be a list of [query, response] pairs, got "
+        f"{str(value)[:60]!r}. Write such records as JSON or JSONL (a CSV cell cannot hold a list)."
+    )
+
+
+def _fit_alpaca(query, history, prompt, response, tokenizer, max_seq_len, layout) -> tuple[dict, bool]:
+    gmask, sop, eop = layout
+    room = max_seq_len - 3  # [gMASK] <sop> <eop>
+    if len(prompt) + len(response) <= room:
+        return prompt_response_sample(prompt, response, gmask, sop, eop), False
+    if history:  # drop the oldest rounds until the prompt fits; without any left it is the bare query
+        shorter = [history[start:] for start in range(1, len(history) + 1)]
+        for prompt in tokenizer.encode_text([build_prompt(query, rounds) for rounds in shorter]):  # noqa: PLR1704
+            if len(prompt) + len(response) <= room:
+                return prompt_response_sample(prompt, response, gmask, sop, eop), True
+    keep = min(len(prompt), max(room - len(response), room // 2))
+    prompt = prompt[len(prompt) - keep :]  # the end of the prompt is the question being answered
+    if len(prompt) + len(response) <= room:
+        return prompt_response_sample(prompt, response, gmask, sop, eop), True
+    context = [*prompt, gmask, sop]
+    response = response[: max_seq_len - len(context)]  # the slot of <eop> goes to the output it replaces
+    return {"input_ids": context + response, "labels": [IGNORE_INDEX] * len(context) + response}, True
+
+
+def _layout_ids(tokenizer) -> tuple[int, int, int]:
+    """The ids of `[gMASK]`, `<sop>` (the tokenizer's bos) and `<eop>` (its eos)."""
+    return tokenizer.gmask_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id
+
+
+def _cell(value) -> str:
+    """A table cell as text: CSV and parquet give numbers for numeric columns and None for empty cells."""
+    return "" if value is None else str(value)
+
+
+# ---- rows ------------------------------------------------------------------------------------------------------------
 def pack_samples(samples: Iterable[dict], max_seq_len: int) -> list[dict]:
-    """Fill rows of at most `max_seq_len` tokens with whole samples, in order; `attention_mask` numbers them."""
+    """Fill rows of at most `max_seq_len` tokens with whole samples, in order; `attention_mask` numbers them.
+
+    Every sample starts with labels -100 (`[gMASK]` or its prompt), so the shifted loss never predicts one sample
+    from the last token of the one before it.
+    """
     rows: list[dict] = []
     for sample in samples:
         length = len(sample["input_ids"])
+        if length > max_seq_len:
+            raise ValueError(f"a sample of {length} tokens cannot be packed into rows of max_seq_len={max_seq_len}")
         if not rows or len(rows[-1]["input_ids"]) + length > max_seq_len:
             rows.append({"input_ids": [], "labels": [], "attention_mask": []})
         row = rows[-1]
@@ -66,136 +169,167 @@ def _rows(samples: list[dict], max_seq_len: int, packing: bool) -> dict[str, lis
     if packing:
         samples = pack_samples(samples, max_seq_len)
     else:
-        samples = [{**s, "attention_mask": [1] * len(s["input_ids"])} for s in samples]
-    return {name: [s[name] for s in samples] for name in COLUMNS}
+        samples = [{**sample, "attention_mask": [1] * len(sample["input_ids"])} for sample in samples]
+    return {name: [sample[name] for sample in samples] for name in COLUMNS}
 
 
-def _is_text(value) -> bool:
-    return value is not None and bool(str(value).strip())
+# ---- batched map functions (module level, so that `num_proc` workers can load them) ----------------------------------
+def _tokenize_texts(batch, *, tokenizer, text_column: str, num_threads: int, per_batch_log: bool) -> dict:
+    texts = [_cell(text) for text in batch[text_column]]
+    present = [index for index, text in enumerate(texts) if text.strip()]
+    text_ids: list[list[int]] = [[] for _ in texts]
+    for index, ids in zip(present, tokenizer.encode_text([texts[i] for i in present], num_threads)):
+        text_ids[index] = ids
+    if per_batch_log:
+        _warn_empty(len(texts) - len(present), len(texts), f"`{text_column}` is empty", " (in one streamed batch)")
+    return {"text_ids": text_ids}
 
 
-# ---- plain text -----------------------------------------------------------------------------------------------------
+def _text_rows(batch, *, layout: tuple[int, int, int], max_seq_len: int, packing: bool) -> dict:
+    gmask, sop, eop = layout
+    samples = [window for ids in batch["text_ids"] for window in text_windows(ids, max_seq_len, gmask, sop, eop)]
+    return _rows(samples, max_seq_len, packing)
+
+
+def _tokenize_alpaca(batch, *, tokenizer, max_seq_len: int, num_threads: int, per_batch_log: bool) -> dict:
+    examples = [dict(zip(batch, values)) for values in zip(*batch.values())]
+    fitted = _alpaca_samples(examples, tokenizer, max_seq_len, num_threads)
+    samples = [({"input_ids": [], "labels": []}, False) if item is None else item for item in fitted]
+    if per_batch_log:
+        skipped, truncated = fitted.count(None), sum(cut for _, cut in samples)
+        _warn_alpaca(skipped, truncated, len(examples), max_seq_len, " (in one streamed batch)")
+    return {
+        "input_ids": [sample["input_ids"] for sample, _ in samples],
+        "labels": [sample["labels"] for sample, _ in samples],
+        "truncated": [cut for _, cut in samples],
+    }
+
+
+def _alpaca_rows(batch, *, max_seq_len: int, packing: bool) -> dict:
+    samples = [{"input_ids": ids, "labels": labels} for ids, labels in zip(batch["input_ids"], batch["labels"]) if ids]
+    return _rows(samples, max_seq_len, packing)
+
+
+def _warn_empty(skipped: int, total: int, what: str, where: str = "") -> None:
+    if skipped:
+        logger.warning("skipped %d of %d rows whose %s%s", skipped, total, what, where)
+
+
+def _warn_alpaca(skipped: int, truncated: int, total: int, max_seq_len: int, where: str = "") -> None:
+    _warn_empty(skipped, total, "`output` is empty", where)
+    if truncated:
+        logger.warning(
+            "shortened %d of %d alpaca records longer than max_seq_len=%d%s: oldest history rounds first, then the "
+            "start of the prompt, then the end of the output",
+            truncated, total, max_seq_len, where,
+        )
+
+
+# ---- the two dataset-level entry points ------------------------------------------------------------------------------
 def encode_text_dataset(
     dataset, tokenizer, *, text_column: str, max_seq_len: int, packing: bool, num_proc: int | None = None
 ):
-    """Causal-LM rows from the `text_column` of every row; empty texts are skipped (and counted)."""
-    gmask, sop, eop = tokenizer.gmask_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id
-    threads = -1 if not num_proc else 1  # sentencepiece's own threads, unless datasets runs several workers
-
-    def encode(batch: dict[str, list]) -> dict[str, list]:
-        texts = [str(text) for text in batch[text_column] if _is_text(text)]
-        samples = [w for ids in tokenizer.encode_text(texts, num_threads=threads) for w in text_windows(
-            ids, max_seq_len, gmask, sop, eop)]
-        return _rows(samples, max_seq_len, packing)
-
-    params = {"format": "text", "text_column": text_column, "max_seq_len": max_seq_len, "packing": packing}
-    dataset = _skip_empty(dataset, text_column, num_proc)
-    return _map(dataset, encode, tokenizer, params, num_proc, desc=f"tokenizing `{text_column}`")
-
-
-def _skip_empty(dataset, column: str, num_proc: int | None):
-    if isinstance(dataset, datasets.IterableDataset):
-        return dataset.filter(lambda row: _is_text(row[column]))
-    before = len(dataset)
-    kept = dataset.filter(
-        lambda batch: [_is_text(t) for t in batch[column]], batched=True, num_proc=num_proc,
-        desc="skipping empty texts",
+    """Causal-LM rows from the `text_column` of every row; empty texts are skipped (and counted in a warning)."""
+    _check_max_seq_len(max_seq_len)
+    guess_text_column(_column_names(dataset), text_column, source="the data")
+    streaming = isinstance(dataset, datasets.IterableDataset)
+    tokens = _map(
+        dataset, _tokenize_texts, TOKEN_FEATURES, tokenizer, num_proc, desc=f"Tokenizing `{text_column}`",
+        fn_kwargs={"tokenizer": tokenizer, "text_column": text_column, "num_threads": _threads(num_proc),
+                   "per_batch_log": streaming},
+        key={"step": "tokenize text", "text_column": text_column},
     )
-    if len(kept) < before:
-        logger.warning("skipped %d of %d rows whose `%s` is empty", before - len(kept), before, column)
-    return kept
-
-
-# ---- alpaca ---------------------------------------------------------------------------------------------------------
-def alpaca_query(example: dict) -> str:
-    instruction = str(example.get("instruction") or "").strip()
-    extra = str(example.get("input") or "").strip()
-    return f"{instruction}\n{extra}" if instruction and extra else instruction or extra
-
-
-def alpaca_sample(example: dict, tokenizer, max_seq_len: int) -> dict | None:
-    """`prompt [gMASK] <sop> output <eop>` with the official chat prompt; None for a row with no output.
-
-    Too long for `max_seq_len`: the oldest history rounds go first, then the start of the prompt, and last the end
-    of the output (which then has no `<eop>`). The sample says whether it was cut in `truncated`.
-    """
-    output = example.get("output")
-    if not _is_text(output):
-        return None
-    gmask, sop, eop = tokenizer.gmask_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id
-    query = alpaca_query(example)
-    history = [(str(q), str(r)) for q, r in (example.get("history") or [])]
-    response = tokenizer.encode_text([str(output)])[0]
-    room = max_seq_len - 3  # [gMASK] <sop> <eop>
-    prompt = tokenizer.encode_text([build_prompt(query, history)])[0]
-    rounds = len(history)
-    while history and len(prompt) + len(response) > room:
-        history = history[1:]
-        prompt = tokenizer.encode_text([build_prompt(query, history)])[0]
-    truncated = len(history) < rounds or len(prompt) + len(response) > room
-    if len(prompt) + len(response) > room:  # keep the end of the prompt (the question), at least half the row when the output is long
-        keep = min(len(prompt), max(room - len(response), room // 2))
-        prompt = prompt[len(prompt) - keep :]
-    if len(prompt) + len(response) <= room:
-        return {**prompt_response_sample(prompt, response, gmask, sop, eop), "truncated": truncated}
-    response = response[: room + 1 - len(prompt)]  # the slot of <eop> goes to the output it replaces
-    context = [*prompt, gmask, sop]
-    return {"input_ids": context + response, "labels": [IGNORE_INDEX] * len(context) + response, "truncated": True}
+    if not streaming:
+        _warn_empty(_count_empty(tokens, "text_ids"), len(tokens), f"`{text_column}` is empty")
+    return _map(
+        tokens, _text_rows, ROW_FEATURES, tokenizer, num_proc,
+        desc=f"{'Packing' if packing else 'Laying out'} texts in rows of {max_seq_len} tokens",
+        fn_kwargs={"layout": _layout_ids(tokenizer), "max_seq_len": max_seq_len, "packing": packing},
+        key={"step": "text rows", "max_seq_len": max_seq_len, "packing": packing},
+    )
 
 
 def encode_alpaca_dataset(dataset, tokenizer, *, max_seq_len: int, packing: bool, num_proc: int | None = None):
     """Instruction-tuning rows from alpaca records (`instruction`, optional `input`, `output`, optional `history`)."""
-    columns = dataset.column_names or _peek_columns(dataset)
+    _check_max_seq_len(max_seq_len)
+    columns = _column_names(dataset)
     missing = [name for name in ("instruction", "output") if name not in columns]
-    if columns and missing:
+    if missing:
         raise DataError(
-            f"alpaca data needs the columns instruction and output (input and history are optional); "
-            f"missing {', '.join(missing)}, found {', '.join(columns)}. For one text column use `data.format=text`"
+            f"alpaca data needs the columns instruction and output (input and history are optional); missing "
+            f"{', '.join(missing)}, found {', '.join(columns) or 'none'}. "
+            "For one column of text use `data.format=text`."
         )
+    streaming = isinstance(dataset, datasets.IterableDataset)
+    samples = _map(
+        dataset, _tokenize_alpaca, ALPACA_FEATURES, tokenizer, num_proc, desc="Tokenizing alpaca records",
+        fn_kwargs={"tokenizer": tokenizer, "max_seq_len": max_seq_len, "num_threads": _threads(num_proc),
+                   "per_batch_log": streaming},
+        key={"step": "tokenize alpaca", "max_seq_len": max_seq_len},
+    )
+    if not streaming:
+        truncated = pc.sum(samples.data.column("truncated")).as_py() or 0
+        _warn_alpaca(_count_empty(samples, "input_ids"), truncated, len(samples), max_seq_len)
+    return _map(
+        samples, _alpaca_rows, ROW_FEATURES, tokenizer, num_proc,
+        desc=f"{'Packing' if packing else 'Laying out'} alpaca samples in rows of {max_seq_len} tokens",
+        fn_kwargs={"max_seq_len": max_seq_len, "packing": packing},
+        key={"step": "alpaca rows", "max_seq_len": max_seq_len, "packing": packing},
+    )
 
-    def encode(batch: dict[str, list]) -> dict[str, list]:
-        examples = [dict(zip(batch, values)) for values in zip(*batch.values())]
-        samples = [alpaca_sample(example, tokenizer, max_seq_len) for example in examples]
-        usable = [s for s in samples if s is not None]
-        if len(usable) < len(samples):
-            logger.warning("skipped %d alpaca rows with an empty output", len(samples) - len(usable))
-        truncated = sum(s.pop("truncated") for s in usable)
-        if truncated:
-            logger.warning("%d alpaca samples were longer than max_seq_len=%d and were shortened", truncated, max_seq_len)
-        return _rows(usable, max_seq_len, packing)
 
-    params = {"format": "alpaca", "max_seq_len": max_seq_len, "packing": packing}
-    return _map(dataset, encode, tokenizer, params, num_proc, desc="tokenizing alpaca records")
-
-
-# ---- datasets.map with a stable cache key ---------------------------------------------------------------------------
+# ---- datasets.map with a stable cache key ----------------------------------------------------------------------------
 def tokenizer_fingerprint(tokenizer) -> str:
-    """A hash of what decides the token ids: the sentencepiece model file and the tokens added on top of it."""
+    """A hash of what decides the token ids: the sentencepiece model file, the tokens added on top of it and the
+    settings that change the text before sentencepiece sees it."""
     digest = hashlib.sha256(Path(tokenizer.vocab_file).read_bytes())
-    digest.update(json.dumps(sorted(tokenizer.get_added_vocab().items())).encode())
-    digest.update(str(getattr(tokenizer, "num_image_tokens", 0)).encode())
+    settings = {
+        "added": sorted(tokenizer.get_added_vocab().items()),
+        "layout": _layout_ids(tokenizer),
+        **{name: getattr(tokenizer, name, None) for name in ("num_image_tokens", "do_lower_case", "remove_space")},
+    }
+    digest.update(json.dumps(settings, sort_keys=True).encode())
     return digest.hexdigest()
 
 
-def _peek_columns(dataset) -> list[str]:
-    """A stream read from CSV or JSON knows its columns only once it has read a row."""
-    first = next(iter(dataset.take(1)), None)
-    return list(first) if first is not None else []
-
-
-def _map(dataset, function: Callable, tokenizer, params: dict, num_proc: int | None, desc: str):
-    remove = dataset.column_names or _peek_columns(dataset)
+def _map(dataset, function: Callable, features, tokenizer, num_proc, *, desc: str, fn_kwargs: dict, key: dict):
+    """A batched `map` that replaces every column; cached under a key that a fresh process computes the same."""
+    remove = _column_names(dataset)
     if isinstance(dataset, datasets.IterableDataset):
-        return dataset.map(function, batched=True, batch_size=MAP_BATCH_SIZE, remove_columns=remove)
-    key = json.dumps({**params, "layout": LAYOUT_VERSION, "tokenizer": tokenizer_fingerprint(tokenizer)}, sort_keys=True)
-    fingerprint = hashlib.sha256(f"{dataset._fingerprint}:{key}".encode()).hexdigest()[:32]
+        return dataset.map(
+            function, batched=True, batch_size=MAP_BATCH_SIZE, remove_columns=remove, features=features,
+            fn_kwargs=fn_kwargs,
+        )
+    full_key = {**key, "input": dataset._fingerprint, "tokenizer": tokenizer_fingerprint(tokenizer),
+                "layout_version": LAYOUT_VERSION}
+    fingerprint = hashlib.sha256(json.dumps(full_key, sort_keys=True).encode()).hexdigest()[:32]
     return dataset.map(
         function,
         batched=True,
         batch_size=MAP_BATCH_SIZE,
         remove_columns=remove,
+        features=features,
+        fn_kwargs=fn_kwargs,
         num_proc=num_proc,
         new_fingerprint=fingerprint,
         load_from_cache_file=True,
         desc=desc,
     )
+
+
+def _threads(num_proc: int | None) -> int:
+    """sentencepiece's threads: every core in one process, one per worker when datasets runs several."""
+    return 1 if num_proc and num_proc > 1 else -1
+
+
+def _column_names(dataset) -> list[str]:
+    """A stream read from CSV or JSON may know its columns only once it has read a row."""
+    if dataset.column_names is not None:
+        return list(dataset.column_names)
+    first = next(iter(dataset.take(1)), None)
+    return list(first) if first is not None else []
+
+
+def _count_empty(dataset: datasets.Dataset, column: str) -> int:
+    """Rows whose list in `column` is empty, counted on the Arrow table (a map's output has no indices mapping)."""
+    return pc.sum(pc.equal(pc.list_value_length(dataset.data.column(column)), 0)).as_py() or 0

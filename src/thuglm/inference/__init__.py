@@ -6,7 +6,7 @@ imported, so only `chat` is imported here eagerly; the other names load their mo
 
 from importlib import import_module
 
-from .chat import build_prompt, process_response
+from .chat import answer_token_ids, build_prompt, process_response
 
 _LAZY_NAMES = {
     "ModelLoadError": "loading",
@@ -29,6 +29,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "ModelLoadError",
+    "answer_token_ids",
     "build_prompt",
     "evaluate_alpaca",
     "generate_responses",

@@ -18,6 +18,19 @@ def build_prompt(query: str, history: Sequence[tuple[str, str]] = ()) -> str:
     return prompt + f"[Round {len(history)}]\n问：{query}\n答："
 
 
+def answer_token_ids(token_ids: Sequence[int], end_ids: int | Sequence[int] | None) -> list[int]:
+    """The generated ids before the first end token (`<eop>`): what the user is shown. Later ids are batch padding.
+
+    The end token is cut rather than decoded: a tokenizer whose `<eop>` piece decodes to text would otherwise show it.
+    """
+    ends = {end_ids} if isinstance(end_ids, int) else set(end_ids or [])
+    token_ids = list(token_ids)
+    for index, token in enumerate(token_ids):
+        if token in ends:
+            return token_ids[:index]
+    return token_ids
+
+
 def process_response(response: str) -> str:
     response = response.strip().replace("[[训练时间]]", "2023年")
     for half, full in _PUNCTUATION:

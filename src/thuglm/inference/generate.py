@@ -16,7 +16,7 @@ from transformers import LogitsProcessorList, PreTrainedModel, PreTrainedTokeniz
 
 from ..data import DataError, alpaca_query
 from ..models.modeling_chatglm import InvalidScoreLogitsProcessor
-from .chat import build_prompt, process_response
+from .chat import answer_token_ids, build_prompt, process_response
 
 
 def prompt_row(row: dict, source: str) -> dict:
@@ -65,14 +65,6 @@ def read_prompts(path: str | Path) -> list[dict]:
     raise DataError(f"{path}: prompts are read from .txt (one a line), .json (a list of rows) or .jsonl files")
 
 
-def cut_at_end(token_ids: list[int], end_ids: set[int]) -> list[int]:
-    """Tokens up to and including the first end token: what `chat` decodes (later ones are batch padding)."""
-    for index, token in enumerate(token_ids):
-        if token in end_ids:
-            return token_ids[: index + 1]
-    return token_ids
-
-
 @torch.no_grad()
 def generate_batch(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], **generate_kwargs
@@ -82,9 +74,8 @@ def generate_batch(
     processors = LogitsProcessorList([InvalidScoreLogitsProcessor()])
     outputs = model.generate(**inputs, logits_processor=processors, **generate_kwargs)
     end_ids = model.generation_config.eos_token_id
-    end_ids = {end_ids} if isinstance(end_ids, int) else set(end_ids or [])
     answers = outputs[:, inputs["input_ids"].shape[1] :].tolist()
-    return [process_response(tokenizer.decode(cut_at_end(answer, end_ids))) for answer in answers]
+    return [process_response(tokenizer.decode(answer_token_ids(answer, end_ids))) for answer in answers]
 
 
 def generate_responses(

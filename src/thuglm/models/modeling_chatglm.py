@@ -36,7 +36,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
-from ..inference.chat import build_prompt, process_response
+from ..inference.chat import answer_token_ids, build_prompt, process_response
 from .configuration_chatglm import ChatGLMConfig
 from .masking import glm_attention_mask, glm_block_mask, glm_position_ids
 
@@ -437,7 +437,9 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         processors = LogitsProcessorList(logits_processor or [])
         processors.append(InvalidScoreLogitsProcessor())
         sampling = {"top_p": top_p, "temperature": temperature} if do_sample else {}
-        return {"max_length": max_length, "do_sample": do_sample, "logits_processor": processors, **sampling, **kwargs}
+        # max_new_tokens, when given, bounds the answer instead of max_length (passing both makes generate warn).
+        length = {} if kwargs.get("max_new_tokens") is not None else {"max_length": max_length}
+        return {**length, "do_sample": do_sample, "logits_processor": processors, **sampling, **kwargs}
 
     @torch.no_grad()
     def chat(
@@ -458,7 +460,8 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         gen_kwargs = self._chat_generation_kwargs(logits_processor, max_length, do_sample, top_p, temperature, kwargs)
         inputs = tokenizer([build_prompt(query, history)], return_tensors="pt").to(self.device)
         outputs = self.generate(**inputs, num_beams=num_beams, **gen_kwargs)
-        response = process_response(tokenizer.decode(outputs[0, inputs["input_ids"].shape[1] :].tolist()))
+        answer = answer_token_ids(outputs[0, inputs["input_ids"].shape[1] :].tolist(), self.generation_config.eos_token_id)
+        response = process_response(tokenizer.decode(answer))
         return response, history + [(query, response)]
 
     @torch.no_grad()

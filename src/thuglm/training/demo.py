@@ -29,7 +29,8 @@ def loss_story(log_history: list[dict]) -> str:
     return text
 
 
-def run_demo(out_dir: str | Path, max_new_tokens: int = 48, print_fn=print) -> dict[str, dict]:
+def run_demo(out_dir: str | Path, max_new_tokens: int = 48, print_fn=print, **generation) -> dict[str, dict]:
+    """Train both stages into `out_dir` and chat; `generation` goes to `model.chat` (do_sample, top_p, ...)."""
     import json
 
     out_dir = Path(out_dir)
@@ -51,11 +52,14 @@ def run_demo(out_dir: str | Path, max_new_tokens: int = 48, print_fn=print) -> d
         print_fn(f"=== {name}: {loss_story(state['log_history'])}"
                  f" (curve in {Path(config.output_dir) / 'loss.png'})")
 
+    import torch
+
     from ..inference.loading import load_for_inference
 
     tokenizer, model = load_for_inference(out_dir / "lora")
-    print_fn(f"\n=== chat with {out_dir / 'lora'} (a 2-layer model trained for a minute: expect fluent-looking noise)")
+    print_fn(f"\n=== chat with {out_dir / 'lora'} (a 2-layer, 64-wide model trained for a minute: expect noise)")
+    torch.manual_seed(0)  # the official chat samples (top_p 0.7, temperature 0.95); seeded, the demo repeats itself
     for question in DEMO_QUESTIONS:
-        answer, _ = model.chat(tokenizer, question, max_new_tokens=max_new_tokens, do_sample=False)
+        answer, _ = model.chat(tokenizer, question, max_new_tokens=max_new_tokens, **generation)
         print_fn(f"用户：{question}\nChatGLM：{answer}")
     return results

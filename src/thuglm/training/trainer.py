@@ -15,13 +15,14 @@ class GlmTrainer(Trainer):
     * Packed rows carry sample numbers (1, 2, 3, ...) in `attention_mask`, so the Trainer's own "non_padding" count
       (the mask's sum) would overstate them; here a token is any position whose mask is non-zero. The running total
       lives in `state.num_input_tokens_seen`, so it is saved in checkpoints and survives a resume.
-    * Every evaluation also logs `eval_perplexity` = exp(eval_loss).
+    * Every evaluation also logs `eval_perplexity` = exp(eval_loss); every training log the tokens/s since the
+      previous one.
     """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.session_tokens = 0
-        self.session_start = time.perf_counter()
+        self._last_log = (time.perf_counter(), 0)  # (time, session tokens) at the previous training log
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         mask = inputs.get("attention_mask")
@@ -34,7 +35,10 @@ class GlmTrainer(Trainer):
         if "eval_loss" in logs:
             logs["eval_perplexity"] = perplexity(logs["eval_loss"])
         if "loss" in logs:
-            logs["tokens_per_s"] = round(self.session_tokens / max(time.perf_counter() - self.session_start, 1e-9), 1)
+            # Throughput since the previous log, so the number shows the speed now rather than a run-long average.
+            now, tokens = time.perf_counter(), self.session_tokens
+            logs["tokens_per_s"] = round((tokens - self._last_log[1]) / max(now - self._last_log[0], 1e-9), 1)
+            self._last_log = (now, tokens)
         super().log(logs, start_time)
 
 
