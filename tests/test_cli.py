@@ -40,11 +40,11 @@ def test_demo_pretrains_tunes_and_chats(tmp_path, monkeypatch):
     result = run_cli("demo", "--out", str(tmp_path / "demo"), "--max-new-tokens", "16")
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("ChatGLM：") == 2
-    for stage in ("pretrain", "lora"):
+    for stage, drop in (("pretrain", 1.5), ("lora", 0.25)):
         metrics = json.loads((tmp_path / "demo" / stage / "metrics.json").read_text())
         state = json.loads((tmp_path / "demo" / stage / "trainer_state.json").read_text())
         losses = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
-        assert losses[-1] < losses[0] - 0.5, (stage, losses)
+        assert losses[-1] < losses[0] - drop, (stage, losses)
         assert metrics["eval_loss"] is not None and (tmp_path / "demo" / stage / "loss.png").is_file()
     assert (tmp_path / "demo" / "lora" / "adapter_model.safetensors").is_file()
 

@@ -227,12 +227,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from .data import DataError
+    from .inference.evaluation import MissingScoringPackagesError
     from .inference.loading import ModelLoadError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ModelLoadError, DataError) as error:  # the user's folders or files: one line, no traceback
+    except (ModelLoadError, DataError, MissingScoringPackagesError) as error:  # one line, no traceback
         print(f"thuglm: {error}", file=sys.stderr)
         return 2
 

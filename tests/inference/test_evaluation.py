@@ -102,3 +102,14 @@ def test_evaluate_alpaca_needs_outputs(loaded, tmp_path):
     path.write_text(json.dumps([{"instruction": "你好", "input": ""}]), encoding="utf-8")
     with pytest.raises(DataError, match="no `output`"):
         evaluate_alpaca(model, tokenizer, [str(path)])
+
+
+def test_scoring_without_the_eval_extra_says_how_to_install_it(monkeypatch):
+    import importlib.util
+
+    from thuglm.inference.evaluation import MissingScoringPackagesError, generation_scores
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "jieba" else real_find_spec(name, *a))
+    with pytest.raises(MissingScoringPackagesError, match=r"needs jieba: pip install 'thuglm\[eval\]'"):
+        generation_scores(["你好"], ["你好"])

@@ -8,6 +8,7 @@ are computed exactly as the official ChatGLM-6B p-tuning evaluation computes the
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from collections.abc import Sequence
 
@@ -63,6 +64,18 @@ def perplexity(
     return {"eval_loss": eval_loss, "perplexity": math.exp(eval_loss), "tokens": total_tokens}
 
 
+class MissingScoringPackagesError(ImportError):
+    """BLEU / ROUGE need the `eval` extra (jieba, nltk, rouge-chinese), which the base install leaves out."""
+
+
+def require_scoring_packages() -> None:
+    missing = [name for name in ("jieba", "nltk", "rouge_chinese") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise MissingScoringPackagesError(
+            f"BLEU / ROUGE scoring needs {', '.join(missing)}: pip install 'thuglm[eval]'"
+        )
+
+
 def row_scores(prediction: str, reference: str) -> dict[str, float]:
     """BLEU-4 and ROUGE F1 (×100, rounded to 4 places) of one answer, as the official `compute_metrics`.
 
@@ -89,6 +102,7 @@ def generation_scores(predictions: Sequence[str], references: Sequence[str]) -> 
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references: pass one per reference")
     if not predictions:
         raise ValueError("no predictions to score")
+    require_scoring_packages()
     rows = [row_scores(prediction, reference) for prediction, reference in zip(predictions, references)]
     return {key: float(np.mean([row[key] for row in rows])) for key in ("bleu-4", *ROUGE_KEYS)}
 
@@ -101,6 +115,7 @@ def evaluate_alpaca(
     max_new_tokens: int = 256,
 ) -> dict:
     """Answer every instruction of `files` greedily and score the answers against `output`: scores plus `samples`."""
+    require_scoring_packages()  # before minutes of generation, not after
     source = ", ".join(map(str, files))
     rows = [prompt_row(row, source) for row in load_raw_dataset(list(files))]
     unscored = [index for index, row in enumerate(rows) if "reference" not in row]
