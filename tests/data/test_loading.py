@@ -155,3 +155,41 @@ def test_guess_text_column():
         guess_text_column(["title", "content"], "contnet", "f.csv")
     with pytest.raises(DataError, match=r"cannot tell which column.*title, body.*data\.text_column=NAME"):
         guess_text_column(["title", "body"], None, "f.csv")
+
+
+# ---- encodings: Excel's Chinese CSVs are GBK; UTF-8 may carry a BOM ---------------------------------------------------
+ENCODED_ROWS = ["春眠不觉晓", "处处闻啼鸟，夜来风雨声"]
+
+
+@pytest.mark.parametrize(("encoding", "detected"), [("utf-8-sig", "utf-8-sig"), ("gbk", "gb18030"),
+                                                    ("gb18030", "gb18030"), ("utf-8", "utf-8")])
+def test_csv_in_utf8_bom_or_gbk_is_detected_and_read(tmp_path, encoding, detected, caplog):
+    from thuglm.data.loading import detect_encoding
+
+    path = tmp_path / "excel.csv"
+    path.write_bytes(("content,title\n" + "".join(f"{row},t\n" for row in ENCODED_ROWS)).encode(encoding))
+    assert detect_encoding(path) == detected
+    with caplog.at_level(logging.INFO, logger="thuglm.data"):
+        dataset = load_raw_dataset(str(path), cache_dir=str(tmp_path / "cache"))
+    assert dataset.column_names == ["content", "title"]  # no BOM glued to the first column's name
+    assert dataset["content"] == ENCODED_ROWS
+    assert ("GBK/GB18030" in caplog.text) == (detected == "gb18030")
+
+
+def test_gbk_txt_is_read_and_gbk_json_is_refused_with_the_fix(tmp_path):
+    (tmp_path / "b.txt").write_bytes((ENCODED_ROWS[1] + "\n").encode("gbk"))
+    assert load_raw_dataset(str(tmp_path / "b.txt"), cache_dir=str(tmp_path / "c"))["text"] == ENCODED_ROWS[1:]
+    (tmp_path / "a.json").write_bytes(json.dumps([{"content": ENCODED_ROWS[0]}], ensure_ascii=False).encode("gbk"))
+    with pytest.raises(DataError, match=r"a.json: JSON must be UTF-8 \(RFC 8259\).*iconv -f gbk -t utf-8"):
+        load_raw_dataset(str(tmp_path / "a.json"), cache_dir=str(tmp_path / "c"))
+
+
+def test_named_encoding_wins_and_binary_files_are_refused_with_the_fix(tmp_path):
+    path = tmp_path / "big5.csv"
+    path.write_bytes("content\n春眠不覺曉\n".encode("big5"))
+    dataset = load_raw_dataset(str(path), cache_dir=str(tmp_path / "cache"), encoding="big5")
+    assert dataset["content"] == ["春眠不覺曉"]
+    binary = tmp_path / "image.csv"
+    binary.write_bytes(bytes(range(256)) * 8)
+    with pytest.raises(DataError, match=r"image.csv: this is neither UTF-8 nor GBK/GB18030.*data.encoding=NAME"):
+        load_raw_dataset(str(binary), cache_dir=str(tmp_path / "cache"))

@@ -33,7 +33,10 @@ def test_minimal_config_gets_defaults(tmp_path):
 
 def test_every_key_named_by_the_issue_exists():
     keys = set(valid_keys(__import__("thuglm.training.config", fromlist=["TrainConfig"]).TrainConfig))
-    wanted = ["model", "method", "data.files", "data.format", "data.text_column", "max_seq_len", "packing", "max_steps", "epochs", "batch_size", "gradient_accumulation_steps", "learning_rate", "seed", "save_steps", "output_dir", "resume_from_checkpoint", "precision", "gradient_checkpointing", "lora.r", "lora.alpha", "lora.dropout", "lora.target_modules", "data.streaming", "data.eval_files", "data.validation_split", "data.num_proc", "freeze.trainable_layers"]
+    wanted = """model method data.files data.format data.text_column max_seq_len packing max_steps epochs batch_size
+        gradient_accumulation_steps learning_rate seed save_steps output_dir resume_from_checkpoint precision
+        gradient_checkpointing lora.r lora.alpha lora.dropout lora.target_modules data.streaming data.eval_files
+        data.validation_split data.num_proc data.encoding freeze.trainable_layers""".split()
     assert set(wanted) <= keys
 
 

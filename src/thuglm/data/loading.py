@@ -7,6 +7,7 @@ fingerprinted cache (or stream, with `streaming=True`), and the parts are joined
 
 from __future__ import annotations
 
+import codecs
 import difflib
 import glob
 import logging
@@ -92,23 +93,52 @@ def _is_hidden(relative: Path) -> bool:
     return any(part.startswith(".") for part in relative.parts)
 
 
+def detect_encoding(path: Path, sample_bytes: int = 1 << 20) -> str:
+    """The text encoding of a data file: UTF-8 (with or without BOM), else GB18030.
+
+    Chinese CSVs saved by Excel are GBK, of which GB18030 is a superset. The first `sample_bytes` decide; a file
+    that fits neither is refused with a message rather than read as garbage.
+    """
+    with open(path, "rb") as handle:
+        sample = handle.read(sample_bytes)
+    if sample.startswith(codecs.BOM_UTF8):
+        return "utf-8-sig"
+    for encoding in ("utf-8", "gb18030"):
+        try:
+            codecs.getincrementaldecoder(encoding)().decode(sample, final=False)  # a cut last character is fine
+            return encoding
+        except UnicodeDecodeError:
+            continue
+    raise DataError(
+        f"{path}: this is neither UTF-8 nor GBK/GB18030 text (a binary file, or another encoding). Remove it from "
+        "data.files, or name its encoding with `data.encoding=NAME` (e.g. big5, utf-16)."
+    )
+
+
 def load_raw_dataset(
     patterns: str | Sequence[str],
     *,
     streaming: bool = False,
     cache_dir: str | None = None,
     columns: Sequence[str] | None = None,
+    encoding: str | None = None,
 ) -> datasets.Dataset | datasets.IterableDataset:
     """All rows of the files that `patterns` name, as one `datasets.Dataset` (or `IterableDataset` when streaming).
 
     Files of one format are loaded together by that format's builder; the formats are then concatenated. With
     `columns`, each part keeps only those columns first, so files whose other columns differ still combine, and a
     file lacking one of them is an error. `.txt` files give one row per line in a column "text".
+    CSV / TSV / TXT files are read in `encoding`, or in the one `detect_encoding` finds for each (UTF-8 or
+    GBK/GB18030); JSON must be UTF-8, as its standard says.
     """
     files = resolve_data_files(patterns)
     groups: dict[tuple[str, tuple], list[Path]] = {}
     for file in files:
         builder, kwargs = FORMATS[file.suffix.lower()]
+        if builder in ("csv", "text"):
+            kwargs = {**kwargs, "encoding": encoding or _detected(file)}
+        elif builder == "json":
+            _require_utf8_json(file)
         groups.setdefault((builder, tuple(sorted(kwargs.items()))), []).append(file)
     parts = []
     for (builder, kwargs), group in groups.items():
@@ -122,6 +152,22 @@ def load_raw_dataset(
             f"{_describe(files)}: the files cannot be combined ({error}). Give files whose common columns hold the "
             "same kind of values."
         ) from error
+
+
+def _require_utf8_json(file: Path) -> None:
+    """JSON is UTF-8 by its standard (RFC 8259), and `datasets` parses JSON arrays as UTF-8 whatever it is told."""
+    if detect_encoding(file) == "gb18030":
+        raise DataError(
+            f"{file}: JSON must be UTF-8 (RFC 8259) and this file is GBK. Convert it, e.g. "
+            f"`iconv -f gbk -t utf-8 {file.name} > utf8-{file.name}`, or save it as CSV."
+        )
+
+
+def _detected(file: Path) -> str:
+    encoding = detect_encoding(file)
+    if encoding == "gb18030":
+        logger.info("%s: not UTF-8; reading it as GBK/GB18030", file)
+    return encoding
 
 
 def _plain_strings(dataset):
@@ -174,7 +220,7 @@ def _generation_error(files: Sequence[Path], error: Exception) -> DataError:
     cause = error.__cause__ or error
     return DataError(
         f"{_describe(files)}: could not be read ({type(cause).__name__}: {cause}). Check that the file is valid, "
-        "UTF-8, and that its extension matches its format."
+        "in UTF-8 or GBK (else set `data.encoding`), and that its extension matches its format."
     )
 
 

@@ -47,6 +47,8 @@ class DataConfig:
     """Processes for tokenization (None: one)."""
     cache_dir: str | None = None
     """Where `datasets` keeps its Arrow cache (None: its default, ~/.cache/huggingface/datasets)."""
+    encoding: str | None = None
+    """Text encoding of the files; None detects UTF-8 (with or without BOM) or GBK/GB18030 for each file."""
 
 
 @dataclass

@@ -108,8 +108,11 @@ SUMMARY_KEYS = ("final_train_loss", "eval_loss", "perplexity", "tokens_per_s")
 def build_datasets(config: TrainConfig, tokenizer):
     """Training and evaluation rows from the configured files: eval_files, else a validation split, else none."""
     data = config.data
-    raw = load_raw_dataset(data.files, streaming=data.streaming, cache_dir=data.cache_dir)
-    raw_eval = load_raw_dataset(data.eval_files, streaming=data.streaming, cache_dir=data.cache_dir) if data.eval_files else None
+    def load(files):
+        return load_raw_dataset(files, streaming=data.streaming, cache_dir=data.cache_dir, encoding=data.encoding)
+
+    raw = load(data.files)
+    raw_eval = load(data.eval_files) if data.eval_files else None
     if raw_eval is None and data.validation_split:
         split = raw.train_test_split(test_size=data.validation_split, seed=config.seed)
         raw, raw_eval = split["train"], split["test"]
