@@ -16,13 +16,9 @@ import json
 import sys
 from pathlib import Path
 
+from .inference.loading import load_for_inference
+
 DTYPE_CHOICES = ["auto", "fp32", "bf16", "fp16"]
-
-
-def _load(model_dir: str, dtype: str, adapter: str | None = None):
-    from .inference.loading import load_for_inference
-
-    return load_for_inference(model_dir, adapter=adapter, dtype=dtype)
 
 
 def _fit_history(model, tokenizer, query, history, max_new_tokens):
@@ -74,7 +70,7 @@ def cmd_tiny(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    tokenizer, model = _load(args.model, args.dtype, args.adapter)
+    tokenizer, model = load_for_inference(args.model, adapter=args.adapter, dtype=args.dtype)
     history: list[tuple[str, str]] = []
     print("thuglm chat — /clear forgets the conversation, /exit quits")
     while True:
@@ -106,7 +102,7 @@ def cmd_generate(args) -> int:
     from .inference.generate import generate_responses, read_prompts, write_jsonl
 
     rows = read_prompts(args.input)
-    tokenizer, model = _load(args.model, args.dtype, args.adapter)
+    tokenizer, model = load_for_inference(args.model, adapter=args.adapter, dtype=args.dtype)
     responses = generate_responses(
         model,
         tokenizer,
@@ -125,7 +121,7 @@ def cmd_generate(args) -> int:
 def cmd_eval(args) -> int:
     from .inference.evaluation import evaluate_alpaca, perplexity
 
-    tokenizer, model = _load(args.model, args.dtype, args.adapter)
+    tokenizer, model = load_for_inference(args.model, adapter=args.adapter, dtype=args.dtype)
     if args.format == "text":
         metrics = perplexity(
             model, tokenizer, args.data, text_column=args.text_column, max_seq_len=args.max_seq_len,

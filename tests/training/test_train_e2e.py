@@ -153,3 +153,13 @@ def test_resume_true_without_checkpoint_is_an_error(tmp_path, capsys):
     config = write_config(tmp_path, **base_settings(tmp_path, resume_from_checkpoint=True))
     assert main(["train", str(config)]) == 2
     assert "has no checkpoint-N folder" in capsys.readouterr().err
+
+
+def test_model_folder_without_weights_exits_2_with_the_fix(tmp_path, capsys):
+    model_dir = tmp_path / "half-copied"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text((OFFICIAL_TINY / "config.json").read_text())
+    assert main(["train", str(write_config(tmp_path, **base_settings(tmp_path, model=str(model_dir))))]) == 2
+    err = capsys.readouterr().err
+    assert "has a config.json but no weights" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()

@@ -8,11 +8,11 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, TaskType, get_peft_model
 
+from ..inference.loading import DTYPES
 from .config import ConfigError, TrainConfig
 
 logger = logging.getLogger("thuglm.train")
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def resolve_precision(precision: str) -> str:

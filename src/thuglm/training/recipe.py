@@ -25,6 +25,7 @@ from ..data import (
     load_raw_dataset,
 )
 from ..data.collator import GlmCollator
+from ..inference.loading import ModelLoadError, check_model_folder
 from .config import ConfigError, TrainConfig, load_config
 from .methods import (
     count_parameters,
@@ -48,7 +49,7 @@ def train_from_cli(config_path: str, overrides: list[str]) -> int:
     try:
         config = load_config(config_path, overrides)
         train(config)
-    except (ConfigError, DataError) as error:
+    except (ConfigError, DataError, ModelLoadError) as error:
         print(f"thuglm: {error}", file=sys.stderr)
         return 2
     return 0
@@ -63,8 +64,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     set_seed(config.seed)
     precision = resolve_precision(config.precision)
     model_dir = resolve_model_dir(config.model)
-    if not (model_dir / "config.json").is_file():
-        raise ConfigError(f"config key `model`: {model_dir} is not a model folder (no config.json)")
+    check_model_folder(model_dir)  # config, weights and tokenizer, as `thuglm chat` checks them
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
 
     train_dataset, eval_dataset = build_datasets(config, tokenizer)
