@@ -10,8 +10,11 @@ from __future__ import annotations
 import codecs
 import difflib
 import glob
+import json
 import logging
 import os
+import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,6 +22,8 @@ import datasets
 from datasets import Value
 from datasets.exceptions import DatasetGenerationError
 from datasets.features.features import _visit
+
+from ..errors import ThuglmError
 
 logger = logging.getLogger("thuglm.data")
 
@@ -33,10 +38,12 @@ FORMATS: dict[str, tuple[str, dict]] = {
     ".txt": ("text", {}),
 }
 SUPPORTED_EXTENSIONS = tuple(FORMATS)
+BAD_ROW_POLICIES = ("skip", "error")
+"""What to do with a malformed CSV row or a cell that is not text: skip it (counted, with a warning) or stop."""
 _GLOB_CHARACTERS = frozenset("*?[")
 
 
-class DataError(ValueError):
+class DataError(ThuglmError, ValueError):
     """Bad user data. The message names the file (and row / column where it applies) and says how to fix it."""
 
 
@@ -122,6 +129,7 @@ def load_raw_dataset(
     cache_dir: str | None = None,
     columns: Sequence[str] | None = None,
     encoding: str | None = None,
+    bad_rows: str = "skip",
 ) -> datasets.Dataset | datasets.IterableDataset:
     """All rows of the files that `patterns` name, as one `datasets.Dataset` (or `IterableDataset` when streaming).
 
@@ -130,7 +138,11 @@ def load_raw_dataset(
     file lacking one of them is an error. `.txt` files give one row per line in a column "text".
     CSV / TSV / TXT files are read in `encoding`, or in the one `detect_encoding` finds for each (UTF-8 or
     GBK/GB18030); JSON must be UTF-8, as its standard says.
+    A CSV row with more cells than the header is skipped with a warning naming its line (`bad_rows="skip"`) or
+    stops the load (`bad_rows="error"`); an empty or header-only file always stops it.
     """
+    if bad_rows not in BAD_ROW_POLICIES:
+        raise ValueError(f"bad_rows must be one of {', '.join(BAD_ROW_POLICIES)}, not {bad_rows!r}")
     files = resolve_data_files(patterns)
     groups: dict[tuple[str, tuple], list[Path]] = {}
     for file in files:
@@ -139,6 +151,9 @@ def load_raw_dataset(
             kwargs = {**kwargs, "encoding": encoding or _detected(file)}
         elif builder == "json":
             _require_utf8_json(file)
+        if builder == "csv":
+            kwargs["on_bad_lines"] = "warn" if bad_rows == "skip" else "error"
+        _require_rows(file, builder, kwargs.get("encoding", "utf-8"))
         groups.setdefault((builder, tuple(sorted(kwargs.items()))), []).append(file)
     parts = []
     for (builder, kwargs), group in groups.items():
@@ -161,6 +176,29 @@ def _require_utf8_json(file: Path) -> None:
             f"{file}: JSON must be UTF-8 (RFC 8259) and this file is GBK. Convert it, e.g. "
             f"`iconv -f gbk -t utf-8 {file.name} > utf8-{file.name}`, or save it as CSV."
         )
+
+
+def _require_rows(file: Path, builder: str, encoding: str, sample_bytes: int = 1 << 16) -> None:
+    """An empty or header-only file is a mistake (an export that failed, the wrong file): stop and name it.
+
+    Only the first `sample_bytes` are read: a file with at least one row beyond the header passes at once.
+    """
+    if file.stat().st_size == 0:
+        raise DataError(f"{file}: the file is empty (0 bytes). Remove it from data.files, or export the data again.")
+    if builder == "parquet":
+        return
+    with open(file, "rb") as handle:
+        sample = handle.read(sample_bytes).decode(encoding, errors="replace")
+    lines = [line for line in sample.splitlines() if line.strip()]
+    if not lines:
+        raise DataError(f"{file}: the file holds only blank lines. Remove it from data.files, or export the data again.")
+    if builder == "csv" and len(lines) == 1:
+        raise DataError(
+            f"{file}: the file has a header ({lines[0].strip()[:80]}) but no rows. Remove it from data.files, or "
+            "export the data again."
+        )
+    if builder == "json" and sample.strip() == "[]":
+        raise DataError(f"{file}: the JSON array is empty (no records). Remove it from data.files.")
 
 
 def _detected(file: Path) -> str:
@@ -205,10 +243,18 @@ def _load_file(builder, kwargs, file, streaming, cache_dir):
 
 
 def _load(builder, kwargs, files, *, streaming, cache_dir):
-    dataset = datasets.load_dataset(
-        builder, data_files=[str(file) for file in files], split="train", streaming=streaming, cache_dir=cache_dir,
-        **kwargs,
-    )
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # a failing file is reported once, by DataError
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            dataset = datasets.load_dataset(
+                builder, data_files=[str(file) for file in files], split="train", streaming=streaming,
+                cache_dir=cache_dir, **kwargs,
+            )
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+    _report_skipped_lines(files, caught)
     if streaming and dataset.features is None:
         # Builders such as csv know their columns only once they read a row. Resolve them now, so that
         # `column_names` works (for choosing columns and the text column) as it does without streaming.
@@ -216,12 +262,73 @@ def _load(builder, kwargs, files, *, streaming, cache_dir):
     return dataset
 
 
+_SKIPPED_LINE = re.compile(r"Skipping line (\d+): (.*)")
+_BAD_FIELDS = re.compile(r"Expected (\d+) fields in line (\d+), saw (\d+)")
+_OPEN_QUOTE = re.compile(r"EOF inside string starting at row (\d+)")
+
+
+def _report_skipped_lines(files: Sequence[Path], caught) -> None:
+    """pandas reports each CSV row it skipped (`on_bad_lines="warn"`) as a warning: name them in the log.
+
+    A load from the datasets cache reads no CSV, so only the first load of a file reports its skipped rows.
+    """
+    skipped = [match for warning in caught for line in str(warning.message).splitlines()
+               if (match := _SKIPPED_LINE.search(line))]
+    for match in skipped[:20]:
+        logger.warning("%s: skipped line %s (%s): quote cells that contain the separator", _describe(files),
+                       match.group(1), match.group(2).strip())
+    if skipped:
+        logger.warning(
+            "%s: skipped %d malformed CSV row(s) in all; set data.on_bad_row=error to stop at the first instead",
+            _describe(files), len(skipped),
+        )
+    for warning in caught:  # anything else keeps its usual route
+        if not _SKIPPED_LINE.search(str(warning.message)):
+            warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
+
+
 def _generation_error(files: Sequence[Path], error: Exception) -> DataError:
     cause = error.__cause__ or error
+    where = _describe(files)
+    if (fields := _BAD_FIELDS.search(str(cause))) is not None:
+        expected, line, saw = fields.groups()
+        return DataError(
+            f"{where}: line {line} has {saw} cells where the header has {expected}. Quote cells that contain the "
+            "separator (\"a, b\"), or set data.on_bad_row=skip to skip such rows (they are counted in the log)."
+        )
+    if (quote := _OPEN_QUOTE.search(str(cause))) is not None:
+        return DataError(
+            f"{where}: the quoted cell that starts in row {quote.group(1)} is never closed, so the rest of the file "
+            "would be one cell. Close the quote (a quote inside a quoted cell is written twice: \"\")."
+        )
+    if len(files) == 1 and files[0].suffix.lower() in (".json", ".jsonl"):
+        location = _json_syntax_error(files[0])
+        if location is not None:
+            return DataError(f"{where}: invalid JSON at {location}. Fix that line (a validator such as "
+                             "`python -m json.tool FILE` shows the context).")
     return DataError(
-        f"{_describe(files)}: could not be read ({type(cause).__name__}: {cause}). Check that the file is valid, "
+        f"{where}: could not be read ({type(cause).__name__}: {cause}). Check that the file is valid, "
         "in UTF-8 or GBK (else set `data.encoding`), and that its extension matches its format."
     )
+
+
+def _json_syntax_error(file: Path) -> str | None:
+    """`line L, column C: what` for the first syntax error in a JSON or JSON-lines file, or None if it parses."""
+    text = file.read_text(encoding="utf-8-sig", errors="replace")
+    if file.suffix.lower() == ".jsonl" or not text.lstrip().startswith("["):
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as error:
+                return f"line {number}, column {error.colno}: {error.msg}"
+        return None
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as error:
+        return f"line {error.lineno}, column {error.colno}: {error.msg}"
+    return None
 
 
 def _select(dataset, files: Sequence[Path], columns: Sequence[str] | None):

@@ -97,8 +97,8 @@ def _alpaca_samples(examples: list[dict], tokenizer, max_seq_len: int, num_threa
 
 def _alpaca_parts(example: dict) -> tuple[str, list[tuple[str, str]], str] | None:
     output = _cell(example.get("output"))
-    if not output.strip():
-        return None
+    if not output.strip() or any(_is_structure(example.get(name)) for name in ("instruction", "input")):
+        return None  # no answer to learn, or a question that is not text (skipped and counted)
     return alpaca_query(example), _history(example), output
 
 
@@ -139,8 +139,47 @@ def _layout_ids(tokenizer) -> tuple[int, int, int]:
 
 
 def _cell(value) -> str:
-    """A table cell as text: CSV and parquet give numbers for numeric columns and None for empty cells."""
-    return "" if value is None else str(value)
+    """A table cell as text: CSV and parquet give numbers for numeric columns and None for empty cells.
+
+    A list or an object (JSON) is not text: it counts as no text here, and `check_text_cells` has already skipped
+    (and counted) or refused it.
+    """
+    if value is None or _is_structure(value):
+        return ""
+    return str(value)
+
+
+def _is_structure(value) -> bool:
+    return isinstance(value, (list, tuple, dict))
+
+
+def check_text_cells(dataset, columns: Sequence[str], *, bad_rows: str, source: str) -> None:
+    """Cells of `columns` that hold a list or an object instead of text: refuse them, or count the skipped ones.
+
+    Arrow gives each column one type, so only a JSON column whose type varies from row to row (`Json` in datasets)
+    or one of lists / objects can hold such cells; string and number columns are checked without reading them.
+    """
+    if isinstance(dataset, datasets.IterableDataset):
+        return  # a stream is checked as it is read: such cells count as empty rows there
+    for column in columns:
+        if column not in dataset.column_names or _holds_only_scalars(dataset.features[column]):
+            continue
+        bad = [index for index, value in enumerate(dataset[column]) if _is_structure(value)]
+        if not bad:
+            continue
+        example = str(dataset[bad[0]][column])[:60]
+        if bad_rows == "error":
+            raise DataError(
+                f"{source}: row {bad[0] + 1}: `{column}` holds {example!r}, not text ({len(bad)} such row(s)). Make "
+                "it a string, or set data.on_bad_row=skip to skip such rows (they are counted in the log)."
+            )
+        rows = ", ".join(str(index + 1) for index in bad[:10]) + (", ..." if len(bad) > 10 else "")
+        logger.warning("%s: skipped %d row(s) whose `%s` is a list or an object, not text (rows %s)",
+                       source, len(bad), column, rows)
+
+
+def _holds_only_scalars(feature) -> bool:
+    return isinstance(feature, datasets.Value)
 
 
 # ---- rows ------------------------------------------------------------------------------------------------------------
@@ -227,11 +266,17 @@ def _warn_alpaca(skipped: int, truncated: int, total: int, max_seq_len: int, whe
 
 # ---- the two dataset-level entry points ------------------------------------------------------------------------------
 def encode_text_dataset(
-    dataset, tokenizer, *, text_column: str, max_seq_len: int, packing: bool, num_proc: int | None = None
+    dataset, tokenizer, *, text_column: str, max_seq_len: int, packing: bool, num_proc: int | None = None,
+    bad_rows: str = "skip", source: str = "the data",
 ):
-    """Causal-LM rows from the `text_column` of every row; empty texts are skipped (and counted in a warning)."""
+    """Causal-LM rows from the `text_column` of every row; empty texts are skipped (and counted in a warning).
+
+    A cell that holds a list or an object is skipped and counted, or refused with `bad_rows="error"`; `source`
+    names the data (its files) in those messages.
+    """
     _check_max_seq_len(max_seq_len)
-    guess_text_column(_column_names(dataset), text_column, source="the data")
+    guess_text_column(_column_names(dataset), text_column, source=source)
+    check_text_cells(dataset, [text_column], bad_rows=bad_rows, source=source)
     streaming = isinstance(dataset, datasets.IterableDataset)
     tokens = _map(
         dataset, _tokenize_texts, TOKEN_FEATURES, tokenizer, num_proc, desc=f"Tokenizing `{text_column}`",
@@ -240,7 +285,7 @@ def encode_text_dataset(
         key={"step": "tokenize text", "text_column": text_column},
     )
     if not streaming:
-        _warn_empty(_count_empty(tokens, "text_ids"), len(tokens), f"`{text_column}` is empty")
+        _warn_empty(_count_empty(tokens, "text_ids"), len(tokens), f"`{text_column}` is empty or not text")
     return _map(
         tokens, _text_rows, ROW_FEATURES, tokenizer, num_proc,
         desc=f"{'Packing' if packing else 'Laying out'} texts in rows of {max_seq_len} tokens",
@@ -249,17 +294,21 @@ def encode_text_dataset(
     )
 
 
-def encode_alpaca_dataset(dataset, tokenizer, *, max_seq_len: int, packing: bool, num_proc: int | None = None):
+def encode_alpaca_dataset(
+    dataset, tokenizer, *, max_seq_len: int, packing: bool, num_proc: int | None = None, bad_rows: str = "skip",
+    source: str = "the data",
+):
     """Instruction-tuning rows from alpaca records (`instruction`, optional `input`, `output`, optional `history`)."""
     _check_max_seq_len(max_seq_len)
     columns = _column_names(dataset)
     missing = [name for name in ("instruction", "output") if name not in columns]
     if missing:
         raise DataError(
-            f"alpaca data needs the columns instruction and output (input and history are optional); missing "
-            f"{', '.join(missing)}, found {', '.join(columns) or 'none'}. "
+            f"{source}: alpaca data needs the columns instruction and output (input and history are optional); "
+            f"missing {', '.join(missing)}, found {', '.join(columns) or 'none'}. "
             "For one column of text use `data.format=text`."
         )
+    check_text_cells(dataset, ["instruction", "input", "output"], bad_rows=bad_rows, source=source)
     streaming = isinstance(dataset, datasets.IterableDataset)
     samples = _map(
         dataset, _tokenize_alpaca, ALPACA_FEATURES, tokenizer, num_proc, desc="Tokenizing alpaca records",

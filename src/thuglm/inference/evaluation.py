@@ -24,6 +24,7 @@ from ..data import (
     guess_text_column,
     load_raw_dataset,
 )
+from ..errors import ThuglmError
 from .generate import generate_responses, prompt_row
 
 IGNORE_INDEX = -100
@@ -64,7 +65,7 @@ def perplexity(
     return {"eval_loss": eval_loss, "perplexity": math.exp(eval_loss), "tokens": total_tokens}
 
 
-class MissingScoringPackagesError(ImportError):
+class MissingScoringPackagesError(ThuglmError, ImportError):
     """BLEU / ROUGE need the `eval` extra (jieba, nltk, rouge-chinese), which the base install leaves out."""
 
 

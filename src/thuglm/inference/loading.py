@@ -24,6 +24,8 @@ from transformers.utils import (
     WEIGHTS_NAME,
 )
 
+from ..errors import ThuglmError
+
 # Importing anything under thuglm runs thuglm/__init__.py first, which registers ChatGLM with the Auto classes.
 from ..models.tokenization_chatglm import ChatGLMTokenizer
 
@@ -33,7 +35,7 @@ WEIGHT_FILES = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHT
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(ThuglmError, ValueError):
     """A model, adapter or tokenizer folder that cannot be loaded; the message says why and how to fix it."""
 
 
@@ -66,6 +68,32 @@ def check_model_folder(path: Path) -> None:
             f"{path} has a config.json but no weights (none of {', '.join(WEIGHT_FILES)}); the download or copy is "
             "incomplete: fetch the checkpoint's weight files into it."
         )
+
+
+def check_tokenizer_fits(tokenizer: PreTrainedTokenizerBase, model_dir: Path) -> None:
+    """The tokenizer must give ids the model has, and the special tokens GLM's positions and masks are built from.
+
+    A tokenizer from another model (ChatGLM2's, or a vocabulary trained for another checkpoint) otherwise fails deep
+    inside training, as `130004 is not in list` or an index error on the GPU.
+    """
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir)
+    where = f"the tokenizer ({tokenizer.name_or_path}) and the model ({model_dir})"
+    if len(tokenizer) > config.vocab_size:
+        raise ModelLoadError(
+            f"{where} do not fit: the tokenizer has {len(tokenizer):,} tokens, the model's embedding only "
+            f"{config.vocab_size:,}. Use the ice_text.model that came with this checkpoint."
+        )
+    special = {"[gMASK]": ("gmask_token_id", tokenizer.gmask_token_id), "<sop>": ("bos_token_id", tokenizer.bos_token_id),
+               "<eop>": ("eos_token_id", tokenizer.eos_token_id)}
+    for token, (key, token_id) in special.items():
+        expected = getattr(config, key, None)
+        if expected is not None and token_id != expected:
+            raise ModelLoadError(
+                f"{where} do not fit: the tokenizer gives {token} id {token_id}, the model's config.json says "
+                f"{key}={expected}. Use the ice_text.model and tokenizer_config.json that came with this checkpoint."
+            )
 
 
 def check_adapter_folder(path: Path) -> None:
@@ -139,6 +167,7 @@ def load_for_inference(
         check_adapter_folder(adapter)
     check_model_folder(model_path)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder(adapter, model_path))
+    check_tokenizer_fits(tokenizer, model_path)
     device = device or default_device()
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=resolve_dtype(dtype), device_map=str(device))
     if adapter is not None:

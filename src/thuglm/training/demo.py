@@ -14,6 +14,7 @@ from .config import load_config
 from .recipe import train
 
 DEMO_QUESTIONS = ["春天适合做什么？", "请用一句话介绍长城。"]
+AGAIN = ["overwrite_output_dir=true"]  # the demo's outputs are scratch: running it again replaces them
 
 
 def resource_path(*parts: str) -> Path:
@@ -37,11 +38,12 @@ def run_demo(out_dir: str | Path, max_new_tokens: int = 48, print_fn=print, **ge
     stages = {
         "pretrain": load_config(
             resource_path("configs", "demo_pretrain.yaml"),
-            [f"data.files={resource_path('corpus')}", f"output_dir={out_dir / 'pretrain'}"],
+            [f"data.files={resource_path('corpus')}", f"output_dir={out_dir / 'pretrain'}", *AGAIN],
         ),
         "lora": load_config(
             resource_path("configs", "demo_lora.yaml"),
-            [f"model={out_dir / 'pretrain'}", f"data.files={resource_path('alpaca')}", f"output_dir={out_dir / 'lora'}"],
+            [f"model={out_dir / 'pretrain'}", f"data.files={resource_path('alpaca')}", f"output_dir={out_dir / 'lora'}",
+             *AGAIN],
         ),
     }
     results = {}

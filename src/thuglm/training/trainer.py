@@ -2,11 +2,32 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import shutil
 import time
+from pathlib import Path
 
 import torch
 from transformers import Trainer
+from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+from ..errors import ThuglmError
+from .checkpoints import (
+    latest_complete_checkpoint,
+    publish,
+    publish_files,
+    staging_root,
+    write_error,
+    write_failure,
+)
+
+logger = logging.getLogger("thuglm.train")
+
+
+class NonFiniteLossError(ThuglmError):
+    """The loss or the gradients became NaN / infinite and `on_nan` is `stop`."""
 
 
 class GlmTrainer(Trainer):
@@ -17,19 +38,122 @@ class GlmTrainer(Trainer):
       lives in `state.num_input_tokens_seen`, so it is saved in checkpoints and survives a resume.
     * Every evaluation also logs `eval_perplexity` = exp(eval_loss); every training log the tokens/s since the
       previous one.
+
+    And two things about keeping a run safe:
+
+    * checkpoints are written to a staging folder and renamed into place when complete (see `checkpoints.py`);
+    * a NaN / infinite loss or gradient norm stops the run before the optimizer applies it (`on_nan="stop"`), so
+      the newest checkpoint stays a good one, or that optimizer step is skipped and counted (`on_nan="skip"`).
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, on_nan: str = "stop", **kwargs):
         super().__init__(*args, **kwargs)
         self.session_tokens = 0
         self._last_log = (time.perf_counter(), 0)  # (time, session tokens) at the previous training log
+        self.on_nan = on_nan
+        self.skipped_nonfinite_steps = 0
+        self._nonfinite_loss: float | None = None  # a non-finite micro-batch loss since the last optimizer step
+        self._staging: Path | None = None
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         mask = inputs.get("attention_mask")
-        tokens = int((mask != 0).sum()) if mask is not None else inputs["input_ids"].numel()
+        tokens = (mask != 0).sum() if mask is not None else inputs["input_ids"].numel()
+        # Each process sees its own share of the batch; the run's count (and tokens/s) is the sum over processes.
+        tokens = int(self.accelerator.gather(torch.as_tensor(tokens, device=self.args.device)).sum())
         self.session_tokens += tokens
         self.state.num_input_tokens_seen = int(self.state.num_input_tokens_seen or 0) + tokens
-        return super().training_step(model, inputs, num_items_in_batch)
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not torch.isfinite(loss):  # the Trainer's own NaN filter reads the loss at this point anyway
+            self._nonfinite_loss = float(loss)
+        return loss
+
+    # ---- NaN / inf: checked after the backward and the clipping, before the optimizer step ----------------------
+    def _get_grad_norm(self, model, grad_norm=None):
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        # With fp16 an infinite gradient norm is the loss scaler's business (it skips the step and lowers the scale).
+        bad_norm = not self.args.fp16 and grad_norm is not None and not math.isfinite(float(grad_norm))
+        local = 1.0 if bad_norm or self._nonfinite_loss is not None else 0.0
+        anywhere = float(self.accelerator.reduce(torch.tensor(local, device=self.args.device), reduction="sum"))
+        if anywhere:  # every process decides the same, so none is left waiting in a collective
+            self._on_nonfinite(model, grad_norm)
+        self._nonfinite_loss = None
+        return grad_norm
+
+    def _on_nonfinite(self, model, grad_norm) -> None:
+        step = self.state.global_step + 1
+        what = (f"the loss became {self._nonfinite_loss}" if self._nonfinite_loss is not None
+                else f"the gradient norm became {float(grad_norm)}")
+        if self.on_nan == "skip":
+            model.zero_grad(set_to_none=True)  # the optimizer skips parameters without a gradient
+            self.skipped_nonfinite_steps += 1
+            logger.warning("step %d: %s; skipped this optimizer step (%d skipped so far)", step, what,
+                           self.skipped_nonfinite_steps)
+            return
+        self._close_progress_bar()
+        last = latest_complete_checkpoint(Path(self.args.output_dir))
+        kept = (f"{last} is the last good checkpoint: resume from it with resume_from_checkpoint=true after the fix"
+                if last else "no checkpoint had been written yet")
+        raise NonFiniteLossError(
+            f"step {step}: {what}, so the run stopped before the optimizer applied it; {kept}. Lower learning_rate, "
+            "use bf16 instead of fp16, or look for broken rows in the data; or set on_nan=skip to skip such steps."
+        )
+
+    def _close_progress_bar(self) -> None:
+        """End the progress bar's line, so that the error message that follows starts on a line of its own."""
+        for callback in self.callback_handler.callbacks:
+            bar = getattr(callback, "training_bar", None)
+            if isinstance(callback, ProgressCallback) and bar is not None:
+                bar.close()
+                callback.training_bar = None
+
+    # ---- atomic checkpoints ---------------------------------------------------------------------------------------
+    def _get_output_dir(self, trial) -> str:
+        # While a checkpoint is saved, the Trainer writes it under the staging folder (see _save_checkpoint).
+        return str(self._staging) if self._staging is not None else super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        run_dir = Path(self._get_output_dir(trial))
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        self._staging = staging_root(run_dir)
+        try:
+            super()._save_checkpoint(model, trial)
+        except Exception as error:
+            if (failure := write_failure(error)) is None:
+                raise
+            if self.args.should_save:
+                shutil.rmtree(self._staging, ignore_errors=True)
+            self._close_progress_bar()
+            raise write_error(name, failure, run_dir, latest_complete_checkpoint(run_dir)) from error
+        finally:
+            self._staging = None
+        self.accelerator.wait_for_everyone()  # every process has written its part (sharded FSDP states)
+        if self.args.should_save:
+            publish(staging_root(run_dir) / name, run_dir / name)
+            shutil.rmtree(staging_root(run_dir), ignore_errors=True)
+            # Only complete checkpoints carry the name, so the limit counts and keeps complete ones.
+            rotate_checkpoints(
+                output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+            )
+        self.accelerator.wait_for_everyone()
+
+    def save_final_model(self, output_dir: Path) -> None:
+        """`save_model(output_dir)`, staged like a checkpoint: each file appears whole or not at all."""
+        staged = staging_root(output_dir) / "final"
+        try:
+            self.save_model(str(staged))
+        except Exception as error:
+            if (failure := write_failure(error)) is None:
+                raise
+            if self.args.should_save:
+                shutil.rmtree(staged, ignore_errors=True)
+            last = latest_complete_checkpoint(output_dir)
+            raise write_error("the trained model", failure, output_dir, last) from error
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            publish_files(staged, output_dir)
+            shutil.rmtree(staging_root(output_dir), ignore_errors=True)
+        self.accelerator.wait_for_everyone()
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "eval_loss" in logs:
