@@ -149,6 +149,41 @@ def glm_attention_mask(
     return mask.masked_fill_(~allowed, torch.finfo(dtype).min)
 
 
+def glm_decode_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`glm_attention_mask` for one new token (the last of the 2D `attention_mask`), in a handful of kernels.
+
+    A decoded token comes after its sample's context, so it sees every earlier token of its sample: the rule
+    reduces to "same sample" (a padding query sees only itself), and no position ids are needed.
+    """
+    segments = attention_mask.long()
+    query = segments[:, -1:]
+    allowed = (segments == query) & (segments != 0)
+    allowed[:, -1] = True  # the token itself, also when it is padding
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=attention_mask.device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None, None, :]
+
+
+def glm_static_cache_mask(
+    position_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache_length: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """GLM's additive mask [batch, 1, q_len, cache_length] for a preallocated (static) KV cache.
+
+    `attention_mask` is the 2D mask over the past and current tokens (its length tells the past length without
+    reading the cache, so no device sync); cache slots after them are not written yet and are masked out.
+    """
+    batch, _, q_len = position_ids.shape
+    if attention_mask is None:
+        attention_mask = torch.ones(batch, q_len, dtype=torch.long, device=position_ids.device)
+    past_length = attention_mask.shape[-1] - q_len
+    if q_len == 1:
+        mask = glm_decode_mask(attention_mask, dtype)
+    else:
+        mask = glm_attention_mask(position_ids, attention_mask, past_length, dtype)
+    if mask.shape[-1] > cache_length:
+        raise ValueError(f"{mask.shape[-1]} tokens do not fit a static cache of {cache_length}")
+    return torch.nn.functional.pad(mask, (0, cache_length - mask.shape[-1]), value=torch.finfo(dtype).min)
+
+
 def glm_block_mask(position_ids: torch.Tensor, attention_mask: torch.Tensor | None, past_length: int):
     """`glm_mask_rule` as a FlexAttention BlockMask: blocks that no query sees are skipped, not computed."""
     from torch.nn.attention.flex_attention import create_block_mask

@@ -1,0 +1,217 @@
+"""Tokens/s and memory of `thuglm train` on 1 and 2 GPUs: DDP LoRA and FSDP full fine-tuning of the 6B shape.
+
+    PYTHONPATH=src python benchmarks/bench_multi_gpu.py --record benchmarks/results.jsonl     # a machine with >= 2 GPUs
+    PYTHONPATH=src python benchmarks/bench_multi_gpu.py --smoke                               # tiny model, CPU, gloo
+
+Every run is the recipe users run, started as users start it: `thuglm train CONFIG` on one GPU, `thuglm train
+--nproc 2` (torchrun, DDP) or `accelerate launch --config_file configs/accelerate/fsdp_*.yaml -m thuglm train` on
+two. The model is ChatGLM-6B's shape (28 layers, hidden 4096, vocabulary 130,528) with random bf16 weights, saved
+once as a model folder with the tiny tokenizer beside it; the data are the bundled corpus packed in rows of `seq`.
+
+Scaling is weak: `batch` rows per GPU, so two GPUs take twice the rows a step. tokens_per_s is the median of the
+per-step rates the Trainer logs (summed over the processes) after the first WARMUP_STEPS steps; run_tokens_per_s is
+the whole training loop's average. peak_gib is `torch.cuda.max_memory_allocated` on the first GPU (the others hold
+the same share). scaling_efficiency (2-GPU rows) = tokens/s on 2 GPUs / (2 x tokens/s on 1 GPU).
+
+On one GPU both modes run as a single process (FSDP over one GPU would shard nothing); full fine-tuning of the 6B
+shape with AdamW in bf16 needs about 50 GB there, so the 1-GPU baseline fits an 80 GB card.
+`--smoke` runs the same launches on the CPU with gloo and the tiny model (FSDP, which accelerate runs only on GPUs,
+becomes DDP there) to check the script, not the speed; its rows go to --record only if asked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs" / "accelerate"
+SIX_B = {"hidden_size": 4096, "num_layers": 28, "num_attention_heads": 32, "inner_hidden_size": 16384,
+         "max_sequence_length": 2048, "vocab_size": 130528}
+WARMUP_STEPS = 3
+CARD_GIB = 79.6  # an 80 GB card as torch counts it
+
+# mode -> how each number of GPUs runs it. batch is per GPU.
+PLANS = {
+    "train-lora-ddp": {"method": "lora", "seq": 512, "batch": 4, "grad_ckpt": False, "steps": 30,
+                       "launch": {1: "single", 2: "torchrun"}},
+    "train-lora-fsdp": {"method": "lora", "seq": 512, "batch": 4, "grad_ckpt": True, "steps": 30,
+                        "launch": {2: "fsdp_lora"}},
+    "train-full-fsdp": {"method": "full", "seq": 512, "batch": 1, "grad_ckpt": True, "steps": 12,
+                        "launch": {1: "single", 2: "fsdp_full"}},
+    "train-full-zero3-offload": {"method": "full", "seq": 512, "batch": 1, "grad_ckpt": True, "steps": 8,
+                                 "launch": {2: "deepspeed_zero3_offload"}, "needs": "deepspeed"},
+}
+
+
+def build_6b_folder(folder: Path) -> Path:
+    """Random weights of the real shape (bf16, made on the GPU), the tiny tokenizer beside them."""
+    import thuglm  # noqa: F401
+    from thuglm.models import ChatGLMForConditionalGeneration, ChatGLMTokenizer
+    from thuglm.models.tiny import cached_tiny_chatglm, tiny_config
+
+    if (folder / "config.json").is_file():
+        return folder
+    tokenizer = ChatGLMTokenizer.from_pretrained(cached_tiny_chatglm())
+    config = tiny_config(tokenizer.vocab_size, tokenizer, **SIX_B)
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        model = ChatGLMForConditionalGeneration(config)
+    torch.set_default_dtype(previous)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return folder
+
+
+def command(launch: str, gpus: int, config: Path, overrides: list[str]) -> list[str]:
+    train = ["-m", "thuglm", "train", str(config), *overrides]
+    if launch == "single":
+        return [sys.executable, *train]
+    if launch == "torchrun":
+        return [sys.executable, "-m", "thuglm", "train", "--nproc", str(gpus), str(config), *overrides]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / f"{launch}.yaml"),
+            "--num_processes", str(gpus), *train]
+
+
+def run_one(mode: str, plan: dict, gpus: int, model: str, root: Path, smoke: bool) -> dict:
+    launch = plan["launch"][gpus]
+    if smoke and launch.startswith("fsdp"):
+        launch = "torchrun"  # accelerate runs FSDP only on GPUs; on the CPU the same launch would be DDP anyway
+    out = root / f"{mode}-{gpus}"
+    config = root / "base.yaml"
+    overrides = [f"model={model}", f"method={plan['method']}", f"output_dir={out}", f"max_seq_len={plan['seq']}",
+                 f"batch_size={plan['batch']}", f"gradient_checkpointing={str(plan['grad_ckpt']).lower()}",
+                 f"max_steps={plan['steps']}"]
+    argv = command(launch, gpus, config, overrides)
+    start = time.perf_counter()
+    env = dict(os.environ)
+    if not smoke:
+        # Exactly `gpus` cards: a single process that saw two would have the Trainer split each batch by DataParallel.
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(index) for index in range(gpus))
+    done = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, check=False)
+    row = {"mode": mode, "gpus": gpus, "launcher": launch, "method": plan["method"], "seq": plan["seq"],
+           "batch": plan["batch"], "global_batch": plan["batch"] * gpus, "grad_ckpt": plan["grad_ckpt"],
+           "steps": plan["steps"], "wall_s": round(time.perf_counter() - start, 1),
+           "command": " ".join(argv[1:]).replace(str(root), "$ROOT")}
+    metrics_file = out / "metrics.json"
+    if done.returncode != 0 or not metrics_file.is_file():
+        tail = (done.stderr or done.stdout)[-2000:]
+        row.update(status="oom" if "OutOfMemoryError" in tail else "error", error=tail[-400:])
+        print(tail, file=sys.stderr)
+        return row
+    metrics = json.loads(metrics_file.read_text())
+    row.update(
+        status="ok", tokens_per_s=steady_throughput(out), run_tokens_per_s=metrics["tokens_per_s"],
+        peak_gib=metrics["peak_memory_gib"], peak_kind=metrics["peak_memory_kind"],
+        final_train_loss=metrics["final_train_loss"], processes=metrics.get("processes"),
+    )
+    if metrics["peak_memory_kind"].startswith("cuda"):
+        row["fits_80gb"] = metrics["peak_memory_gib"] < CARD_GIB
+    return row
+
+
+def steady_throughput(out: Path) -> float | None:
+    """Median of the per-step tokens/s the Trainer logged, after the warm-up steps."""
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    speeds = [entry["tokens_per_s"] for entry in history if "tokens_per_s" in entry][WARMUP_STEPS:]
+    return round(statistics.median(speeds), 1) if speeds else None
+
+
+def add_scaling(rows: list[dict]) -> None:
+    one_gpu = {row["method"]: row for row in rows if row["gpus"] == 1 and row["status"] == "ok"}
+    for row in rows:
+        base = one_gpu.get(row["method"])
+        if row["gpus"] > 1 and row["status"] == "ok" and base and base.get("tokens_per_s") and row.get("tokens_per_s"):
+            row["scaling_efficiency"] = round(row["tokens_per_s"] / (row["gpus"] * base["tokens_per_s"]), 3)
+            row["baseline_mode"] = base["mode"]
+
+
+def summary(row: dict) -> str:
+    def number(key, width, digits=0):
+        value = row.get(key)
+        return f"{value:{width}.{digits}f}" if isinstance(value, (int, float)) else f"{'-':>{width}}"
+
+    return (f"{row['mode']:26s} {row['gpus']:>4} {row['launcher']:24s} {row['seq']:>5} {row['batch']:>3} "
+            f"{row['grad_ckpt']!s:5s} {row['status']:6s} {number('tokens_per_s', 10)} "
+            f"{number('run_tokens_per_s', 10)} {number('peak_gib', 8, 2)} {number('scaling_efficiency', 7, 3)}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU with gloo: checks the script")
+    parser.add_argument("--root", default="/tmp/thuglm-multi-gpu")
+    parser.add_argument("--record", help="append result rows (JSON lines) to this file")
+    parser.add_argument("--commit", help="the commit measured (a copy without .git cannot tell)")
+    parser.add_argument("--modes", nargs="*", default=list(PLANS), choices=list(PLANS))
+    args = parser.parse_args()
+
+    root = Path(args.root)
+    root.mkdir(parents=True, exist_ok=True)
+    if args.smoke:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the children too: CPU processes with gloo
+        device, model, gpu_counts = "cpu (smoke)", "tiny", (1, 2)
+        plans = {mode: {**plan, "seq": 64, "batch": 2, "steps": 4} for mode, plan in PLANS.items()
+                 if "needs" not in plan and mode != "train-lora-fsdp"}
+    else:
+        if torch.cuda.device_count() < 2:
+            sys.exit(f"this benchmark needs 2 GPUs, found {torch.cuda.device_count()}; --smoke checks it on the CPU")
+        device, gpu_counts = torch.cuda.get_device_name(), (1, 2)
+        start = time.perf_counter()
+        model = str(build_6b_folder(root / "glm6b"))
+        print(f"6B-shape folder ready in {time.perf_counter() - start:.0f} s")
+        plans = {mode: plan for mode, plan in PLANS.items()
+                 if "needs" not in plan or importlib.util.find_spec(plan["needs"]) is not None}
+    # The rest of the config, common to every run: the bundled corpus, bf16 on GPUs, no checkpoints or TensorBoard.
+    corpus = REPO / "src" / "thuglm" / "resources" / "corpus"
+    (root / "base.yaml").write_text(
+        f"data: {{files: ['{corpus}'], cache_dir: '{root / 'hf-cache'}'}}\n"
+        f"precision: {'fp32' if args.smoke else 'bf16'}\nlogging_steps: 1\nsave_steps: 100000\nreport_to: []\n"
+        "learning_rate: 1.0e-5\nwarmup_ratio: 0.0\nseed: 0\n",
+        encoding="utf-8",
+    )
+    rows = []
+    for mode in (m for m in args.modes if m in plans):
+        for gpus in (n for n in gpu_counts if n in plans[mode]["launch"]):
+            row = run_one(mode, plans[mode], gpus, model, root, args.smoke)
+            rows.append(row)
+            print(summary(row), flush=True)
+    add_scaling(rows)
+    print(f"\n{'mode':26s} {'gpus':>4} {'launcher':24s} {'seq':>5} {'bs':>3} {'ckpt':5s} {'status':6s} "
+          f"{'tokens/s':>10s} {'run tok/s':>10s} {'peak GiB':>8s} {'scaling':>7s}")
+    for row in rows:
+        print(summary(row))
+    skipped = sorted(set(PLANS) - set(plans))
+    if skipped:
+        print(f"not run here: {', '.join(skipped)}")
+    if args.record:
+        commit = args.commit or subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=False
+        ).stdout.strip()
+        run_id = f"multi-gpu-{datetime.datetime.now(datetime.timezone.utc):%Y%m%dT%H%M%S}"
+        with open(args.record, "a", encoding="utf-8") as handle:
+            for row in rows:
+                handle.write(json.dumps({
+                    "run_id": run_id, "date": datetime.date.today().isoformat(), "commit": commit, "device": device,
+                    "impl": "thuglm", "dtype": "fp32" if args.smoke else "bf16", "model": model if args.smoke
+                    else "6b-shape", **row,
+                }) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""Causal-LM loss straight from the last hidden states, without the [tokens, vocab] fp32 logits.
+
+ChatGLM-6B's vocabulary has 130,528 tokens: at 4,096 tokens a step the usual path (bf16 logits, their fp32 copy,
+log-softmax, its gradient) holds several GB for one scalar. `linear_cross_entropy` walks the tokens in chunks: each
+chunk's logits are made, turned into the chunk's loss and its gradient (softmax - one-hot), multiplied back into the
+gradients of the hidden states and of the output weight, and dropped. Memory is one chunk's logits; the arithmetic is
+the plain path's (fp32 log-sum-exp, the same shift and ignore_index as transformers' `ForCausalLMLoss`).
+
+The gradients are computed during the forward pass, as Liger-Kernel's fused linear cross-entropy does, so nothing
+is recomputed in backward; backward only scales them by the incoming gradient (the loss is a scalar).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+# One chunk's fp32 logits: a sixteenth of the whole batch's, within [16 MB, 256 MB]. At batch 1 x 512 tokens of a
+# 130,528-token vocabulary that is 32 tokens (the logits, not the activations, would otherwise set the peak); large
+# batches take 512 tokens a chunk; a small vocabulary takes 16 MB chunks (thousands of tokens).
+CHUNK_BYTES = 256 * 2**20
+MIN_CHUNK_BYTES = 16 * 2**20
+
+
+def default_chunk_tokens(vocab_size: int, tokens: int) -> int:
+    """Tokens a chunk: a power of two whose fp32 logits take about 1/16 of the batch's, within the bounds above."""
+    row_bytes = 4 * vocab_size
+    budget = min(CHUNK_BYTES, max(MIN_CHUNK_BYTES, tokens * row_bytes // 16))
+    size = max(1, budget // row_bytes)
+    return 1 << (size.bit_length() - 1)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, normalizer, chunk_tokens):
+        # hidden [N, H]; weight [V, H]; targets [N] with IGNORE_INDEX where no loss is taken; normalizer: scalar.
+        need_hidden_grad, need_weight_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_hidden = torch.empty_like(hidden) if need_hidden_grad else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_tokens):
+            chunk = hidden[start : start + chunk_tokens]
+            target = targets[start : start + chunk_tokens]
+            valid = target != IGNORE_INDEX
+            safe_target = target.masked_fill(~valid, 0)[:, None]
+            # One fp32 buffer per chunk, transformed in place: logits -> shifted -> exp -> softmax -> its gradient.
+            logits = (chunk @ weight.T).float()
+            logits.sub_(logits.amax(dim=-1, keepdim=True))
+            target_logit = logits.gather(1, safe_target).squeeze(1)
+            sum_exp = logits.exp_().sum(dim=-1)
+            total += torch.where(valid, sum_exp.log() - target_logit, 0.0).sum()
+            if grad_hidden is None and grad_weight is None:
+                continue
+            grad_logits = logits.div_(sum_exp[:, None])
+            grad_logits.scatter_add_(1, safe_target, torch.full_like(target_logit, -1.0)[:, None])
+            grad_logits.mul_((valid / normalizer)[:, None])
+            grad_logits = grad_logits.to(chunk.dtype)
+            if grad_hidden is not None:
+                grad_hidden[start : start + chunk_tokens] = grad_logits @ weight
+            if grad_weight is not None:
+                grad_weight += (grad_logits.T @ chunk).float()
+        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype) if grad_weight is not None else None)
+        return total / normalizer
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        grad_hidden = grad_hidden * grad_output.to(grad_hidden.dtype) if grad_hidden is not None else None
+        grad_weight = grad_weight * grad_output.to(grad_weight.dtype) if grad_weight is not None else None
+        return grad_hidden, grad_weight, None, None, None
+
+
+def linear_cross_entropy(
+    hidden_states: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    chunk_tokens: int | None = None,
+) -> torch.Tensor:
+    """Causal-LM loss of `hidden_states @ weight.T` against `labels`, equal to transformers' `ForCausalLMLoss`.
+
+    hidden_states [batch, seq, hidden]; weight [vocab, hidden] (the lm_head); labels [batch, seq], IGNORE_INDEX where
+    no loss is taken, shifted here (token t predicts t + 1). The mean over the counted tokens, or their sum divided by
+    `num_items_in_batch` when given (the Trainer's gradient-accumulation normalisation).
+    """
+    # Shift the labels, not the hidden states: the last position predicts nothing, and no copy is made.
+    targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].reshape(-1).to(hidden_states.device)
+    hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
+    if num_items_in_batch is None:
+        normalizer = (targets != IGNORE_INDEX).sum().clamp(min=1).float()
+    else:
+        normalizer = torch.as_tensor(num_items_in_batch, device=hidden.device).float()
+    chunk_tokens = chunk_tokens or default_chunk_tokens(weight.shape[0], hidden.shape[0])
+    return _LinearCrossEntropy.apply(hidden, weight, targets, normalizer, chunk_tokens)

@@ -1,0 +1,70 @@
+"""The chunked linear + cross-entropy loss equals the plain lm_head + ForCausalLMLoss path (fp32, 1e-5)."""
+
+import pytest
+import torch
+from transformers.loss.loss_utils import ForCausalLMLoss
+
+from thuglm.models.losses import default_chunk_tokens, linear_cross_entropy
+
+
+def plain_loss(hidden, weight, labels, num_items_in_batch=None):
+    return ForCausalLMLoss(hidden @ weight.T, labels, weight.shape[0], num_items_in_batch=num_items_in_batch)
+
+
+def make(batch=3, seq=11, hidden=16, vocab=50, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    h = torch.randn(batch, seq, hidden, generator=generator, requires_grad=True)
+    w = torch.randn(vocab, hidden, generator=generator, requires_grad=True)
+    labels = torch.randint(0, vocab, (batch, seq), generator=generator)
+    labels[0, :4] = -100  # a prompt
+    labels[2, -3:] = -100  # padding
+    return h, w, labels
+
+
+def grads(loss, *tensors):
+    return torch.autograd.grad(loss, tensors)
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 4, 7, 64])
+@pytest.mark.parametrize("num_items_in_batch", [None, 20])
+def test_loss_and_gradients_equal_the_plain_path(chunk_tokens, num_items_in_batch):
+    h, w, labels = make()
+    expected = plain_loss(h, w, labels, num_items_in_batch)
+    actual = linear_cross_entropy(h, w, labels, num_items_in_batch, chunk_tokens=chunk_tokens)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    for a, e in zip(grads(actual * 3.0, h, w), grads(expected * 3.0, h, w)):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+
+
+def test_frozen_weight_gets_no_gradient_and_hidden_still_does():
+    h, w, labels = make()
+    w = w.detach()
+    (actual,) = grads(linear_cross_entropy(h, w, labels, chunk_tokens=5), h)
+    (expected,) = grads(plain_loss(h, w, labels), h)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_default_chunk_bounds_the_fp32_logits():
+    assert default_chunk_tokens(130528, 512) == 32  # batch 1: a sixteenth of the tokens, 16 MB
+    assert default_chunk_tokens(130528, 16384) == 512  # large batches: 256 MB of fp32 logits
+    assert default_chunk_tokens(3840, 1536) == 1024  # a small vocabulary: 16 MB chunks
+
+
+def test_model_trains_on_the_same_loss_without_logits(model):
+    ids = torch.randint(5, 100, (2, 12))
+    ids[:, 3], ids[:, 4] = model.config.gmask_token_id, model.config.bos_token_id
+    labels = ids.clone()
+    labels[:, :4] = -100
+    model.eval()
+    reference = model(input_ids=ids, labels=labels)
+    reference_grads = torch.autograd.grad(reference.loss, [model.transformer.layers[0].mlp.dense_h_to_4h.weight,
+                                                            model.lm_head.weight])
+    model.train()  # the tiny model has no dropout: train and eval compute the same function
+    fused = model(input_ids=ids, labels=labels)
+    assert fused.logits is None
+    fused_grads = torch.autograd.grad(fused.loss, [model.transformer.layers[0].mlp.dense_h_to_4h.weight,
+                                                    model.lm_head.weight])
+    torch.testing.assert_close(fused.loss, reference.loss, rtol=1e-5, atol=1e-5)
+    for a, e in zip(fused_grads, reference_grads):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+    assert model(input_ids=ids, labels=labels, skip_logits=False).logits.shape == (2, 12, model.config.vocab_size)
