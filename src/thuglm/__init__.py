@@ -8,9 +8,24 @@ Importing thuglm registers ChatGLM with the Auto classes, so official checkpoint
     model = AutoModelForCausalLM.from_pretrained("path/to/chatglm-6b")
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    AutoTokenizer,
+)
 
-from .models import ChatGLMConfig, ChatGLMForConditionalGeneration, ChatGLMModel, ChatGLMTokenizer
+from .models import (
+    ChatGLMConfig,
+    ChatGLMForConditionalGeneration,
+    ChatGLMForSequenceClassification,
+    ChatGLMForTokenClassification,
+    ChatGLMModel,
+    ChatGLMTokenizer,
+)
 
 __version__ = "0.1.0"
 
@@ -20,5 +35,15 @@ AutoTokenizer.register(ChatGLMConfig, slow_tokenizer_class=ChatGLMTokenizer, exi
 AutoModel.register(ChatGLMConfig, ChatGLMForConditionalGeneration, exist_ok=True)
 AutoModelForCausalLM.register(ChatGLMConfig, ChatGLMForConditionalGeneration, exist_ok=True)
 AutoModelForSeq2SeqLM.register(ChatGLMConfig, ChatGLMForConditionalGeneration, exist_ok=True)
+AutoModelForSequenceClassification.register(ChatGLMConfig, ChatGLMForSequenceClassification, exist_ok=True)
+AutoModelForTokenClassification.register(ChatGLMConfig, ChatGLMForTokenClassification, exist_ok=True)
 
-__all__ = ["ChatGLMConfig", "ChatGLMForConditionalGeneration", "ChatGLMModel", "ChatGLMTokenizer", "__version__"]
+__all__ = [
+    "ChatGLMConfig",
+    "ChatGLMForConditionalGeneration",
+    "ChatGLMForSequenceClassification",
+    "ChatGLMForTokenClassification",
+    "ChatGLMModel",
+    "ChatGLMTokenizer",
+    "__version__",
+]

@@ -1,11 +1,14 @@
 """The `thuglm` command.
 
     thuglm train CONFIG.yaml [key=value ...]   fine-tune (LoRA, full or freeze) from a folder of CSV/JSON files
+    thuglm train --nproc N CONFIG.yaml ...     the same on N GPUs (DDP through torchrun)
     thuglm tiny OUT_DIR            build the tiny demo ChatGLM (tokenizer trained on the bundled corpus)
     thuglm chat MODEL_DIR [--adapter DIR]   chat in the terminal (/clear forgets the history, /exit quits)
     thuglm merge --adapter DIR --out DIR [--base DIR]   fold a LoRA adapter into its base, save a standalone model
     thuglm generate MODEL_DIR --input FILE --output FILE.jsonl   answer a file of prompts in batches
     thuglm eval MODEL_DIR --data FILES... [--format text|alpaca]   perplexity, or BLEU-4 / ROUGE; prints JSON
+    thuglm predict MODEL_DIR FILE [--output OUT.jsonl]   labels (seq_cls) or BIO tags (token_cls) for every row
+    thuglm serve MODEL_DIR [--host 127.0.0.1] [--port 8000]   chat over HTTP (official api.py / OpenAI format)
     thuglm demo [--out DIR]        pre-train the tiny model on the bundled CSV corpus, LoRA-tune it on alpaca, chat
 """
 
@@ -58,6 +61,10 @@ def _chat_turn(model, tokenizer, query, history, args, out=None):
 def cmd_train(args) -> int:
     from .training.recipe import train_from_cli
 
+    if args.nproc > 1:
+        from .training.distributed import launch
+
+        return launch(args.nproc, args.config, args.overrides)
     return train_from_cli(args.config, args.overrides)
 
 
@@ -139,6 +146,35 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_predict(args) -> int:
+    from .inference.predict import predict_file
+
+    predict_file(
+        args.model, args.file, args.output, batch_size=args.batch_size, max_seq_len=args.max_seq_len,
+        text_column=args.text_column, tokens_column=args.tokens_column, dtype=args.dtype,
+    )
+    return 0
+
+
+def cmd_serve(args) -> int:
+    import logging
+
+    from .inference.serve import ChatService, make_server
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    tokenizer, model = load_for_inference(args.model, adapter=args.adapter, dtype=args.dtype)
+    server = make_server(ChatService(model, tokenizer, max_new_tokens=args.max_new_tokens), args.host, args.port)
+    host, port = server.server_address[:2]
+    print(f"serving {args.model} on http://{host}:{port}/ (POST / or /v1/chat/completions); Ctrl-C stops")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
 def cmd_demo(args) -> int:
     import logging
 
@@ -165,11 +201,14 @@ def _add_generation_args(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="thuglm", description="Fine-tune and use ChatGLM-6B.")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error, not just its message")
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="fine-tune from a YAML config (LoRA, full or freeze)")
     train.add_argument("config", help="a YAML file (see configs/)")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys, e.g. data.text_column=sentence")
+    train.add_argument("--nproc", type=int, default=1, metavar="N",
+                       help="train in N processes (one a GPU; gloo on CPU) through torchrun; batch_size is per process")
     train.set_defaults(func=cmd_train)
 
     tiny = commands.add_parser("tiny", help="build the tiny demo ChatGLM")
@@ -214,6 +253,27 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--output", help="also write the metrics to this JSON file")
     evaluate.set_defaults(func=cmd_eval)
 
+    predict = commands.add_parser("predict", help="labels or BIO tags from a classifier (task seq_cls / token_cls)")
+    predict.add_argument("model", help="the output_dir of `thuglm train` with task seq_cls or token_cls (LoRA or full)")
+    predict.add_argument("file", help="a data file (CSV / JSON / JSONL / parquet / TXT) with the texts or tokens")
+    predict.add_argument("--output", help="the .jsonl file to write (default: FILE's name + .predictions.jsonl)")
+    predict.add_argument("--batch-size", type=int, default=16)
+    predict.add_argument("--max-seq-len", type=int, default=512, help="pieces a row; longer texts are cut at the end")
+    predict.add_argument("--text-column", help="seq_cls: the text (default: guessed); token_cls: a text whose "
+                         "characters are the tokens, when there is no tokens column")
+    predict.add_argument("--tokens-column", help="token_cls: the list of tokens (default: tokens)")
+    predict.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="auto: bf16 on a GPU that has it, else fp32")
+    predict.set_defaults(func=cmd_predict)
+
+    serve = commands.add_parser("serve", help="answer chat requests over HTTP (the official api.py protocol and "
+                                "OpenAI's /v1/chat/completions), on 127.0.0.1 unless --host says otherwise")
+    _add_model_args(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="the address to listen on (0.0.0.0: every network; there "
+                       "is no authentication)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--max-new-tokens", type=int, default=512, help="answer tokens at most (OpenAI route default)")
+    serve.set_defaults(func=cmd_serve)
+
     demo = commands.add_parser("demo", help="pre-train the tiny model, LoRA-tune it and chat with it (CPU, minutes)")
     demo.add_argument("--out", default="outputs/demo")
     _add_generation_args(demo)
@@ -222,14 +282,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .data import DataError
-    from .inference.evaluation import MissingScoringPackagesError
-    from .inference.loading import ModelLoadError
+    from .errors import ThuglmError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ModelLoadError, DataError, MissingScoringPackagesError) as error:  # one line, no traceback
+    except ThuglmError as error:  # one line, no traceback: the message says what to fix
+        if args.debug:
+            raise
         print(f"thuglm: {error}", file=sys.stderr)
         return 2
 

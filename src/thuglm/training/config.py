@@ -23,10 +23,12 @@ from typing import Any, Literal
 
 import yaml
 
+from ..errors import ThuglmError
+
 DEFAULT_LORA_TARGETS = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
 
 
-class ConfigError(ValueError):
+class ConfigError(ThuglmError, ValueError):
     """A config the user must fix: the message names the key and what is accepted."""
 
 
@@ -38,6 +40,13 @@ class DataConfig:
     """`text`: one text column, causal-LM loss on all of it. `alpaca`: instruction / input / output (/ history)."""
     text_column: str | None = None
     """Guessed when obvious (`content`, `text`, `sentence`)."""
+    label_column: str | None = None
+    """`task: seq_cls`: the label of each text (default `label` or `labels`). Strings or integers: one class a row;
+    decimals: regression; lists of strings (JSON): multi-label. The label names are saved in the model's config."""
+    tokens_column: str | None = None
+    """`task: token_cls`: a list of tokens a row (default `tokens`): characters for Chinese, words for English."""
+    tags_column: str | None = None
+    """`task: token_cls`: one BIO tag a token (B-PER, I-PER, O; default `tags` or `ner_tags`)."""
     eval_files: list[str] = field(default_factory=list)
     validation_split: float = 0.0
     """Fraction of the training rows held out for evaluation when `eval_files` is empty."""
@@ -49,6 +58,9 @@ class DataConfig:
     """Where `datasets` keeps its Arrow cache (None: its default, ~/.cache/huggingface/datasets)."""
     encoding: str | None = None
     """Text encoding of the files; None detects UTF-8 (with or without BOM) or GBK/GB18030 for each file."""
+    on_bad_row: Literal["skip", "error"] = "skip"
+    """A CSV row with more cells than its header, or a cell holding a list / object instead of text: `skip` it
+    (counted, and named in a warning) or stop with an `error` that names the file and row."""
 
 
 @dataclass
@@ -70,6 +82,9 @@ class TrainConfig:
     model: str = ""
     """A model folder (official ChatGLM-6B layout or saved by thuglm), or `tiny`."""
     data: DataConfig = field(default_factory=DataConfig)
+    task: Literal["causal_lm", "seq_cls", "token_cls"] = "causal_lm"
+    """`causal_lm`: language modelling (data.format text or alpaca). `seq_cls`: a label per text
+    (data.text_column, data.label_column). `token_cls`: a BIO tag per token (data.tokens_column, data.tags_column)."""
     method: Literal["lora", "full", "freeze"] = "lora"
     output_dir: str = "outputs/run"
     max_seq_len: int = 512
@@ -81,6 +96,10 @@ class TrainConfig:
     batch_size: int = 4
     eval_batch_size: int | None = None
     gradient_accumulation_steps: int = 1
+    global_batch_size: int | None = None
+    """Rows per optimizer step over all processes. `batch_size` is per process (GPU), so a step takes
+    batch_size x processes x gradient_accumulation_steps rows; with this key set, gradient_accumulation_steps is
+    derived from it instead (leave that one out), and the run takes the same steps on 1 GPU or several."""
     learning_rate: float | None = None
     """Default: 2e-4 for lora, 2e-5 for full and freeze."""
     lr_scheduler: str = "cosine"
@@ -95,6 +114,11 @@ class TrainConfig:
     """Default: every `save_steps`."""
     resume_from_checkpoint: bool | str = False
     """`true`: the newest checkpoint in output_dir; or a checkpoint folder."""
+    overwrite_output_dir: bool = False
+    """Start afresh in an output_dir that holds an earlier run: its checkpoints are deleted when training starts."""
+    on_nan: Literal["stop", "skip"] = "stop"
+    """A NaN or infinite loss or gradient: `stop` the run (the last checkpoint stays the last good one), or `skip`
+    that optimizer step and go on (skipped steps are counted in the log and metrics.json)."""
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     """`auto`: bf16 on a GPU that has it, fp16 on an older GPU, fp32 on CPU."""
     gradient_checkpointing: bool = False
@@ -108,8 +132,23 @@ class TrainConfig:
             return self.learning_rate
         return 2e-4 if self.method == "lora" else 2e-5
 
+    def resolved_gradient_accumulation_steps(self, processes: int) -> int:
+        """Micro-batches per optimizer step in each of `processes` processes."""
+        if self.global_batch_size is None:
+            return self.gradient_accumulation_steps
+        per_pass = self.batch_size * processes
+        if self.global_batch_size % per_pass:
+            raise ConfigError(
+                f"config key `global_batch_size`: {self.global_batch_size} rows a step do not split over {processes} "
+                f"process(es) x batch_size {self.batch_size}; make it a multiple of {per_pass}, or change "
+                "batch_size or the number of processes"
+            )
+        return self.global_batch_size // per_pass
+
     def resolved_packing(self) -> bool:
-        return self.packing if self.packing is not None else self.data.format == "text"
+        if self.packing is not None:
+            return self.packing
+        return self.task == "causal_lm" and self.data.format == "text"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -253,5 +292,30 @@ def check_config(config: TrainConfig) -> None:
     for key in ("batch_size", "gradient_accumulation_steps", "save_steps", "logging_steps"):
         if getattr(config, key) < 1:
             raise ConfigError(f"config key `{key}` must be at least 1; got {getattr(config, key)}")
+    if config.global_batch_size is not None and config.global_batch_size < config.batch_size:
+        raise ConfigError(f"config key `global_batch_size` must be at least batch_size ({config.batch_size}); "
+                          f"got {config.global_batch_size}")
+    if config.global_batch_size is not None and config.gradient_accumulation_steps != 1:
+        raise ConfigError("set `global_batch_size` or `gradient_accumulation_steps`, not both: the first derives the "
+                          "second from batch_size and the number of processes")
     if config.method == "lora" and not config.lora.target_modules:
         raise ConfigError("config key `lora.target_modules` is empty: name the linear layers LoRA adapts")
+    if config.task != "causal_lm":
+        check_classification_config(config)
+
+
+def check_classification_config(config: TrainConfig) -> None:
+    """seq_cls / token_cls read one sample a row and learn their label set from the data."""
+    task = config.task
+    if config.data.format != "text":
+        raise ConfigError(f"`task: {task}` reads texts and labels, not `data.format: {config.data.format}`; remove it")
+    if config.packing:
+        raise ConfigError(f"`task: {task}` classifies one sample a row: set `packing: false` (or leave it out)")
+    if config.data.streaming:
+        raise ConfigError(f"`task: {task}` finds the label set in the data before training: set `data.streaming: false`")
+    if task == "seq_cls" and (config.data.tokens_column or config.data.tags_column):
+        raise ConfigError("`data.tokens_column` / `data.tags_column` are for `task: token_cls`; seq_cls reads "
+                          "`data.text_column` and `data.label_column`")
+    if task == "token_cls" and (config.data.text_column or config.data.label_column):
+        raise ConfigError("`data.text_column` / `data.label_column` are for `task: seq_cls`; token_cls reads "
+                          "`data.tokens_column` and `data.tags_column`")

@@ -11,6 +11,9 @@ from peft import LoraConfig, TaskType, get_peft_model
 from ..inference.loading import DTYPES
 from .config import ConfigError, TrainConfig
 
+PEFT_TASK_TYPES = {"causal_lm": TaskType.CAUSAL_LM, "seq_cls": TaskType.SEQ_CLS, "token_cls": TaskType.TOKEN_CLS}
+CLASSIFICATION_HEAD = "score"  # ChatGLMForSequenceClassification.score / ChatGLMForTokenClassification.score
+
 logger = logging.getLogger("thuglm.train")
 
 
@@ -60,11 +63,13 @@ def prepare_for_method(model: torch.nn.Module, config: TrainConfig) -> torch.nn.
     if config.method == "lora":
         lora = config.lora
         peft_config = LoraConfig(
-            task_type=TaskType.CAUSAL_LM,
+            task_type=PEFT_TASK_TYPES[config.task],
             r=lora.r,
             lora_alpha=lora.alpha,
             lora_dropout=lora.dropout,
             target_modules=lora.target_modules,
+            # A classification head is new: trained whole next to the adapter, and saved with it.
+            modules_to_save=[CLASSIFICATION_HEAD] if config.task != "causal_lm" else None,
         )
         # peft keeps the adapter weights in fp32 under a bf16/fp16 base (autocast_adapter_dtype).
         model = get_peft_model(model, peft_config)
@@ -76,6 +81,8 @@ def prepare_for_method(model: torch.nn.Module, config: TrainConfig) -> torch.nn.
         model.requires_grad_(False)
         for layer in layers[-keep:]:
             layer.requires_grad_(True)
+        if config.task != "causal_lm":
+            getattr(model, CLASSIFICATION_HEAD).requires_grad_(True)
     if config.gradient_checkpointing and config.method != "full":
         # With a frozen embedding no input to the first checkpointed layer needs grad; make the inputs carry it.
         model.enable_input_require_grads()

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from ..data import (
@@ -25,8 +25,11 @@ from ..data import (
     load_raw_dataset,
 )
 from ..data.collator import GlmCollator
-from ..inference.loading import ModelLoadError, check_model_folder
+from ..inference.loading import check_model_folder, check_tokenizer_fits, tokenizer_folder
+from . import classification
+from .checkpoints import check_output_dir, latest_complete_checkpoint, remove_stale_staging, start_afresh
 from .config import ConfigError, TrainConfig, load_config
+from .distributed import data_parallel_size, fsdp_checkpoints_layers, process_state, quiet_replicas
 from .methods import (
     count_parameters,
     load_base_model,
@@ -44,14 +47,9 @@ STREAM_SHUFFLE_BUFFER = 10_000
 
 
 def train_from_cli(config_path: str, overrides: list[str]) -> int:
-    """Entry point of `thuglm train`: user errors become one line and exit status 2."""
+    """Entry point of `thuglm train`; user errors (`ThuglmError`) reach `thuglm.cli.main`, which prints them."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        config = load_config(config_path, overrides)
-        train(config)
-    except (ConfigError, DataError, ModelLoadError) as error:
-        print(f"thuglm: {error}", file=sys.stderr)
-        return 2
+    train(load_config(config_path, overrides))
     return 0
 
 
@@ -62,15 +60,34 @@ def train(config: TrainConfig) -> dict[str, Any]:
     import thuglm  # noqa: F401  (registers ChatGLM with the Auto classes)
 
     set_seed(config.seed)
+    state = process_state()  # one process, or one of several under torchrun / accelerate launch
+    quiet_replicas(state)
+    processes = data_parallel_size(state)
+    config.resolved_gradient_accumulation_steps(processes)  # a global batch the processes cannot share stops here
     precision = resolve_precision(config.precision)
-    model_dir = resolve_model_dir(config.model)
-    check_model_folder(model_dir)  # config, weights and tokenizer, as `thuglm chat` checks them
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-
-    train_dataset, eval_dataset = build_datasets(config, tokenizer)
+    # Everything the user could have got wrong is checked before anything is computed or written.
+    check_output_dir(Path(config.output_dir), resuming=config.resume_from_checkpoint is not False,
+                     overwrite=config.overwrite_output_dir)
     resume = resolve_resume(config)
+    with state.main_process_first():  # the tiny model and the datasets cache are built once, then read by the others
+        model_dir = resolve_model_dir(config.model)
+        check_model_folder(model_dir)  # config, weights and tokenizer, as `thuglm chat` checks them
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder(model_dir))
+        check_tokenizer_fits(tokenizer, model_dir)
 
-    model = load_base_model(model_dir, weights_dtype(config.method, precision), config.attn_implementation)
+        if config.task == "causal_lm":
+            train_dataset, eval_dataset = build_datasets(config, tokenizer)
+        else:  # seq_cls / token_cls: the labels found in the data size the head
+            train_dataset, eval_dataset, labels = classification.build_classification_datasets(config, tokenizer)
+    # Before the model: under `accelerate launch` with DeepSpeed ZeRO-3 this makes from_pretrained load into shards.
+    args = training_arguments(config, precision, has_eval=eval_dataset is not None, processes=processes)
+
+    if config.task == "causal_lm":
+        model = load_base_model(model_dir, weights_dtype(config.method, precision), config.attn_implementation)
+    else:
+        model = classification.load_classifier(
+            model_dir, weights_dtype(config.method, precision), config.attn_implementation, config.task, labels
+        )
     model = prepare_for_method(model, config)
     trainable, total = count_parameters(model)
     logger.info("%s: training %s of %s parameters (%s, %s)", model_dir, f"{trainable:,}", f"{total:,}",
@@ -78,25 +95,43 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    write_resolved_config(config, model_dir, precision, output_dir / "thuglm_train.yaml")
+    if state.is_main_process:
+        remove_stale_staging(output_dir)  # a save that a killed run did not finish
+        if config.overwrite_output_dir and not resume:
+            start_afresh(output_dir)
+        write_resolved_config(config, model_dir, precision, output_dir / "thuglm_train.yaml")
 
     trainer = GlmTrainer(
         model=model,
-        args=training_arguments(config, precision, has_eval=eval_dataset is not None),
+        args=args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        data_collator=GlmCollator(pad_token_id=tokenizer.pad_token_id),
+        data_collator=GlmCollator(pad_token_id=tokenizer.pad_token_id) if config.task == "causal_lm"
+        else classification.classification_collator(config.task, tokenizer),
+        compute_metrics=None if config.task == "causal_lm" else classification.compute_metrics_for(config.task, labels),
         processing_class=tokenizer,
+        on_nan=config.on_nan,
     )
+    # No KV cache while training: FSDP's activation checkpointing recomputes each ChatGLMBlock in the backward pass,
+    # and a cache filled in the forward pass would grow a second time there. The saved model keeps its setting.
+    use_cache, model.config.use_cache = model.config.use_cache, False
     result = trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model(str(output_dir))
+    model.config.use_cache = use_cache
+    if trainer.is_fsdp_enabled:  # sharded checkpoints are for resuming; the trained model is gathered into one file
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    trainer.save_final_model(output_dir)
+    if config.task != "causal_lm" and trainer.is_world_process_zero():
+        classification.save_classifier_config(model, output_dir)  # the labels, next to a LoRA adapter too
     if eval_dataset is not None and not _evaluated_at(trainer.state.log_history, trainer.state.global_step):
         trainer.evaluate()
     trainer.save_state()
 
     metrics = run_metrics(trainer, result, trainable, total, config, precision)
-    write_json(metrics, output_dir / "metrics.json")
-    plot_losses(trainer.state.log_history, output_dir / "loss.png", title=f"{config.method} · {model_dir.name}")
+    if config.task != "causal_lm":
+        metrics = classification.with_classification_metrics(metrics, trainer.state.log_history)
+    if trainer.is_world_process_zero():
+        write_json(metrics, output_dir / "metrics.json")
+        plot_losses(trainer.state.log_history, output_dir / "loss.png", title=f"{config.method} · {model_dir.name}")
     logger.info("done: %s", ", ".join(f"{k}={v}" for k, v in metrics.items() if k in SUMMARY_KEYS))
     logger.info("outputs in %s (loss.png, metrics.json)", output_dir)
     return metrics
@@ -109,7 +144,8 @@ def build_datasets(config: TrainConfig, tokenizer):
     """Training and evaluation rows from the configured files: eval_files, else a validation split, else none."""
     data = config.data
     def load(files):
-        return load_raw_dataset(files, streaming=data.streaming, cache_dir=data.cache_dir, encoding=data.encoding)
+        return load_raw_dataset(files, streaming=data.streaming, cache_dir=data.cache_dir, encoding=data.encoding,
+                                bad_rows=data.on_bad_row)
 
     raw = load(data.files)
     raw_eval = load(data.eval_files) if data.eval_files else None
@@ -123,12 +159,13 @@ def build_datasets(config: TrainConfig, tokenizer):
         if data.format == "alpaca":
             return encode_alpaca_dataset(
                 dataset, tokenizer, max_seq_len=config.max_seq_len, packing=config.resolved_packing(),
-                num_proc=data.num_proc,
+                num_proc=data.num_proc, bad_rows=data.on_bad_row, source=", ".join(files),
             )
         column = guess_text_column(dataset.column_names or [], data.text_column, source=", ".join(files))
         return encode_text_dataset(
             dataset, tokenizer, text_column=column, max_seq_len=config.max_seq_len,
-            packing=config.resolved_packing(), num_proc=data.num_proc,
+            packing=config.resolved_packing(), num_proc=data.num_proc, bad_rows=data.on_bad_row,
+            source=", ".join(files),
         )
 
     train_dataset = encode(raw, data.files)
@@ -156,24 +193,8 @@ def resolve_resume(config: TrainConfig) -> str | None:
     return str(value)
 
 
-def latest_complete_checkpoint(output_dir: Path) -> str | None:
-    """The newest checkpoint-N folder that was fully written.
-
-    The Trainer writes trainer_state.json last, so a folder without it is what a run killed while saving left
-    behind; resuming from it would fail, while the one before it is intact.
-    """
-    from transformers.trainer_utils import sort_checkpoints
-
-    if not output_dir.is_dir():
-        return None
-    for folder in reversed(sort_checkpoints(str(output_dir))):
-        if (Path(folder) / "trainer_state.json").is_file():
-            return folder
-        logger.warning("skipping %s: it was not completely written (the run stopped while saving it)", folder)
-    return None
-
-
-def training_arguments(config: TrainConfig, precision: str, has_eval: bool):
+def training_arguments(config: TrainConfig, precision: str, has_eval: bool, processes: int = 1):
+    """`processes`: how many share each step (torchrun / accelerate launch); `batch_size` is per process."""
     from transformers import TrainingArguments
 
     return TrainingArguments(
@@ -182,7 +203,7 @@ def training_arguments(config: TrainConfig, precision: str, has_eval: bool):
         num_train_epochs=config.epochs,
         per_device_train_batch_size=config.batch_size,
         per_device_eval_batch_size=config.eval_batch_size or config.batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        gradient_accumulation_steps=config.resolved_gradient_accumulation_steps(processes),
         learning_rate=config.resolved_learning_rate(),
         lr_scheduler_type=config.lr_scheduler,
         warmup_steps=config.warmup_ratio,  # a float below 1 is a fraction of the steps
@@ -197,8 +218,13 @@ def training_arguments(config: TrainConfig, precision: str, has_eval: bool):
         eval_steps=config.eval_steps or config.save_steps,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
-        gradient_checkpointing=config.gradient_checkpointing,
+        # Under an FSDP config with fsdp_activation_checkpointing, FSDP checkpoints the layers itself.
+        gradient_checkpointing=config.gradient_checkpointing and not fsdp_checkpoints_layers(),
         gradient_checkpointing_kwargs={"use_reentrant": False},
+        use_cpu=not torch.cuda.is_available(),  # without it, processes on a CPU machine would not form a DDP group
+        # Every trainable parameter (LoRA, all, or the last layers) gets a gradient at every step: no search for
+        # unused ones, which also keeps DDP and non-reentrant checkpointing together.
+        ddp_find_unused_parameters=False,
         report_to=config.report_to,
         seed=config.seed,
         data_seed=config.seed,
@@ -235,14 +261,19 @@ def run_metrics(trainer, result, trainable: int, total: int, config: TrainConfig
         "perplexity": perplexity(eval_losses[-1]) if eval_losses else None,
         "steps": trainer.state.global_step,
         "train_tokens": int(trainer.state.num_input_tokens_seen or 0),
-        "tokens_per_s": round(trainer.session_tokens / elapsed, 1),
+        "tokens_per_s": round(trainer.session_tokens / elapsed, 1),  # all processes together
         "train_runtime_s": round(elapsed, 2),
+        "processes": trainer.args.world_size,
+        # train_batch_size: batch_size x the GPUs of one process (DataParallel's, when it sees several)
+        "global_batch_size": trainer.args.world_size * trainer.args.train_batch_size
+        * trainer.args.gradient_accumulation_steps,
         "peak_memory_gib": round(memory_gib, 3),
         "peak_memory_kind": memory_kind,
         "trainable_parameters": trainable,
         "total_parameters": total,
         "method": config.method,
         "precision": precision,
+        "skipped_nonfinite_steps": trainer.skipped_nonfinite_steps,
     }
     if metrics["perplexity"] is not None and not math.isfinite(metrics["perplexity"]):
         metrics["perplexity"] = None
