@@ -95,7 +95,8 @@ def run_one(mode: str, plan: dict, gpus: int, model: str, root: Path, smoke: boo
         launch = "torchrun"  # accelerate runs FSDP only on GPUs; on the CPU the same launch would be DDP anyway
     out = root / f"{mode}-{gpus}"
     config = root / "base.yaml"
-    overrides = [f"model={model}", f"method={plan['method']}", f"output_dir={out}", f"max_seq_len={plan['seq']}",
+    overrides = [f"model={model}", f"method={plan['method']}", f"output_dir={out}", "overwrite_output_dir=true",
+                 f"max_seq_len={plan['seq']}",
                  f"batch_size={plan['batch']}", f"gradient_checkpointing={str(plan['grad_ckpt']).lower()}",
                  f"max_steps={plan['steps']}"]
     argv = command(launch, gpus, config, overrides)

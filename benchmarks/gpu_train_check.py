@@ -38,7 +38,7 @@ SIX_B = {"hidden_size": 4096, "num_layers": 28, "num_attention_heads": 32, "inne
 
 def run(model: str, out: Path, **settings) -> dict:
     overrides = [f"model={model}", f"data.files={resource_path('corpus')}", f"output_dir={out}", "report_to=[]",
-                 "save_steps=100000", "logging_steps=1"]
+                 "overwrite_output_dir=true", "save_steps=100000", "logging_steps=1"]
     overrides += [f"{key}={value}" for key, value in settings.items()]
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
