@@ -121,6 +121,8 @@ def test_sequence_classification_lora_learns_and_predict_reloads_it(topic_data, 
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["eval_accuracy"] >= 0.9 and metrics["eval_macro_f1"] >= 0.9, metrics
     assert "perplexity" not in metrics
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert not any("eval_perplexity" in entry for entry in state["log_history"])  # a classifier's loss is no LM's
     config = json.loads((out / "config.json").read_text())  # next to the adapter: the labels, for predict
     assert config["id2label"] == {"0": "体育", "1": "天气", "2": "饮食"}
     assert config["architectures"] == ["ChatGLMForSequenceClassification"]

@@ -156,7 +156,7 @@ class GlmTrainer(Trainer):
         self.accelerator.wait_for_everyone()
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "eval_loss" in logs:
+        if "eval_loss" in logs and self.compute_metrics is None:  # a language model's loss; classifiers have metrics
             logs["eval_perplexity"] = perplexity(logs["eval_loss"])
         if "loss" in logs:
             # Throughput since the previous log, so the number shows the speed now rather than a run-long average.
