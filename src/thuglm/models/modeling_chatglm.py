@@ -498,13 +498,15 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         return model_kwargs
 
     def create_masks_for_generate(
-        self, config, inputs_embeds, attention_mask, past_key_values, position_ids=None, **kwargs
+        self, config, inputs_embeds, attention_mask, past_key_values=None, position_ids=None, **kwargs
     ) -> torch.Tensor:
         """GLM's 4D mask over a static cache, built by generate outside the compiled step (transformers' hook).
 
         Decode steps take `glm_decode_mask`'s few kernels, so the compiled forward sees inputs of fixed shapes.
+        transformers 5.2x passes the cache as `cache` (earlier: `past_key_values`).
         """
-        if attention_mask is None or attention_mask.dim() != 2 or position_ids is None:
+        past_key_values = _cache_argument(past_key_values, kwargs)
+        if attention_mask is None or attention_mask.dim() != 2 or position_ids is None or past_key_values is None:
             return attention_mask
         cache_length, _ = past_key_values.get_mask_sizes(inputs_embeds.shape[1], 0)
         return glm_static_cache_mask(position_ids, attention_mask, cache_length, inputs_embeds.dtype)
