@@ -9,8 +9,9 @@ stop) for thuglm's paths:
 * `dynamic`: the default DynamicCache, eager step (what `generate` did before issue #4);
 * `static-compiled`: `cache_implementation="static"`: transformers compiles the decode step
   (torch.compile, mode "reduce-overhead": CUDA graphs) over GLM's 4D mask built outside the graph;
-* `static-compiled-deferred-stop` (an experiment, with --variants): the same, with transformers' deferred stop check
-  switched on for CUDA (patched for that row only), so the host no longer waits for the GPU after every token;
+* `static-compiled-late-stop`: the same with thuglm's decode loop (`thuglm.models.decoding`), which reads the
+  stop flag one step late, so the host no longer waits for the GPU after every token: what `model.chat`,
+  `stream_chat` (static cache only) and `thuglm generate` take on CUDA;
 
 with, for the compiled paths, the GPU time of one compiled step inside generate (CUDA events around each call);
 
@@ -25,7 +26,6 @@ against an fp32 eager forward over the same tokens, next to the plain bf16 path'
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import functools
 import json
@@ -37,6 +37,7 @@ import traceback
 from pathlib import Path
 
 import torch
+from common import commit_id, random_chatglm
 
 GMASK, SOP = 130001, 130004
 GRID = [(1, 32, 128), (8, 32, 128), (1, 512, 128), (32, 32, 128)]
@@ -83,37 +84,20 @@ def time_generate(generate, device, repeats: int) -> tuple[float, torch.Tensor]:
 THUGLM_VARIANTS = {
     "dynamic": {},
     "static-compiled": {"cache_implementation": "static"},
-    # An experiment, not a thuglm path: transformers syncs the host with the GPU after every step on CUDA (the stop
-    # check); its deferred stop check (used on MPS) reads the flag one step late and lets the host run ahead.
-    "static-compiled-deferred-stop": {"cache_implementation": "static"},
+    # What chat / thuglm generate take on CUDA: the same, with thuglm's decode loop, which reads the stop flag a
+    # step late so the host never waits for the GPU between tokens (thuglm.models.decoding).
+    "static-compiled-late-stop": {"cache_implementation": "static", "custom_generate": "late-stop"},
 }
-DEFAULT_VARIANTS = "dynamic,static-compiled"
+DEFAULT_VARIANTS = "dynamic,static-compiled,static-compiled-late-stop"
 
 
-@contextlib.contextmanager
-def deferred_stop_check(enabled: bool):
-    from transformers.generation import utils
+def variant_kwargs(variant: str) -> dict:
+    from thuglm.models.decoding import sample_without_host_sync
 
-    original = utils.DeferredStopCheck.__dict__["is_supported"]
-    if enabled:
-        utils.DeferredStopCheck.is_supported = staticmethod(lambda device, cache, returned, is_assistant: True)
-    try:
-        yield
-    finally:
-        utils.DeferredStopCheck.is_supported = original
-
-
-def thuglm_model(config, dtype: torch.dtype, device, attn: str = "sdpa"):
-    from thuglm.models import ChatGLMForConditionalGeneration
-
-    torch.manual_seed(0)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    with torch.device(device):
-        model = ChatGLMForConditionalGeneration(config)
-    torch.set_default_dtype(previous)
-    model.set_attn_implementation(attn)
-    return model.eval()
+    kwargs = dict(THUGLM_VARIANTS[variant])
+    if kwargs.get("custom_generate") == "late-stop":
+        kwargs["custom_generate"] = sample_without_host_sync
+    return kwargs
 
 
 def compiled_step_gpu_ms(model, generate) -> float | None:
@@ -144,21 +128,20 @@ def compiled_step_gpu_ms(model, generate) -> float | None:
 @torch.no_grad()
 def thuglm_row(model, variant: str, batch: int, prompt: int, new: int, device, repeats: int) -> dict:
     ids = prompt_ids(batch, prompt, device, config=model.config)
-    kwargs = dict(max_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0, **THUGLM_VARIANTS[variant])
+    kwargs = dict(max_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0, **variant_kwargs(variant))
     reset_peak(device)
-    with deferred_stop_check(variant.endswith("deferred-stop")):
-        start = time.perf_counter()
-        # Warm-up: compiles and records the CUDA graphs of this shape (the static cache's length is part of it).
-        model.generate(input_ids=ids, **(kwargs if variant != "dynamic" else {**kwargs, "max_new_tokens": 4}))
-        synchronize(device)
-        warmup_s = time.perf_counter() - start
-        seconds, out = time_generate(lambda: model.generate(input_ids=ids, **kwargs), device, repeats)
-        step_ms = None
-        if variant != "dynamic" and torch.device(device).type == "cuda":
-            try:
-                step_ms = compiled_step_gpu_ms(model, lambda: model.generate(input_ids=ids, **kwargs))
-            except Exception:  # noqa: BLE001 -- a diagnostic: never lose the row for it
-                traceback.print_exc()
+    start = time.perf_counter()
+    # Warm-up: compiles and records the CUDA graphs of this shape (the static cache's length is part of it).
+    model.generate(input_ids=ids, **(kwargs if variant != "dynamic" else {**kwargs, "max_new_tokens": 4}))
+    synchronize(device)
+    warmup_s = time.perf_counter() - start
+    seconds, out = time_generate(lambda: model.generate(input_ids=ids, **kwargs), device, repeats)
+    step_ms = None
+    if variant != "dynamic" and torch.device(device).type == "cuda":
+        try:
+            step_ms = compiled_step_gpu_ms(model, lambda: model.generate(input_ids=ids, **kwargs))
+        except Exception:  # noqa: BLE001 -- a diagnostic: never lose the row for it
+            traceback.print_exc()
     assert out.shape == (batch, prompt + new), out.shape
     return {"impl": "thuglm", "variant": variant, "batch": batch, "prompt_len": prompt, "new_tokens": new,
             "tokens_per_s": batch * new / seconds, "seconds": seconds, "warmup_s": warmup_s,
@@ -234,17 +217,17 @@ def run_official(args, grid) -> list[dict]:
 @torch.no_grad()
 def numerics(config, device, new: int = 16) -> list[dict]:
     """Per-step logits of each path (bf16) against an fp32 eager forward over the tokens that path generated."""
-    reference = thuglm_model(config, torch.float32, device, attn="eager")
+    reference = random_chatglm(config, torch.float32, device, attn="eager").eval()
     ids = prompt_ids(2, 24, device, seed=1, config=config)
     ids[0, :5] = 3  # left padding on the first row
     attention_mask = torch.ones_like(ids)
     attention_mask[0, :5] = 0
     rows = []
     for variant in DEFAULT_VARIANTS.split(","):
-        model = thuglm_model(config, torch.bfloat16, device)
+        model = random_chatglm(config, torch.bfloat16, device).eval()
         model.load_state_dict({k: v.to(torch.bfloat16) for k, v in reference.state_dict().items()})
         kwargs = dict(max_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=3,
-                      output_logits=True, return_dict_in_generate=True, **THUGLM_VARIANTS[variant])
+                      output_logits=True, return_dict_in_generate=True, **variant_kwargs(variant))
         model.generate(input_ids=ids, attention_mask=attention_mask, **kwargs)  # compile before the measured call
         out = model.generate(input_ids=ids, attention_mask=attention_mask, **kwargs)
         full_mask = torch.cat([attention_mask, torch.ones_like(out.sequences[:, ids.shape[1]:])], dim=1)
@@ -260,16 +243,6 @@ def numerics(config, device, new: int = 16) -> list[dict]:
 
 
 # ---- main --------------------------------------------------------------------------------------------------------
-def commit_id() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False)
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, check=False)
-    except OSError:
-        return "unknown"
-    head, dirty = head.stdout.strip(), dirty.stdout.strip()
-    return (head + (" + uncommitted" if dirty else "")) if head else "unknown"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny config on CPU: the script runs end to end")
@@ -317,7 +290,7 @@ def main() -> None:
             print(f"numerics {r}", flush=True)
         torch._dynamo.reset()
 
-    model = thuglm_model(config, dtype, device)
+    model = random_chatglm(config, dtype, device).eval()
     rows, tokens = [], {}
     for variant in args.variants.split(","):
         for batch, prompt, new in grid:
@@ -366,14 +339,14 @@ def main() -> None:
 
     official = {(r["batch"], r["prompt_len"], r["new_tokens"]): r.get("tokens_per_s") for r in rows
                 if r["impl"] == "official"}
-    print(f"\n{'impl':8s} {'variant':16s} {'batch':>5s} {'prompt+new':>10s} {'status':>6s} {'tokens/s':>9s} "
+    print(f"\n{'impl':8s} {'variant':26s} {'batch':>5s} {'prompt+new':>10s} {'status':>6s} {'tokens/s':>9s} "
           f"{'x official':>10s} {'peak GiB':>8s}")
     for r in rows:
         base = official.get((r["batch"], r["prompt_len"], r["new_tokens"]))
         tps = r.get("tokens_per_s")
         ratio = f"{tps / base:10.2f}" if tps and base else f"{'-':>10s}"
         peak = f"{r['peak_gib']:8.2f}" if r.get("peak_gib") else f"{'-':>8s}"
-        print(f"{r['impl']:8s} {r['variant']:16s} {r['batch']:5d} {r['prompt_len']:>5d}+{r['new_tokens']:<4d} "
+        print(f"{r['impl']:8s} {r['variant']:26s} {r['batch']:5d} {r['prompt_len']:>5d}+{r['new_tokens']:<4d} "
               f"{r['status']:>6s} {tps or 0:9.1f} {ratio} {peak}")
     if args.record:
         with open(args.record, "a") as handle:

@@ -25,7 +25,7 @@ def run_smoke(script: str, record: Path) -> list[dict]:
 
 def test_bench_decode_smoke_static_cache_gives_the_dynamic_tokens(tmp_path):
     rows = run_smoke("bench_decode.py", tmp_path / "rows.jsonl")
-    assert {r["variant"] for r in rows} == {"dynamic", "static-compiled"}
+    assert {r["variant"] for r in rows} == {"dynamic", "static-compiled", "static-compiled-late-stop"}
     assert {r["batch"] for r in rows} == {1, 3}
     for row in rows:
         assert row["impl"] == "thuglm" and row["mode"] == "decode" and row["tokens_per_s"] > 0

@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import StaticCache
 
+from thuglm.models.decoding import sample_without_host_sync
 from thuglm.models.masking import glm_attention_mask, glm_decode_mask, glm_static_cache_mask
 from thuglm.models.modeling_chatglm import fast_decoding_kwargs
 
@@ -76,7 +77,7 @@ def test_fast_decoding_is_chosen_on_cuda_only_and_never_over_the_callers_choice(
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert fast_decoding_kwargs(cpu, 30, {"max_new_tokens": 100}) == {}
     # Cache sizes round up to a multiple of 256, so chat turns of different lengths share one compiled step.
-    static = {"cache_implementation": "static"}
+    static = {"cache_implementation": "static", "custom_generate": sample_without_host_sync}
     assert fast_decoding_kwargs(cuda, 30, {"max_new_tokens": 100}) == {**static, "max_cache_len": 256}
     assert fast_decoding_kwargs(cuda, 30, {"max_length": 2048}) == {**static, "max_cache_len": 2048}
     assert fast_decoding_kwargs(cuda, 300, {}, default_max_length=20)["max_cache_len"] == 256

@@ -17,6 +17,7 @@ What makes GLM different from a GPT:
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections.abc import Callable, Iterator
 from queue import Queue
@@ -24,9 +25,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation.configuration_utils import GenerationMode
 from transformers.generation.logits_process import LogitsProcessor, LogitsProcessorList
 from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
@@ -43,6 +45,7 @@ from transformers.utils.output_capturing import capture_outputs
 
 from ..inference.chat import answer_token_ids, build_prompt, process_response
 from .configuration_chatglm import ChatGLMConfig
+from .decoding import sample_without_host_sync
 from .losses import linear_cross_entropy
 from .masking import glm_attention_mask, glm_block_mask, glm_decode_mask, glm_position_ids, glm_static_cache_mask
 
@@ -349,16 +352,21 @@ STATIC_CACHE_BUCKET = 256
 
 
 def fast_decoding_kwargs(
-    device: torch.device, prompt_length: int, generate_kwargs: dict, default_max_length: int | None = None
+    device: torch.device,
+    prompt_length: int,
+    generate_kwargs: dict,
+    default_max_length: int | None = None,
+    generation_config: GenerationConfig | None = None,
 ) -> dict:
     """generate() arguments for the fast decoding path, where it is safe: on CUDA, unless the caller chose a cache.
 
     The path is a static KV cache, whose fixed shapes let transformers compile the decode step (CUDA graphs); on
     an H200 it decodes the 6B shape about 10x faster than the default dynamic cache (benchmarks/README.md). The
     tokens are the dynamic cache's (tests/models/test_fast_decode.py). The first call of a cache size compiles
-    (~30 s); sizes are rounded up to a multiple of 256 so later calls reuse it.
+    (~30 s); sizes are rounded up to a multiple of 256 so later calls reuse it. Greedy decoding and sampling also
+    take `decoding.sample_without_host_sync`, which keeps the host a step ahead of the GPU (same tokens).
     """
-    chosen = {"cache_implementation", "past_key_values", "cache", "use_cache", "max_cache_len"}
+    chosen = {"cache_implementation", "past_key_values", "cache", "use_cache", "max_cache_len", "custom_generate"}
     if torch.device(device).type != "cuda" or chosen & set(generate_kwargs) or generate_kwargs.get("num_beams", 1) > 1:
         return {}
     new_tokens = generate_kwargs.get("max_new_tokens")
@@ -367,17 +375,36 @@ def fast_decoding_kwargs(
     if not total:
         return {}
     bucket = -(-total // STATIC_CACHE_BUCKET) * STATIC_CACHE_BUCKET
-    return {"cache_implementation": "static", "max_cache_len": bucket}
+    fast = {"cache_implementation": "static", "max_cache_len": bucket}
+    if _greedy_or_sampling(generate_kwargs, generation_config):
+        fast["custom_generate"] = sample_without_host_sync
+    return fast
+
+
+def _greedy_or_sampling(generate_kwargs: dict, generation_config: GenerationConfig | None) -> bool:
+    """Whether generate would run plain greedy decoding or sampling (what `sample_without_host_sync` does)."""
+    # generate hands a custom loop neither the streamer nor synced_gpus (needed when several processes generate).
+    several_processes = torch.distributed.is_available() and torch.distributed.is_initialized() and (
+        torch.distributed.get_world_size() > 1)
+    if generate_kwargs.get("streamer") is not None or "assistant_model" in generate_kwargs or several_processes:
+        return False
+    config = copy.deepcopy(generation_config) if generation_config is not None else GenerationConfig()
+    config.update(**{key: value for key, value in generate_kwargs.items() if hasattr(config, key)})
+    return config.get_generation_mode() in (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE)
 
 
 class InvalidScoreLogitsProcessor(LogitsProcessor):
-    """The official chat's guard: if fp16 logits overflowed, emit token 5 rather than crash in sampling."""
+    """The official chat's guard: if fp16 logits overflowed, emit token 5 rather than crash in sampling.
+
+    As the official one, any NaN or inf anywhere in the batch replaces every row; written as a `where` rather than
+    an `if`, so that no step waits for the GPU to answer whether there was one.
+    """
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if torch.isnan(scores).any() or torch.isinf(scores).any():
-            scores.zero_()
-            scores[..., 5] = 5e4
-        return scores
+        overflowed = ~torch.isfinite(scores).all()
+        fallback = torch.zeros_like(scores[:1])
+        fallback[..., 5] = 5e4
+        return torch.where(overflowed, fallback, scores)
 
 
 class _TokenQueueStreamer(BaseStreamer):
@@ -513,7 +540,9 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
 
     def fast_decoding_kwargs(self, prompt_length: int, generate_kwargs: dict) -> dict:
         """`fast_decoding_kwargs` for this model's device and generation config (chat, thuglm generate)."""
-        return fast_decoding_kwargs(self.device, prompt_length, generate_kwargs, self.generation_config.max_length)
+        return fast_decoding_kwargs(
+            self.device, prompt_length, generate_kwargs, self.generation_config.max_length, self.generation_config
+        )
 
     # ---- chat, as the official model offers it --------------------------------------------------------------
     def _chat_generation_kwargs(self, logits_processor, max_length, do_sample, top_p, temperature, kwargs):
@@ -566,8 +595,8 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         history = list(history or [])
         gen_kwargs = self._chat_generation_kwargs(logits_processor, max_length, do_sample, top_p, temperature, kwargs)
         inputs = tokenizer([build_prompt(query, history)], return_tensors="pt").to(self.device)
-        gen_kwargs.update(self.fast_decoding_kwargs(inputs["input_ids"].shape[1], gen_kwargs))
         streamer = _TokenQueueStreamer()
+        gen_kwargs.update(self.fast_decoding_kwargs(inputs["input_ids"].shape[1], {**gen_kwargs, "streamer": streamer}))
         stop = threading.Event()  # set when the caller stops iterating, so generation stops too
         stopping = StoppingCriteriaList(gen_kwargs.pop("stopping_criteria", None) or [])
         stopping.append(_StopWhenSet(stop))
