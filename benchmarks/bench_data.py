@@ -33,6 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import commit_id
+
 MAX_SEQ_LEN = 512
 FILE_MEGABYTES = 10
 
@@ -132,15 +134,6 @@ def run_streaming(folder: Path) -> dict:
     command = [sys.executable, __file__, "--streaming-child", str(folder)]
     out = subprocess.run(command, capture_output=True, text=True, check=True, env=dict(os.environ))
     return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def commit_id() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False)
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, check=False)
-    except OSError:
-        return "unknown"
-    return head.stdout.strip() + (" + uncommitted" if dirty.stdout.strip() else "")
 
 
 def main() -> None:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gc
 import importlib.util
 import json
 import os
@@ -34,12 +33,12 @@ import time
 from pathlib import Path
 
 import torch
+from common import build_6b_folder
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs" / "accelerate"
-SIX_B = {"hidden_size": 4096, "num_layers": 28, "num_attention_heads": 32, "inner_hidden_size": 16384,
-         "max_sequence_length": 2048, "vocab_size": 130528}
 WARMUP_STEPS = 3
+RUN_TIMEOUT_S = 300  # one launch; a hung one must not take the other rows with it
 CARD_GIB = 79.6  # an 80 GB card as torch counts it
 
 # mode -> how each number of GPUs runs it. batch is per GPU.
@@ -53,30 +52,6 @@ PLANS = {
     "train-full-zero3-offload": {"method": "full", "seq": 512, "batch": 1, "grad_ckpt": True, "steps": 8,
                                  "launch": {2: "deepspeed_zero3_offload"}, "needs": "deepspeed"},
 }
-
-
-def build_6b_folder(folder: Path) -> Path:
-    """Random weights of the real shape (bf16, made on the GPU), the tiny tokenizer beside them."""
-    import thuglm  # noqa: F401
-    from thuglm.models import ChatGLMForConditionalGeneration, ChatGLMTokenizer
-    from thuglm.models.tiny import cached_tiny_chatglm, tiny_config
-
-    if (folder / "config.json").is_file():
-        return folder
-    tokenizer = ChatGLMTokenizer.from_pretrained(cached_tiny_chatglm())
-    config = tiny_config(tokenizer.vocab_size, tokenizer, **SIX_B)
-    torch.manual_seed(0)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):
-        model = ChatGLMForConditionalGeneration(config)
-    torch.set_default_dtype(previous)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    del model
-    gc.collect()
-    torch.cuda.empty_cache()
-    return folder
 
 
 def command(launch: str, gpus: int, config: Path, overrides: list[str]) -> list[str]:
@@ -105,7 +80,13 @@ def run_one(mode: str, plan: dict, gpus: int, model: str, root: Path, smoke: boo
     if not smoke:
         # Exactly `gpus` cards: a single process that saw two would have the Trainer split each batch by DataParallel.
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(index) for index in range(gpus))
-    done = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, check=False)
+    try:
+        done = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, check=False,
+                              timeout=RUN_TIMEOUT_S)
+    except subprocess.TimeoutExpired as expired:
+        done = subprocess.CompletedProcess(argv, -9, (expired.stdout or b"").decode(errors="replace"),
+                                           f"stopped after {RUN_TIMEOUT_S} s\n"
+                                           + (expired.stderr or b"").decode(errors="replace"))
     row = {"mode": mode, "gpus": gpus, "launcher": launch, "method": plan["method"], "seq": plan["seq"],
            "batch": plan["batch"], "global_batch": plan["batch"] * gpus, "grad_ckpt": plan["grad_ckpt"],
            "steps": plan["steps"], "wall_s": round(time.perf_counter() - start, 1),

@@ -22,6 +22,7 @@ subprocess whose PYTHONPATH holds those packages (`--official-site`) and whose m
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
 import importlib
@@ -36,10 +37,9 @@ import types
 from pathlib import Path
 
 import torch
+from common import SIX_B, random_chatglm
 
 GMASK, MASK, SOP, EOP, PAD = 130001, 130000, 130004, 130005, 3
-SIX_B = {"hidden_size": 4096, "num_layers": 28, "num_attention_heads": 32, "inner_hidden_size": 16384,
-         "vocab_size": 130528, "max_sequence_length": 2048}
 # The official code needs the real special-token ids, so the smoke shape keeps the real vocabulary.
 SMOKE = {"hidden_size": 64, "num_layers": 2, "num_attention_heads": 4, "inner_hidden_size": 256,
          "vocab_size": 130528, "max_sequence_length": 2048}
@@ -88,17 +88,9 @@ def sft_batch(batch: int, seq: int, device, seed: int = 0) -> dict[str, torch.Te
 
 # ---- models ------------------------------------------------------------------------------------------------------
 def build_thuglm(shape: dict, device, dtype, attn: str = "sdpa"):
-    from thuglm.models import ChatGLMConfig, ChatGLMForConditionalGeneration
+    from thuglm.models import ChatGLMConfig
 
-    config = ChatGLMConfig(**shape, use_cache=False)
-    torch.manual_seed(0)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    with torch.device(device):
-        model = ChatGLMForConditionalGeneration(config)
-    torch.set_default_dtype(previous)
-    model.set_attn_implementation(attn)
-    return model
+    return random_chatglm(ChatGLMConfig(**shape, use_cache=False), dtype, device, attn)
 
 
 def build_official(shape: dict, device, dtype, official_dir: Path):
@@ -194,6 +186,7 @@ class TrainingStep:
             self.in_backward = True
         self.model = model.train()
         self.grad_ckpt: bool | None = None
+        self.autocast = False  # adapters' matmuls under autocast, without peft's fp32 copy of their inputs
 
     def set_checkpointing(self, on: bool) -> None:
         if on == self.grad_ckpt:
@@ -209,8 +202,19 @@ class TrainingStep:
             model.gradient_checkpointing_disable()
         self.grad_ckpt = on
 
+    def forward_context(self) -> contextlib.AbstractContextManager:
+        """What `thuglm train` runs a bf16 LoRA forward in: autocast, peft's input casting off (GlmTrainer)."""
+        stack = contextlib.ExitStack()
+        if self.autocast:
+            from peft.helpers import disable_input_dtype_casting
+
+            stack.enter_context(torch.autocast(self.device.type, dtype=torch.bfloat16))
+            stack.enter_context(disable_input_dtype_casting(self.model))
+        return stack
+
     def step(self, batch: dict) -> torch.Tensor:
-        loss = self.model(**batch, use_cache=False).loss
+        with self.forward_context():
+            loss = self.model(**batch, use_cache=False).loss
         loss.backward()
         if not self.in_backward:
             self.optimizer.step()
@@ -224,6 +228,7 @@ def measure(trainer: TrainingStep, spec: dict, seconds: float, warmup: int, min_
     device = trainer.device
     cuda = device.type == "cuda"
     trainer.set_checkpointing(spec["grad_ckpt"])
+    trainer.autocast = bool(spec.get("autocast"))
     if spec.get("attn"):
         trainer.model.set_attn_implementation(spec["attn"])
     if spec.get("compile"):
@@ -255,6 +260,7 @@ def measure(trainer: TrainingStep, spec: dict, seconds: float, warmup: int, min_
 def reset_after(trainer: TrainingStep | None, spec: dict) -> None:
     if trainer is not None:
         trainer.optimizer.zero_grad(set_to_none=True)
+        trainer.autocast = False
         if spec.get("attn"):
             trainer.model.set_attn_implementation("sdpa")
         if spec.get("compile"):
@@ -274,10 +280,16 @@ def profile_step(trainer: TrainingStep, spec: dict) -> None:
     batch = sft_batch(spec["batch"], spec["seq"], trainer.device)
     trainer.step(batch)
     torch.cuda.synchronize()
+    start = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         trainer.step(batch)
         torch.cuda.synchronize()
+    wall_ms = 1e3 * (time.perf_counter() - start)
     averages = prof.key_averages()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy_ms = sum(e.device_time for e in kernels) / 1e3
+    print(f"profile {spec}: {len(kernels)} kernels, {busy_ms:.1f} ms of kernel time in {wall_ms:.1f} ms "
+          "(profiled, so the wall time is inflated)", flush=True)
     for key in ("self_device_time_total", "self_cuda_time_total"):
         try:
             print(averages.table(sort_by=key, row_limit=40, max_name_column_width=70), flush=True)
@@ -308,6 +320,8 @@ def worker(args) -> None:
                 if args.profile and spec["mode"] == "lora" and device.type == "cuda":
                     profile_step(trainer, plan("lora", 512, 8, False))
             row.update(measure(trainer, spec, args.seconds, args.warmup, args.min_steps))
+            if spec.get("profile") and device.type == "cuda":
+                profile_step(trainer, spec)
         except torch.OutOfMemoryError:
             row.update(status="oom")
         except Exception as error:  # noqa: BLE001  (record every failure and go on)
@@ -414,7 +428,7 @@ def run_worker(impl: str, plans: list[dict], args) -> list[dict]:
 
 
 def summary(row: dict) -> str:
-    variant = ",".join(f"{k}={row[k]}" for k in ("attn", "compile") if row.get(k)) or "-"
+    variant = ",".join(f"{k}={row[k]}" for k in ("attn", "compile", "autocast") if row.get(k)) or "-"
     tps = f"{row['tokens_per_s']:>10,.0f}" if row.get("tokens_per_s") else f"{'-':>10s}"
     peak = f"{row['peak_gib']:>8.2f}" if row.get("peak_gib") else f"{'-':>8s}"
     return (f"{row['impl']:9s} {row['mode']:6s} {row['seq']:>6} {row['batch']:>3} {row['grad_ckpt']!s:5s} "
@@ -441,7 +455,7 @@ def ratios(rows: list[dict]) -> list[str]:
         same = [r for r in ok if r["impl"] == "thuglm" and all(r[k] == twin[k] for k in
                                                                ("mode", "seq", "batch", "grad_ckpt"))]
         for r in sorted(same, key=lambda r: r["tokens_per_s"]):
-            variant = ",".join(k for k in ("attn", "compile") if r.get(k)) or "eager"
+            variant = ",".join(k for k in ("attn", "compile", "autocast") if r.get(k)) or "eager"
             lines.append(f"{r['mode']} s{r['seq']} b{r['batch']} ckpt={r['grad_ckpt']} ({variant}): "
                          f"{r['tokens_per_s'] / twin['tokens_per_s']:.2f}x tokens/s, peak {r['peak_gib']:.2f} "
                          f"vs {twin['peak_gib']:.2f} GiB")
@@ -467,7 +481,8 @@ def main() -> None:
     parser.add_argument("--min-steps", type=int, default=3)
     parser.add_argument("--official-timeout", type=float, default=240.0, help="seconds for the official worker")
     parser.add_argument("--thuglm-timeout", type=float, default=420.0, help="seconds for the thuglm worker")
-    parser.add_argument("--only", help="JSON list of plans to run instead of the built-in grid")
+    parser.add_argument("--only", help="JSON list of plans to run instead of the built-in grid (a plan with an "
+                        "`impl` key runs for that implementation only; `profile: true` prints its top kernels)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--plans", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -487,7 +502,8 @@ def main() -> None:
     rows = []
     for impl in impls:
         plans = json.loads(args.only) if args.only else (smoke_plans(impl) if args.smoke else full_plans(impl))
-        plans = [p for p in plans if p["mode"] in modes and (impl == "thuglm" or p["mode"] != "qlora")]
+        plans = [p for p in plans if p["mode"] in modes and (impl == "thuglm" or p["mode"] != "qlora")
+                 and p.get("impl", impl) == impl]
         if plans:
             rows += run_worker(impl, plans, args)
     print("\n" + HEADER)

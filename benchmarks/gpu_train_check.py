@@ -24,16 +24,13 @@ import time
 from pathlib import Path
 
 import torch
+from common import build_6b_folder
 
 import thuglm  # noqa: F401
-from thuglm.models import ChatGLMForConditionalGeneration, ChatGLMTokenizer
-from thuglm.models.tiny import cached_tiny_chatglm, tiny_config
+from thuglm.models.tiny import cached_tiny_chatglm
 from thuglm.training.config import load_config
 from thuglm.training.demo import resource_path
 from thuglm.training.recipe import train
-
-SIX_B = {"hidden_size": 4096, "num_layers": 28, "num_attention_heads": 32, "inner_hidden_size": 16384,
-         "max_sequence_length": 2048, "vocab_size": 130528}
 
 
 def run(model: str, out: Path, **settings) -> dict:
@@ -78,27 +75,9 @@ def tiny_matrix(root: Path) -> list[dict]:
     return rows
 
 
-def build_6b_folder(folder: Path) -> Path:
-    """Random weights of the real shape (bf16), the tiny tokenizer beside them."""
-    tokenizer = ChatGLMTokenizer.from_pretrained(cached_tiny_chatglm(folder.parent / "cache"))
-    config = tiny_config(tokenizer.vocab_size, tokenizer, **SIX_B)
-    torch.manual_seed(0)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):
-        model = ChatGLMForConditionalGeneration(config)
-    torch.set_default_dtype(previous)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    del model
-    gc.collect()
-    torch.cuda.empty_cache()
-    return folder
-
-
 def six_b_runs(root: Path, only: str | None = None, probe: bool = False) -> list[dict]:
     start = time.perf_counter()
-    folder = build_6b_folder(root / "glm6b")
+    folder = build_6b_folder(root / "glm6b", tokenizer_cache=root / "cache")
     print(f"6B-shape folder written in {time.perf_counter() - start:.0f} s")
     plans = [
         {"method": "lora", "max_seq_len": 512, "batch_size": 4, "gradient_checkpointing": "false", "max_steps": 30},

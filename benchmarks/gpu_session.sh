@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# One GPU session's measurements, as run on the lent GPU machine (see benchmarks/README.md):
+#   bash benchmarks/gpu_session.sh multi    # >= 2 GPUs: FSDP LoRA, FSDP full FT, ZeRO-3 offload; recipe profile
+#   bash benchmarks/gpu_session.sh single   # 1 GPU: decoding and training against the official code
+# Wheels the machine lacks are carried in .whl (datasets), .whl_ds (DeepSpeed and its needs); the official code and
+# its transformers 4.34.1 wheels in .official and .whl_bench/official (git-ignored, never committed).
+# Logs and result rows go to $OUT (or ./gpu-out).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+site=/tmp/site
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $site .whl/*.whl \
+    $( [ -d .whl_ds ] && ls .whl_ds/*.whl ) || exit 1
+export PYTHONPATH=$site:$PWD/src
+commit=${COMMIT:-unknown}
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+
+case "${1:-}" in
+multi)
+    python3 benchmarks/bench_multi_gpu.py --record "$OUT/rows_multi.jsonl" --commit "$commit" \
+        --modes train-lora-fsdp train-full-fsdp train-full-zero3-offload 2>&1 | tee "$OUT/multi.log"
+    CUDA_VISIBLE_DEVICES=0 timeout 150 python3 benchmarks/profile_recipe.py 2>&1 | tee "$OUT/profile_recipe.log" \
+        | grep -E "^profile|tokens_per_s|Error" | tail -5
+    ;;
+single)
+    mkdir -p /tmp/official_site && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+        --target /tmp/official_site .whl_bench/official/*.whl
+    python3 benchmarks/bench_decode.py --record "$OUT/rows_decode.jsonl" --commit "$commit" --no-numerics \
+        --grid '[[1, 32, 128]]' --variants dynamic,static-compiled,static-compiled-late-stop --repeats 5 \
+        --official-code .official --official-site /tmp/official_site --work-dir /tmp 2>&1 | tee "$OUT/decode.log" \
+        | grep -vE "^(official|thuglm) \{" | tail -12
+    python3 benchmarks/bench_train.py --record "$OUT/rows_train.jsonl" --commit "$commit" \
+        --official-site /tmp/official_site --official-dir .official --modes lora,full --seconds 6 \
+        --only "${TRAIN_PLANS:?TRAIN_PLANS: a JSON list of plans}" 2>&1 | tee "$OUT/train.log" \
+        | grep -vE "^ |^-|^Name|^Self" | tail -30
+    ;;
+*)
+    echo "usage: $0 multi|single" >&2
+    exit 2
+    ;;
+esac

@@ -1,0 +1,78 @@
+"""Where the time of a `thuglm train` step goes on a GPU: the recipe as users run it, profiled for a few steps.
+
+    PYTHONPATH=src python benchmarks/profile_recipe.py [key=value ...]      # one GPU; overrides go to thuglm train
+
+Trains LoRA (by default; any config key can be overridden) on ChatGLM-6B's shape with random weights (the folder
+`bench_multi_gpu.py` builds) and the bundled corpus, and wraps steps PROFILED of the Trainer's loop in
+torch.profiler. It prints how much of the wall time the GPU was busy, the kernels that took it, and the host-side
+operations that kept the GPU waiting. Nothing is recorded: this is for finding work, not for reporting speed.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+from bench_multi_gpu import REPO
+from common import build_6b_folder
+from torch.profiler import ProfilerActivity, profile
+
+PROFILED = range(6, 9)  # micro-batches (training_step calls) inside the profile, after warm-up
+
+
+def profiled_training_step(original):
+    state: dict = {"calls": 0, "profiler": None, "start": 0.0}
+
+    def training_step(self, *args, **kwargs):
+        call = state["calls"]
+        state["calls"] += 1
+        if call == PROFILED.start:
+            torch.cuda.synchronize()
+            state["profiler"] = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+            state["profiler"].__enter__()
+            state["start"] = time.perf_counter()
+        if call == PROFILED.stop:  # the previous steps, their optimizer steps and data loading included
+            torch.cuda.synchronize()
+            wall_ms = 1e3 * (time.perf_counter() - state["start"])
+            state["profiler"].__exit__(None, None, None)
+            report(state["profiler"], wall_ms, len(PROFILED))
+        return original(self, *args, **kwargs)
+
+    return training_step
+
+
+def report(prof, wall_ms: float, steps: int) -> None:
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy_ms = sum(e.device_time for e in kernels) / 1e3
+    print(f"\nprofile of {steps} steps: wall {wall_ms:.0f} ms (profiled), kernels {busy_ms:.0f} ms "
+          f"({100 * busy_ms / wall_ms:.0f} % busy), {len(kernels) / steps:.0f} kernels a step", flush=True)
+    averages = prof.key_averages()
+    print(averages.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=80), flush=True)
+    print(averages.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=80), flush=True)
+
+
+def main() -> None:
+    from thuglm.training import recipe
+    from thuglm.training.trainer import GlmTrainer
+
+    root = Path("/tmp/thuglm-profile")
+    root.mkdir(parents=True, exist_ok=True)
+    model = build_6b_folder(Path("/tmp/thuglm-multi-gpu") / "glm6b")
+    corpus = REPO / "src" / "thuglm" / "resources" / "corpus"
+    config = root / "base.yaml"
+    config.write_text(
+        f"data: {{files: ['{corpus}'], cache_dir: '{root / 'hf-cache'}'}}\nprecision: bf16\nlogging_steps: 1\n"
+        "save_steps: 100000\nreport_to: []\nlearning_rate: 1.0e-5\nwarmup_ratio: 0.0\nseed: 0\n",
+        encoding="utf-8",
+    )
+    overrides = [f"model={model}", "method=lora", f"output_dir={root / 'out'}", "overwrite_output_dir=true",
+                 "max_seq_len=512", "batch_size=4", "gradient_checkpointing=false", f"max_steps={PROFILED.stop + 2}",
+                 *sys.argv[1:]]
+    GlmTrainer.training_step = profiled_training_step(GlmTrainer.training_step)
+    recipe.train_from_cli(str(config), overrides)
+
+
+if __name__ == "__main__":
+    main()
