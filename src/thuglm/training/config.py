@@ -105,7 +105,21 @@ class TrainConfig:
     lr_scheduler: str = "cosine"
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
+    optimizer: Literal["adamw", "adafactor"] = "adamw"
+    """`adamw`: the Trainer's AdamW (two moments a weight). `adafactor`: thuglm's Adafactor (training/optim.py): no
+    first moment and a factored second moment (4 MB for ChatGLM-6B against AdamW's 46 GB), bf16 weights updated with
+    stochastic rounding; it takes learning_rate (warmup and decay by lr_scheduler) and weight_decay as AdamW does."""
+    optimizer_in_backward: bool = False
+    """With `optimizer: adafactor`: update each weight inside the backward pass as soon as its gradient is complete,
+    and free that gradient, so the model's gradients never all exist at once (with bf16 and gradient_checkpointing,
+    full fine-tuning of ChatGLM-6B fits a 24 GB card). The price: one process, one GPU; no gradient accumulation
+    (raise batch_size instead); no clipping over all weights (max_grad_norm is off: Adafactor caps the RMS of each
+    weight's update instead); a NaN / inf loss stops the run after that step's update was applied (the weights in
+    memory are then not saved), so `on_nan: skip` is refused; no fp16 (its loss scaling checks the gradients after
+    the backward pass, too late)."""
+    max_grad_norm: float | None = None
+    """Clip the norm of all gradients together to this; 0: no clipping. Default: 1.0, and 0 with
+    optimizer_in_backward (no moment of the step holds all the gradients)."""
     seed: int = 42
     logging_steps: int = 10
     save_steps: int = 500
@@ -144,6 +158,11 @@ class TrainConfig:
                 "batch_size or the number of processes"
             )
         return self.global_batch_size // per_pass
+
+    def resolved_max_grad_norm(self) -> float:
+        if self.max_grad_norm is not None:
+            return self.max_grad_norm
+        return 0.0 if self.optimizer_in_backward else 1.0
 
     def resolved_packing(self) -> bool:
         if self.packing is not None:
@@ -302,6 +321,58 @@ def check_config(config: TrainConfig) -> None:
         raise ConfigError("config key `lora.target_modules` is empty: name the linear layers LoRA adapts")
     if config.task != "causal_lm":
         check_classification_config(config)
+    if config.optimizer_in_backward:
+        check_optimizer_in_backward(config)
+
+
+def check_optimizer_in_backward(config: TrainConfig) -> None:
+    """Each weight is updated in the backward pass and its gradient freed: no moment of a step sees all gradients."""
+    off = "or set optimizer_in_backward: false"
+    if config.optimizer != "adafactor":
+        raise ConfigError(f"`optimizer_in_backward: true` steps thuglm's Adafactor inside the backward pass, not "
+                          f"`optimizer: {config.optimizer}`: add `optimizer: adafactor`, {off}")
+    accumulated = config.gradient_accumulation_steps > 1 or config.global_batch_size not in (None, config.batch_size)
+    if accumulated:
+        given = (f"global_batch_size {config.global_batch_size} with batch_size {config.batch_size}"
+                 if config.global_batch_size else f"gradient_accumulation_steps {config.gradient_accumulation_steps}")
+        raise ConfigError(f"`optimizer_in_backward: true` updates the weights in every backward pass, so it cannot "
+                          f"accumulate gradients over micro-batches ({given}): raise batch_size instead (with "
+                          f"gradient_checkpointing to fit it) and leave out gradient_accumulation_steps / "
+                          f"global_batch_size, {off}")
+    if config.max_grad_norm is not None and config.max_grad_norm > 0:
+        raise ConfigError(f"`max_grad_norm: {config.max_grad_norm}` clips the norm of all gradients together, and "
+                          "`optimizer_in_backward: true` never holds them all (Adafactor caps the RMS of each weight's "
+                          f"update instead): remove max_grad_norm (or set it to 0), {off}")
+    if config.on_nan == "skip":
+        raise ConfigError("`on_nan: skip` cannot skip a step whose update `optimizer_in_backward: true` has already "
+                          "applied in the backward pass: use on_nan: stop (the run stops at the bad step, and you "
+                          f"resume from the last checkpoint), {off}")
+    if config.precision == "fp16":
+        raise ConfigError(_FP16_IN_BACKWARD.format(precision="`precision: fp16`"))
+
+
+_FP16_IN_BACKWARD = ("{precision} scales the loss and checks the gradients for overflow after the backward pass, too "
+                     "late for `optimizer_in_backward: true`, which has applied them by then: use precision bf16 (or "
+                     "fp32), or set optimizer_in_backward: false")
+
+
+def check_optimizer_placement(config: TrainConfig, processes: int, precision: str, sharding: str | None) -> None:
+    """What only the launch decides: the number of processes (or GPUs of one), the precision `auto` chose, and
+    whether accelerate shards the model (`sharding`: "FSDP", "DeepSpeed" or None)."""
+    if config.optimizer == "adafactor" and sharding:
+        raise ConfigError(f"`optimizer: adafactor` updates whole weight matrices, and under {sharding} each process "
+                          f"holds shards of them: use optimizer: adamw with {sharding}, or Adafactor on one GPU or "
+                          "with DDP (`thuglm train --nproc N`)")
+    if not config.optimizer_in_backward:
+        return
+    if processes > 1:
+        raise ConfigError(f"`optimizer_in_backward: true` trains in one process on one GPU, and this run has "
+                          f"{processes} (processes, or GPUs one process sees): DDP averages the gradients in backward "
+                          "hooks of its own, which the updates would run ahead of. Make one GPU visible "
+                          "(CUDA_VISIBLE_DEVICES=0) without --nproc / torchrun, or set optimizer_in_backward: false")
+    if precision == "fp16":
+        raise ConfigError(_FP16_IN_BACKWARD.format(
+            precision=f"precision fp16 (what `precision: {config.precision}` chose on this GPU, which has no bf16)"))
 
 
 def check_classification_config(config: TrainConfig) -> None:

@@ -18,7 +18,7 @@ import logging
 
 import torch
 
-from .config import ConfigError, load_config
+from .config import ConfigError, check_optimizer_placement, load_config
 
 logger = logging.getLogger("thuglm.train")
 
@@ -89,6 +89,8 @@ def launch(nproc: int, config_path: str, overrides: list[str]) -> int:
                           "(CUDA_VISIBLE_DEVICES chooses which)")
     config = load_config(config_path, overrides)
     config.resolved_gradient_accumulation_steps(nproc)
+    if config.optimizer_in_backward:  # each process would refuse it after starting; say it once, before
+        check_optimizer_placement(config, nproc, precision="unknown", sharding=None)
     # --standalone: a rendezvous on localhost with a free port, so several runs can share a machine.
     args = get_args_parser().parse_args(
         ["--standalone", f"--nproc-per-node={nproc}", "--module", "thuglm", "train", config_path, *overrides]

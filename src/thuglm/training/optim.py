@@ -21,7 +21,7 @@ parameters: Adafactor clips each update's RMS instead).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -124,10 +124,38 @@ class Adafactor(torch.optim.Optimizer):
             raise ValueError(f"Adafactor needs lr > 0, got {lr}")
         defaults = {"lr": lr, "beta2_decay": beta2_decay, "eps": eps, "clip_threshold": clip_threshold,
                     "weight_decay": weight_decay}
+        self._group_of: dict[torch.Tensor, dict] = {}
         super().__init__(params, defaults)
-        self._group_of = {p: group for group in self.param_groups for p in group["params"]}
         self.fused = fused
         self._lr_tensors: dict[tuple[int, torch.device], tuple[float | None, torch.Tensor]] = {}
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        self._index_groups()
+
+    def _index_groups(self) -> None:
+        # step_parameter finds a parameter's settings (lr above all) through this map, so it must point at the dicts
+        # in self.param_groups, the ones an LR scheduler writes.
+        self._group_of = {p: group for group in self.param_groups for p in group["params"]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch's, with two corrections for this optimizer.
+
+        * torch replaces `param_groups` with new dicts (the saved hyperparameters): the parameters are pointed at
+          them, or a scheduler created afterwards would change an lr no step reads. accelerate's `prepare` itself
+          goes through here (a state-dict round trip to place the state), before the Trainer creates its scheduler.
+        * torch casts the state to each parameter's dtype and leaves `step` where it was loaded: the second moments
+          stay fp32 (bf16 weights would round them to bf16) and everything moves to the parameter's device.
+        """
+        super().load_state_dict(state_dict)
+        self._index_groups()
+        self._lr_tensors.clear()
+        saved_ids = (index for group in state_dict["param_groups"] for index in group["params"])
+        params = (param for group in self.param_groups for param in group["params"])
+        for saved_id, param in zip(saved_ids, params):
+            if saved_id in state_dict["state"]:
+                self.state[param] = {name: value.to(device=param.device, dtype=torch.float32)
+                                     for name, value in state_dict["state"][saved_id].items()}
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -205,14 +233,20 @@ class Adafactor(torch.optim.Optimizer):
             _round_into(param[c], param[c].float() * (1 - lr * weight_decay) - step_size * update)
 
 
-def step_in_backward(optimizer: Adafactor) -> list[torch.utils.hooks.RemovableHandle]:
+def step_in_backward(
+    optimizer: Adafactor, on_gradient: Callable[[torch.Tensor], None] | None = None,
+) -> list[torch.utils.hooks.RemovableHandle]:
     """Make `loss.backward()` update every parameter of `optimizer` and free its gradient as soon as it is complete.
 
     After this, `optimizer.step()` finds no gradients and does nothing; call `optimizer.zero_grad()` as usual (it
-    has nothing to free either). Returns the hook handles (`handle.remove()` undoes it).
+    has nothing to free either). `on_gradient(grad)`, if given, sees each complete gradient just before its update
+    (the Trainer sums their squares into the step's gradient norm). Returns the hook handles (`handle.remove()`
+    undoes it).
     """
 
     def hook(param: torch.nn.Parameter) -> None:
+        if on_gradient is not None:
+            on_gradient(param.grad)
         optimizer.step_parameter(param)
         param.grad = None
 

@@ -28,7 +28,7 @@ from ..data.collator import GlmCollator
 from ..inference.loading import check_model_folder, check_tokenizer_fits, tokenizer_folder
 from . import classification
 from .checkpoints import check_output_dir, latest_complete_checkpoint, remove_stale_staging, start_afresh
-from .config import ConfigError, TrainConfig, load_config
+from .config import ConfigError, TrainConfig, check_optimizer_placement, load_config
 from .distributed import data_parallel_size, fsdp_checkpoints_layers, process_state, quiet_replicas
 from .methods import (
     count_parameters,
@@ -38,6 +38,7 @@ from .methods import (
     resolve_precision,
     weights_dtype,
 )
+from .optim import Adafactor
 from .reporting import plot_losses, write_json
 from .trainer import GlmTrainer, peak_memory, perplexity
 
@@ -65,6 +66,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     processes = data_parallel_size(state)
     config.resolved_gradient_accumulation_steps(processes)  # a global batch the processes cannot share stops here
     precision = resolve_precision(config.precision)
+    check_optimizer_placement(config, processes, precision, sharding_plugin())
     # Everything the user could have got wrong is checked before anything is computed or written.
     check_output_dir(Path(config.output_dir), resuming=config.resume_from_checkpoint is not False,
                      overwrite=config.overwrite_output_dir)
@@ -90,8 +92,11 @@ def train(config: TrainConfig) -> dict[str, Any]:
         )
     model = prepare_for_method(model, config)
     trainable, total = count_parameters(model)
-    logger.info("%s: training %s of %s parameters (%s, %s)", model_dir, f"{trainable:,}", f"{total:,}",
-                config.method, precision)
+    logger.info("%s: training %s of %s parameters (%s, %s, %s)", model_dir, f"{trainable:,}", f"{total:,}",
+                config.method, precision, describe_optimizer(config))
+    if config.optimizer_in_backward and config.max_grad_norm is None:
+        logger.info("max_grad_norm: off (optimizer_in_backward never holds all the gradients to clip their norm; "
+                    "Adafactor caps the RMS of each weight's update instead)")
 
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -110,6 +115,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
         else classification.classification_collator(config.task, tokenizer),
         compute_metrics=None if config.task == "causal_lm" else classification.compute_metrics_for(config.task, labels),
         processing_class=tokenizer,
+        optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(config),
+        optimizer_in_backward=config.optimizer_in_backward,
         on_nan=config.on_nan,
     )
     # No KV cache while training: FSDP's activation checkpointing recomputes each ChatGLMBlock in the backward pass,
@@ -193,6 +200,32 @@ def resolve_resume(config: TrainConfig) -> str | None:
     return str(value)
 
 
+def optimizer_cls_and_kwargs(config: TrainConfig) -> tuple[type[torch.optim.Optimizer], dict[str, Any]] | None:
+    """The Trainer's `optimizer_cls_and_kwargs`: None keeps its AdamW.
+
+    The Trainer builds the parameter groups (weight_decay for weight matrices, none for biases and LayerNorms, as
+    for AdamW) and passes them with these keyword arguments; its LR scheduler then drives each group's lr.
+    """
+    if config.optimizer == "adamw":
+        return None
+    return Adafactor, {"lr": config.resolved_learning_rate(), "weight_decay": config.weight_decay}
+
+
+def describe_optimizer(config: TrainConfig) -> str:
+    return f"{config.optimizer}{' in the backward pass' if config.optimizer_in_backward else ''}"
+
+
+def sharding_plugin() -> str | None:
+    """The accelerate plugin that shards the model across processes, as `accelerate launch` passes it on."""
+    from accelerate.utils import parse_flag_from_env
+
+    if parse_flag_from_env("ACCELERATE_USE_FSDP"):
+        return "FSDP"
+    if parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
+        return "DeepSpeed"
+    return None
+
+
 def training_arguments(config: TrainConfig, precision: str, has_eval: bool, processes: int = 1):
     """`processes`: how many share each step (torchrun / accelerate launch); `batch_size` is per process."""
     from transformers import TrainingArguments
@@ -208,7 +241,7 @@ def training_arguments(config: TrainConfig, precision: str, has_eval: bool, proc
         lr_scheduler_type=config.lr_scheduler,
         warmup_steps=config.warmup_ratio,  # a float below 1 is a fraction of the steps
         weight_decay=config.weight_decay,
-        max_grad_norm=config.max_grad_norm,
+        max_grad_norm=config.resolved_max_grad_norm(),
         logging_steps=config.logging_steps,
         logging_first_step=True,
         save_strategy="steps",
@@ -240,6 +273,7 @@ def write_resolved_config(config: TrainConfig, model_dir: Path, precision: str, 
         precision=precision,
         learning_rate=config.resolved_learning_rate(),
         packing=config.resolved_packing(),
+        max_grad_norm=config.resolved_max_grad_norm(),
     )
     out_file.write_text(yaml.safe_dump(resolved, allow_unicode=True, sort_keys=False), encoding="utf-8")
 

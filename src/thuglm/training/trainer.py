@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 
 import torch
+from peft import PeftModel
+from peft.helpers import disable_input_dtype_casting
 from transformers import Trainer
 from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
@@ -22,6 +24,7 @@ from .checkpoints import (
     write_error,
     write_failure,
 )
+from .optim import Adafactor, step_in_backward
 
 logger = logging.getLogger("thuglm.train")
 
@@ -44,9 +47,21 @@ class GlmTrainer(Trainer):
     * checkpoints are written to a staging folder and renamed into place when complete (see `checkpoints.py`);
     * a NaN / infinite loss or gradient norm stops the run before the optimizer applies it (`on_nan="stop"`), so
       the newest checkpoint stays a good one, or that optimizer step is skipped and counted (`on_nan="skip"`).
+
+    `optimizer_in_backward=True` (with `optimizer_cls_and_kwargs=(Adafactor, ...)`) hooks the optimizer into the
+    backward pass (`optim.step_in_backward`): each weight is updated, and its gradient freed, as soon as the gradient
+    is complete; the Trainer's `optimizer.step()` and `zero_grad()` then find no gradients and do nothing, and its
+    LR scheduler sets the lr the hooks read, as usual. The hooks sum the squares of the gradients on the device, so
+    the step's gradient norm is still logged and checked. The config refuses with it (`check_optimizer_in_backward`,
+    `check_optimizer_placement`): gradient accumulation and clipping over all weights (no moment holds all the
+    gradients), `on_nan="skip"` and fp16's loss scaling (the update is applied before anything could skip it), and
+    several processes. A NaN / inf loss or gradient still stops the run, but after its update: the stop message says
+    so, and nothing is saved after it.
     """
 
-    def __init__(self, *args, on_nan: str = "stop", **kwargs):
+    def __init__(self, *args, on_nan: str = "stop", optimizer_in_backward: bool = False, **kwargs):
+        if optimizer_in_backward and on_nan == "skip":  # the config refuses it too, with the fix
+            raise ValueError("on_nan='skip' cannot skip an update that optimizer_in_backward has already applied")
         super().__init__(*args, **kwargs)
         self.session_tokens = 0
         self._last_log = (time.perf_counter(), 0)  # (time, session tokens) at the previous training log
@@ -54,6 +69,43 @@ class GlmTrainer(Trainer):
         self.skipped_nonfinite_steps = 0
         self._nonfinite_loss: float | None = None  # a non-finite micro-batch loss since the last optimizer step
         self._staging: Path | None = None
+        self.optimizer_in_backward = optimizer_in_backward
+        self._backward_hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._grad_square_sum: torch.Tensor | None = None  # this step's, summed by the hooks
+
+    # ---- the optimizer inside the backward pass -----------------------------------------------------------------
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        if self.optimizer_in_backward and not self._backward_hooks:  # the Trainer may call this again
+            if not isinstance(optimizer, Adafactor):
+                raise TypeError(f"optimizer_in_backward needs thuglm's Adafactor, not {type(optimizer).__name__}")
+            self._backward_hooks = step_in_backward(optimizer, on_gradient=self._add_to_grad_norm)
+        return optimizer
+
+    def _add_to_grad_norm(self, grad: torch.Tensor) -> None:
+        # On the device, without reading it back (no synchronisation in the backward pass); fp32 accumulation over
+        # a bf16 gradient without an fp32 copy of it.
+        square = torch.linalg.vector_norm(grad, dtype=torch.float32).square()
+        self._grad_square_sum = square if self._grad_square_sum is None else self._grad_square_sum + square
+
+    def _backward_grad_norm(self) -> torch.Tensor | None:
+        norm = self._grad_square_sum.sqrt() if self._grad_square_sum is not None else None
+        self._grad_square_sum = None
+        return norm
+
+    # ---- LoRA on a half-precision base ---------------------------------------------------------------------------
+    def compute_loss_context_manager(self):
+        """The Trainer's (autocast is accelerate's, around the forward), and peft's input casting off under it.
+
+        peft copies each adapter's input to the fp32 of the adapter weights; under autocast the matmul casts it
+        straight back to bf16/fp16, so for a half-precision base that is two passes over the largest activations of
+        every adapted layer (for dense_4h_to_h, [tokens, 16384]) for nothing. Only inside the Trainer's forward,
+        where autocast is on: a PeftModel used on its own keeps peft's casting.
+        """
+        stack = super().compute_loss_context_manager()
+        if self.accelerator.mixed_precision in ("bf16", "fp16") and isinstance(self.model, PeftModel):
+            stack.enter_context(disable_input_dtype_casting(self.model))
+        return stack
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         mask = inputs.get("attention_mask")
@@ -67,9 +119,12 @@ class GlmTrainer(Trainer):
             self._nonfinite_loss = float(loss)
         return loss
 
-    # ---- NaN / inf: checked after the backward and the clipping, before the optimizer step ----------------------
+    # ---- NaN / inf: checked after the backward and the clipping, before the optimizer step (in-backward: after) --
     def _get_grad_norm(self, model, grad_norm=None):
-        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        if self.optimizer_in_backward:  # the gradients are gone; the hooks measured them on the way
+            grad_norm = self._backward_grad_norm()
+        else:
+            grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
         # With fp16 an infinite gradient norm is the loss scaler's business (it skips the step and lowers the scale).
         bad_norm = not self.args.fp16 and grad_norm is not None and not math.isfinite(float(grad_norm))
         local = 1.0 if bad_norm or self._nonfinite_loss is not None else 0.0
@@ -93,6 +148,12 @@ class GlmTrainer(Trainer):
         last = latest_complete_checkpoint(Path(self.args.output_dir))
         kept = (f"{last} is the last good checkpoint: resume from it with resume_from_checkpoint=true after the fix"
                 if last else "no checkpoint had been written yet")
+        if self.optimizer_in_backward:  # the hooks have applied this step's update: say so, and save nothing more
+            raise NonFiniteLossError(
+                f"step {step}: {what}; optimizer_in_backward had already applied this step's update in the backward "
+                f"pass, so the run stopped with spoiled weights in memory, which were not saved; {kept}. Lower "
+                "learning_rate or look for broken rows in the data (on_nan=skip needs optimizer_in_backward: false)."
+            )
         raise NonFiniteLossError(
             f"step {step}: {what}, so the run stopped before the optimizer applied it; {kept}. Lower learning_rate, "
             "use bf16 instead of fp16, or look for broken rows in the data; or set on_nan=skip to skip such steps."
