@@ -21,8 +21,10 @@ case "${1:-}" in
 multi)
     python3 benchmarks/bench_multi_gpu.py --record "$OUT/rows_multi.jsonl" --commit "$commit" \
         --modes train-lora-fsdp train-full-fsdp train-full-zero3-offload 2>&1 | tee "$OUT/multi.log"
-    CUDA_VISIBLE_DEVICES=0 timeout 150 python3 benchmarks/profile_recipe.py 2>&1 | tee "$OUT/profile_recipe.log" \
-        | grep -E "^profile|tokens_per_s|Error" | tail -5
+    # Full fine-tuning as on a 24 GB card, through thuglm train (peak memory and tokens/s of the recipe).
+    CUDA_VISIBLE_DEVICES=0 timeout 150 python3 benchmarks/profile_recipe.py method=full optimizer=adafactor \
+        optimizer_in_backward=true gradient_checkpointing=true batch_size=1 2>&1 | tee "$OUT/profile_full.log" \
+        | grep -E "^profile|^run:|Error" | tail -5
     ;;
 single)
     mkdir -p /tmp/official_site && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
@@ -35,6 +37,8 @@ single)
         --official-site /tmp/official_site --official-dir .official --modes lora,full --seconds 6 \
         --only "${TRAIN_PLANS:?TRAIN_PLANS: a JSON list of plans}" 2>&1 | tee "$OUT/train.log" \
         | grep -vE "^ |^-|^Name|^Self" | tail -30
+    timeout 120 python3 benchmarks/profile_recipe.py 2>&1 | tee "$OUT/profile_lora.log" \
+        | grep -E "^profile|^run:|Error" | tail -5
     ;;
 *)
     echo "usage: $0 multi|single" >&2

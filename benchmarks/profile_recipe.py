@@ -2,6 +2,9 @@
 
     PYTHONPATH=src python benchmarks/profile_recipe.py [key=value ...]      # one GPU; overrides go to thuglm train
 
+e.g. `method=full optimizer=adafactor optimizer_in_backward=true gradient_checkpointing=true batch_size=1` for
+full fine-tuning as on a 24 GB card.
+
 Trains LoRA (by default; any config key can be overridden) on ChatGLM-6B's shape with random weights (the folder
 `bench_multi_gpu.py` builds) and the bundled corpus, and wraps steps PROFILED of the Trainer's loop in
 torch.profiler. It prints how much of the wall time the GPU was busy, the kernels that took it, and the host-side
@@ -71,7 +74,9 @@ def main() -> None:
                  "max_seq_len=512", "batch_size=4", "gradient_checkpointing=false", f"max_steps={PROFILED.stop + 2}",
                  *sys.argv[1:]]
     GlmTrainer.training_step = profiled_training_step(GlmTrainer.training_step)
-    recipe.train_from_cli(str(config), overrides)
+    metrics = recipe.train(recipe.load_config(str(config), overrides))
+    print("run: " + ", ".join(f"{key} {metrics.get(key)}" for key in
+                              ("tokens_per_s", "peak_memory_gib", "peak_memory_kind", "final_train_loss")), flush=True)
 
 
 if __name__ == "__main__":
