@@ -26,6 +26,8 @@ import datetime
 import importlib.util
 import json
 import os
+import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -92,10 +94,11 @@ def run_one(mode: str, plan: dict, gpus: int, model: str, root: Path, smoke: boo
            "steps": plan["steps"], "wall_s": round(time.perf_counter() - start, 1),
            "command": " ".join(argv[1:]).replace(str(root), "$ROOT")}
     metrics_file = out / "metrics.json"
+    (root / f"{mode}-{gpus}.log").write_text(done.stdout + "\n" + done.stderr, encoding="utf-8")
     if done.returncode != 0 or not metrics_file.is_file():
-        tail = (done.stderr or done.stdout)[-2000:]
-        row.update(status="oom" if "OutOfMemoryError" in tail else "error", error=tail[-400:])
-        print(tail, file=sys.stderr)
+        cause = first_failure(done.stderr + "\n" + done.stdout)
+        row.update(status="oom" if "OutOfMemoryError" in cause else "error", error=cause[-600:])
+        print(f"{mode} on {gpus}: {cause}", file=sys.stderr)
         return row
     metrics = json.loads(metrics_file.read_text())
     row.update(
@@ -105,7 +108,22 @@ def run_one(mode: str, plan: dict, gpus: int, model: str, root: Path, smoke: boo
     )
     if metrics["peak_memory_kind"].startswith("cuda"):
         row["fits_80gb"] = metrics["peak_memory_gib"] < CARD_GIB
+    shutil.rmtree(out / "checkpoint-final", ignore_errors=True)
+    for weights in out.glob("*.safetensors"):  # the trained 6B model: 12 GB a run, and the disk is finite
+        weights.unlink()
     return row
+
+
+def first_failure(log: str) -> str:
+    """The child's own error, not the launcher's ChildFailedError that follows it: the first exception line (with
+    the traceback line above it), or `thuglm: ...` for a user error."""
+    lines = log.splitlines()
+    for index, line in enumerate(lines):
+        if line.startswith("thuglm: ") or (
+            re.match(r"^[\w.]*(Error|Exception)\b", line) and "ChildFailedError" not in line
+        ):
+            return "\n".join(lines[max(0, index - 2) : index + 1])
+    return "\n".join(lines[-8:])
 
 
 def steady_throughput(out: Path) -> float | None:
@@ -141,6 +159,7 @@ def main() -> None:
     parser.add_argument("--record", help="append result rows (JSON lines) to this file")
     parser.add_argument("--commit", help="the commit measured (a copy without .git cannot tell)")
     parser.add_argument("--modes", nargs="*", default=list(PLANS), choices=list(PLANS))
+    parser.add_argument("--gpus", nargs="*", type=int, default=[1, 2], help="which GPU counts to run (1, 2)")
     args = parser.parse_args()
 
     root = Path(args.root)
@@ -169,7 +188,7 @@ def main() -> None:
     )
     rows = []
     for mode in (m for m in args.modes if m in plans):
-        for gpus in (n for n in gpu_counts if n in plans[mode]["launch"]):
+        for gpus in (n for n in gpu_counts if n in plans[mode]["launch"] and n in args.gpus):
             row = run_one(mode, plans[mode], gpus, model, root, args.smoke)
             rows.append(row)
             print(summary(row), flush=True)

@@ -17,28 +17,33 @@ export PYTHONPATH=$site:$PWD/src
 commit=${COMMIT:-unknown}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 
+df -h /tmp "$PWD" | tail -n +2
 case "${1:-}" in
 multi)
     python3 benchmarks/bench_multi_gpu.py --record "$OUT/rows_multi.jsonl" --commit "$commit" \
-        --modes train-lora-fsdp train-full-fsdp train-full-zero3-offload 2>&1 | tee "$OUT/multi.log"
-    # Full fine-tuning as on a 24 GB card, through thuglm train (peak memory and tokens/s of the recipe).
-    CUDA_VISIBLE_DEVICES=0 timeout 150 python3 benchmarks/profile_recipe.py method=full optimizer=adafactor \
-        optimizer_in_backward=true gradient_checkpointing=true batch_size=1 2>&1 | tee "$OUT/profile_full.log" \
-        | grep -E "^profile|^run:|Error" | tail -5
+        --modes ${MODES:-train-lora-fsdp train-full-fsdp train-full-zero3-offload} --gpus ${GPUS:-1 2} 2>&1 \
+        | tee "$OUT/multi.log" | grep -vE "^\s" | tail -40
     ;;
 single)
+    # The recipe on GPU 1 (full fine-tuning as on a 24 GB card, then LoRA, each profiled), meanwhile the
+    # against-the-official benchmarks on GPU 0.
+    (export CUDA_VISIBLE_DEVICES=1
+     timeout 200 python3 benchmarks/profile_recipe.py method=full optimizer=adafactor optimizer_in_backward=true \
+         gradient_checkpointing=true batch_size=1 > "$OUT/profile_full.log" 2>&1
+     timeout 150 python3 benchmarks/profile_recipe.py > "$OUT/profile_lora.log" 2>&1) &
+    export CUDA_VISIBLE_DEVICES=0
     mkdir -p /tmp/official_site && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
         --target /tmp/official_site .whl_bench/official/*.whl
     python3 benchmarks/bench_decode.py --record "$OUT/rows_decode.jsonl" --commit "$commit" --no-numerics \
         --grid '[[1, 32, 128]]' --variants dynamic,static-compiled,static-compiled-late-stop --repeats 5 \
-        --official-code .official --official-site /tmp/official_site --work-dir /tmp 2>&1 | tee "$OUT/decode.log" \
-        | grep -vE "^(official|thuglm) \{" | tail -12
+        --official-code .official --official-site /tmp/official_site --work-dir /tmp > "$OUT/decode.log" 2>&1
+    grep -A12 "^impl" "$OUT/decode.log"
     python3 benchmarks/bench_train.py --record "$OUT/rows_train.jsonl" --commit "$commit" \
         --official-site /tmp/official_site --official-dir .official --modes lora,full --seconds 6 \
-        --only "${TRAIN_PLANS:?TRAIN_PLANS: a JSON list of plans}" 2>&1 | tee "$OUT/train.log" \
-        | grep -vE "^ |^-|^Name|^Self" | tail -30
-    timeout 120 python3 benchmarks/profile_recipe.py 2>&1 | tee "$OUT/profile_lora.log" \
-        | grep -E "^profile|^run:|Error" | tail -5
+        --only "${TRAIN_PLANS:?TRAIN_PLANS: a JSON list of plans}" > "$OUT/train.log" 2>&1
+    grep -A20 "^impl " "$OUT/train.log" | tail -20
+    wait
+    grep -hE "^profile of|^run:|Error" "$OUT/profile_full.log" "$OUT/profile_lora.log" | tail -8
     ;;
 *)
     echo "usage: $0 multi|single" >&2

@@ -13,6 +13,7 @@ operations that kept the GPU waiting. Nothing is recorded: this is for finding w
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -77,6 +78,7 @@ def main() -> None:
     metrics = recipe.train(recipe.load_config(str(config), overrides))
     print("run: " + ", ".join(f"{key} {metrics.get(key)}" for key in
                               ("tokens_per_s", "peak_memory_gib", "peak_memory_kind", "final_train_loss")), flush=True)
+    shutil.rmtree(root / "out", ignore_errors=True)  # a full fine-tune's model is 12 GB
 
 
 if __name__ == "__main__":
