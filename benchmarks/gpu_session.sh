@@ -23,6 +23,10 @@ multi)
     python3 benchmarks/bench_multi_gpu.py --record "$OUT/rows_multi.jsonl" --commit "$commit" \
         --modes ${MODES:-train-lora-fsdp train-full-fsdp train-full-zero3-offload} --gpus ${GPUS:-1 2} 2>&1 \
         | tee "$OUT/multi.log" | grep -vE "^\s" | tail -40
+    for variant in "" --sdpa-without-cudnn; do  # the recipe's LoRA step, with and without cuDNN attention
+        CUDA_VISIBLE_DEVICES=0 timeout 100 python3 benchmarks/profile_recipe.py $variant > "$OUT/profile_lora$variant.log" 2>&1
+        grep -E "^profile of|^run:" "$OUT/profile_lora$variant.log"
+    done
     ;;
 single)
     # The recipe on GPU 1 (full fine-tuning as on a 24 GB card, then LoRA, each profiled), meanwhile the
