@@ -22,7 +22,6 @@ import torch
 from safetensors.torch import load_file
 
 from thuglm.cli import main
-from thuglm.training.trainer import GlmTrainer
 
 from .test_resume import loss_history
 from .test_train_e2e import base_settings, write_config
@@ -124,22 +123,6 @@ def test_save_total_limit_keeps_the_newest_complete_checkpoints(tmp_path):
     assert main(["train", str(config)]) == 0
     assert complete_checkpoints(out) == ["checkpoint-6", "checkpoint-8"]
     assert not (out / ".saving").exists()
-
-
-@pytest.fixture
-def nan_at_step_7(monkeypatch):
-    """The loss of the 7th optimizer step becomes NaN, as a bad batch or an fp16 overflow makes it."""
-    original = GlmTrainer.compute_loss
-
-    def poisoned(self, model, inputs, *args, **kwargs):
-        result = original(self, model, inputs, *args, **kwargs)
-        if self.state.global_step != 6:
-            return result
-        if isinstance(result, tuple):
-            return (result[0] * float("nan"), *result[1:])
-        return result * float("nan")
-
-    monkeypatch.setattr(GlmTrainer, "compute_loss", poisoned)
 
 
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, capsys, nan_at_step_7, monkeypatch):
