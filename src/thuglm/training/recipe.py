@@ -31,6 +31,7 @@ from .checkpoints import check_output_dir, latest_complete_checkpoint, remove_st
 from .config import ConfigError, TrainConfig, check_optimizer_placement, load_config
 from .distributed import data_parallel_size, fsdp_checkpoints_layers, process_state, quiet_replicas
 from .methods import (
+    compile_blocks,
     count_parameters,
     load_base_model,
     prepare_for_method,
@@ -67,6 +68,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
     config.resolved_gradient_accumulation_steps(processes)  # a global batch the processes cannot share stops here
     precision = resolve_precision(config.precision)
     check_optimizer_placement(config, processes, precision, sharding_plugin())
+    if config.compile and sharding_plugin():
+        raise ConfigError(f"`compile: true` compiles whole layers, and under {sharding_plugin()} each process holds "
+                          "shards of them; it is measured on one GPU and with DDP only: set compile: false here")
     # Everything the user could have got wrong is checked before anything is computed or written.
     check_output_dir(Path(config.output_dir), resuming=config.resume_from_checkpoint is not False,
                      overwrite=config.overwrite_output_dir)
@@ -91,6 +95,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
             model_dir, weights_dtype(config.method, precision), config.attn_implementation, config.task, labels
         )
     model = prepare_for_method(model, config)
+    if config.compile:
+        logger.info("compile: %d layers compiled on first use (the first steps take longer)", compile_blocks(model))
     trainable, total = count_parameters(model)
     logger.info("%s: training %s of %s parameters (%s, %s, %s)", model_dir, f"{trainable:,}", f"{total:,}",
                 config.method, precision, describe_optimizer(config))
