@@ -70,6 +70,30 @@ def check_model_folder(path: Path) -> None:
         )
 
 
+# The heads `thuglm train` trains with `task: seq_cls` / `token_cls` (architectures in their config.json).
+CLASSIFIER_TASKS = {"ChatGLMForSequenceClassification": "seq_cls", "ChatGLMForTokenClassification": "token_cls"}
+
+
+def check_language_model(folder: Path) -> None:
+    """chat, generate and merge need the language-model head: a classifier's folder is refused with what to use.
+
+    Loaded as a language model, a classifier would lose its trained head without a word and answer with the
+    base model's untrained-for-this head (or a fresh one).
+    """
+    from transformers import AutoConfig
+
+    if not (folder / "config.json").is_file():
+        return
+    architecture = next(iter(AutoConfig.from_pretrained(folder).architectures or []), None)
+    task = CLASSIFIER_TASKS.get(architecture)
+    if task is not None:
+        kind = "sequence" if task == "seq_cls" else "token"
+        raise ModelLoadError(
+            f"{folder} is a {kind} classifier ({architecture}, trained with `task: {task}`), not a language model: "
+            f"chat, generate and merge need one. Predict with it: `thuglm predict {folder} FILE`."
+        )
+
+
 def check_tokenizer_fits(tokenizer: PreTrainedTokenizerBase, model_dir: Path) -> None:
     """The tokenizer must give ids the model has, and the special tokens GLM's positions and masks are built from.
 
@@ -166,6 +190,9 @@ def load_for_inference(
     elif adapter is not None:
         check_adapter_folder(adapter)
     check_model_folder(model_path)
+    for folder in (model_path, adapter):
+        if folder is not None:
+            check_language_model(folder)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder(adapter, model_path))
     check_tokenizer_fits(tokenizer, model_path)
     device = device or default_device()

@@ -37,6 +37,7 @@ from ..data.loading import guess_text_column
 from ..data.processing import _layout_ids
 from .generate import write_jsonl
 from .loading import (
+    CLASSIFIER_TASKS,
     ModelLoadError,
     adapter_base_folder,
     check_model_folder,
@@ -46,7 +47,7 @@ from .loading import (
     tokenizer_folder,
 )
 
-TASKS = {"ChatGLMForSequenceClassification": "seq_cls", "ChatGLMForTokenClassification": "token_cls"}
+TASKS = CLASSIFIER_TASKS
 AUTO_CLASSES = {"seq_cls": AutoModelForSequenceClassification, "token_cls": AutoModelForTokenClassification}
 
 
