@@ -49,5 +49,5 @@ def test_the_commands_exit_2_with_one_line(classifiers, tmp_path, capsys):
 
 
 def test_a_language_model_still_loads(tiny_dir):
-    tokenizer, model = load_for_inference(tiny_dir, device="cpu")
+    _, model = load_for_inference(tiny_dir, device="cpu")
     assert type(model).__name__ == "ChatGLMForConditionalGeneration"
