@@ -96,6 +96,18 @@ def test_fsdp2_full_shard_of_chatglm_blocks_trains_like_one_unsharded_process(tm
     assert expected[-1] < expected[0] - 1.0  # it trains
 
 
+def test_a_data_error_in_the_main_process_stops_the_others_with_one_line_each(tmp_path):
+    """Process 0 reads the data first; its error must not leave process 1 to die in the backend with a traceback."""
+    values = settings(tmp_path)
+    values["data"]["text_column"] = "no_such_column"
+    result = run_two_processes(write_config(tmp_path, **values))
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.count("no_such_column") == 1 and "thuglm: " in result.stderr
+    assert "process 1 stopped: process 0 failed" in result.stderr
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_global_batch_the_processes_cannot_share_exits_2_before_starting_them(tmp_path, capsys):
     config = write_config(tmp_path, **settings(tmp_path, global_batch_size=6))
     assert main(["train", "--nproc", "2", str(config)]) == 2

@@ -15,9 +15,12 @@ same config gives the same steps on any number of GPUs.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
+from ..errors import ThuglmError
 from .config import ConfigError, check_optimizer_placement, load_config
 
 logger = logging.getLogger("thuglm.train")
@@ -32,6 +35,42 @@ def process_state():
     from accelerate import PartialState
 
     return PartialState(cpu=not torch.cuda.is_available())
+
+
+class ReplicaStoppedError(ThuglmError):
+    """Another process failed first; this one stops too, pointing at that process's message."""
+
+
+@contextmanager
+def main_process_first(state) -> Iterator[None]:
+    """accelerate's `main_process_first`, which also stops the others when the main process fails in it.
+
+    The main process reads the model folder and builds the datasets cache while the others wait at a barrier. If it
+    stops there (a bad data file, a missing model), accelerate's version leaves them waiting for a process that is
+    gone, and each dies with a traceback from the communication backend. Here the main process tells them its
+    outcome instead, and they stop with one line that points at its message.
+    """
+    if state.num_processes == 1:
+        yield
+        return
+    if not state.is_main_process:
+        if _main_process_outcome(state, failed=False):
+            raise ReplicaStoppedError(f"process {state.process_index} stopped: process 0 failed (see its message)")
+        yield
+        return
+    try:
+        yield
+    except BaseException:
+        _main_process_outcome(state, failed=True)
+        raise
+    _main_process_outcome(state, failed=False)
+
+
+def _main_process_outcome(state, failed: bool) -> bool:
+    """Broadcast the main process's `failed` to every process (a collective: all of them call it)."""
+    flag = torch.tensor([1 if failed else 0], device=state.device)
+    torch.distributed.broadcast(flag, src=0)
+    return bool(flag.item())
 
 
 def data_parallel_size(state) -> int:

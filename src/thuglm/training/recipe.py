@@ -29,7 +29,13 @@ from ..inference.loading import check_model_folder, check_tokenizer_fits, tokeni
 from . import classification
 from .checkpoints import check_output_dir, latest_complete_checkpoint, remove_stale_staging, start_afresh
 from .config import ConfigError, TrainConfig, check_optimizer_placement, load_config
-from .distributed import data_parallel_size, fsdp_checkpoints_layers, process_state, quiet_replicas
+from .distributed import (
+    data_parallel_size,
+    fsdp_checkpoints_layers,
+    main_process_first,
+    process_state,
+    quiet_replicas,
+)
 from .methods import (
     compile_blocks,
     count_parameters,
@@ -75,7 +81,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     check_output_dir(Path(config.output_dir), resuming=config.resume_from_checkpoint is not False,
                      overwrite=config.overwrite_output_dir)
     resume = resolve_resume(config)
-    with state.main_process_first():  # the tiny model and the datasets cache are built once, then read by the others
+    with main_process_first(state):  # the tiny model and the datasets cache are built once, then read by the others
         model_dir = resolve_model_dir(config.model)
         check_model_folder(model_dir)  # config, weights and tokenizer, as `thuglm chat` checks them
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder(model_dir))
