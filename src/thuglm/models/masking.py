@@ -63,9 +63,11 @@ def glm_position_ids(
     absent = seq + 1  # larger than any local index
 
     def first_local(token_id: int) -> torch.Tensor:
-        found = input_ids == token_id
+        # Every position takes part (absent where the token is not): a boolean index would read its count back
+        # from the GPU, one host-device synchronisation per call in every forward.
+        candidates = torch.where(input_ids == token_id, local, absent)
         first = torch.full((groups,), absent, dtype=torch.long, device=device)
-        first.scatter_reduce_(0, group[found], local[found], reduce="amin")
+        first.scatter_reduce_(0, group.flatten(), candidates.flatten(), reduce="amin")
         return first[group]
 
     length = torch.zeros(groups, dtype=torch.long, device=device)
@@ -91,6 +93,8 @@ def glm_position_ids(
 
 def _check_glm_tokens(segments, first_sop, mask_position, absent) -> None:
     real = segments != 0
+    if not ((first_sop >= absent) | (mask_position >= absent)).logical_and(real).any():  # one read-back, then done
+        return
     for what, missing in (("<sop>", first_sop >= absent), ("[gMASK] (or [MASK])", mask_position >= absent)):
         bad = (missing & real).any(dim=1).nonzero().flatten().tolist()
         if bad:
