@@ -24,9 +24,9 @@ def compiled_models(monkeypatch) -> list:
     monkeypatch.setattr(methods, "COMPILE_BACKEND", "eager")
     seen = []
 
-    def recording(model):
-        seen.append(model)
-        return methods.compile_blocks(model)
+    def recording(model, gradient_checkpointing):
+        seen.append((model, gradient_checkpointing))
+        return methods.compile_blocks(model, gradient_checkpointing)
 
     monkeypatch.setattr(recipe, "compile_blocks", recording)
     return seen
@@ -42,13 +42,17 @@ def run(tmp_path: Path, name: str, **overrides) -> Path:
     return tmp_path / name
 
 
+@pytest.mark.parametrize("checkpointing", [True, False], ids=["checkpointing", "no-checkpointing"])
 @pytest.mark.parametrize("method", ["lora", "full"])
-def test_compiled_layers_train_to_the_eager_losses(tmp_path, compiled_models, method):
+def test_compiled_layers_train_to_the_eager_losses(tmp_path, compiled_models, method, checkpointing):
+    """With LoRA's dropout (0.05 by default): a checkpointed layer's recomputation must draw the forward's masks."""
     eager = loss_history(run(tmp_path, "eager", method=method))
-    compiled = loss_history(run(tmp_path, "compiled", method=method, compile=True, gradient_checkpointing=True))
-    assert len(compiled_models) == 1
-    blocks = [m for m in compiled_models[0].modules() if isinstance(m, ChatGLMBlock)]
-    assert blocks and all(block._compiled_call_impl is not None for block in blocks)
+    compiled = loss_history(run(tmp_path, "compiled", method=method, compile=True,
+                                gradient_checkpointing=checkpointing))
+    assert len(compiled_models) == 1 and compiled_models[0][1] is checkpointing
+    blocks = [m for m in compiled_models[0][0].modules() if isinstance(m, ChatGLMBlock)]
+    parts = [part for block in blocks for part in ((block.attention, block.mlp) if checkpointing else (block,))]
+    assert blocks and all(part._compiled_call_impl is not None for part in parts)
     assert compiled.keys() == eager.keys()
     for step in eager:
         assert compiled[step] == pytest.approx(eager[step], rel=1e-5)

@@ -138,9 +138,10 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     attn_implementation: Literal["sdpa", "eager", "flex_attention"] = "sdpa"
     compile: bool = False
-    """torch.compile each transformer layer (one graph all layers share): fewer, fused kernels and far less host
-    work a step. On an H200 it took the 6B shape's LoRA step from 13.7k to 18.4k tokens/s (s512 b16) and from 1.9k
-    to 3.5k (b1, checkpointing); the first steps compile (~a minute on a GPU, many on a CPU). One GPU or DDP."""
+    """torch.compile each transformer layer (one graph all layers share; with gradient_checkpointing, each layer's
+    attention and MLP, so the checkpoint stays outside the compiled code): fewer, fused kernels and far less host
+    work a step. Compiling whole layers took the 6B shape's LoRA step on an H200 from 13.7k to 18.4k tokens/s (s512
+    b16, benchmarks/bench_train.py); the first steps compile (~a minute on a GPU, many on a CPU). One GPU or DDP."""
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     lora: LoraSettings = field(default_factory=LoraSettings)
     freeze: FreezeSettings = field(default_factory=FreezeSettings)

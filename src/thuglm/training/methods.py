@@ -94,16 +94,21 @@ def prepare_for_method(model: torch.nn.Module, config: TrainConfig) -> torch.nn.
 COMPILE_BACKEND = "inductor"
 
 
-def compile_blocks(model: torch.nn.Module) -> int:
+def compile_blocks(model: torch.nn.Module, gradient_checkpointing: bool) -> int:
     """torch.compile every ChatGLMBlock in place (`Module.compile`); returns how many.
 
     In place rather than `torch.compile(model)`: the state dict keeps its names (no `_orig_mod.`), peft and the
-    Trainer see the same modules, and gradient checkpointing wraps each compiled layer as before. The layers share
-    their code, so they share one compiled graph.
+    Trainer see the same modules. The layers share their code, so they share one compiled graph.
+
+    With gradient checkpointing, each layer's attention and MLP are compiled instead of the whole layer: since
+    transformers 5.2x checkpoints a layer inside its `forward`, a compiled layer would hold the checkpoint in its
+    graph, and its recomputation then draws other dropout masks than the forward did (seen as diverging losses with
+    LoRA dropout). Compiled parts keep the checkpoint outside, where it replays the random state as in eager mode.
     """
     blocks = [module for module in model.modules() if isinstance(module, ChatGLMBlock)]
     for block in blocks:
-        block.compile(backend=COMPILE_BACKEND)
+        for part in (block.attention, block.mlp) if gradient_checkpointing else (block,):
+            part.compile(backend=COMPILE_BACKEND)
     return len(blocks)
 
 

@@ -102,7 +102,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
         )
     model = prepare_for_method(model, config)
     if config.compile:
-        logger.info("compile: %d layers compiled on first use (the first steps take longer)", compile_blocks(model))
+        compiled = compile_blocks(model, gradient_checkpointing=config.gradient_checkpointing)
+        logger.info("compile: %d layers compiled on first use (the first steps take longer)", compiled)
     trainable, total = count_parameters(model)
     logger.info("%s: training %s of %s parameters (%s, %s, %s)", model_dir, f"{trainable:,}", f"{total:,}",
                 config.method, precision, describe_optimizer(config))
