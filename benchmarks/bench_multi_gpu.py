@@ -57,6 +57,20 @@ PLANS = {
 }
 
 
+def write_base_config(root: Path, precision: str) -> Path:
+    """root/base.yaml, the config every run shares: the bundled corpus, a step logged each step, no checkpoints or
+    TensorBoard; the runs add the model, method and shape as overrides."""
+    corpus = REPO / "src" / "thuglm" / "resources" / "corpus"
+    config = root / "base.yaml"
+    config.write_text(
+        f"data: {{files: ['{corpus}'], cache_dir: '{root / 'hf-cache'}'}}\n"
+        f"precision: {precision}\nlogging_steps: 1\nsave_steps: 100000\nreport_to: []\n"
+        "learning_rate: 1.0e-5\nwarmup_ratio: 0.0\nseed: 0\n",
+        encoding="utf-8",
+    )
+    return config
+
+
 def command(launch: str, gpus: int, config: Path, overrides: list[str]) -> list[str]:
     train = ["-m", "thuglm", "train", str(config), *overrides]
     if launch == "single":
@@ -181,14 +195,7 @@ def main() -> None:
         print(f"6B-shape folder ready in {time.perf_counter() - start:.0f} s")
         plans = {mode: plan for mode, plan in PLANS.items()
                  if "needs" not in plan or importlib.util.find_spec(plan["needs"]) is not None}
-    # The rest of the config, common to every run: the bundled corpus, bf16 on GPUs, no checkpoints or TensorBoard.
-    corpus = REPO / "src" / "thuglm" / "resources" / "corpus"
-    (root / "base.yaml").write_text(
-        f"data: {{files: ['{corpus}'], cache_dir: '{root / 'hf-cache'}'}}\n"
-        f"precision: {'fp32' if args.smoke else 'bf16'}\nlogging_steps: 1\nsave_steps: 100000\nreport_to: []\n"
-        "learning_rate: 1.0e-5\nwarmup_ratio: 0.0\nseed: 0\n",
-        encoding="utf-8",
-    )
+    write_base_config(root, "fp32" if args.smoke else "bf16")
     rows = []
     for mode in (m for m in args.modes if m in plans):
         for gpus in (n for n in gpu_counts if n in plans[mode]["launch"] and n in args.gpus):

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench_multi_gpu import REPO
+from bench_multi_gpu import write_base_config
 from common import build_6b_folder
 from torch.profiler import ProfilerActivity, profile
 
@@ -66,13 +66,7 @@ def main() -> None:
     root = Path("/tmp/thuglm-profile")
     root.mkdir(parents=True, exist_ok=True)
     model = build_6b_folder(Path("/tmp/thuglm-multi-gpu") / "glm6b")
-    corpus = REPO / "src" / "thuglm" / "resources" / "corpus"
-    config = root / "base.yaml"
-    config.write_text(
-        f"data: {{files: ['{corpus}'], cache_dir: '{root / 'hf-cache'}'}}\nprecision: bf16\nlogging_steps: 1\n"
-        "save_steps: 100000\nreport_to: []\nlearning_rate: 1.0e-5\nwarmup_ratio: 0.0\nseed: 0\n",
-        encoding="utf-8",
-    )
+    config = write_base_config(root, "bf16")
     overrides = [f"model={model}", "method=lora", f"output_dir={root / 'out'}", "overwrite_output_dir=true",
                  "max_seq_len=512", "batch_size=4", "gradient_checkpointing=false", f"max_steps={PROFILED.stop + 2}",
                  *sys.argv[1:]]

@@ -73,9 +73,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
     processes = data_parallel_size(state)
     config.resolved_gradient_accumulation_steps(processes)  # a global batch the processes cannot share stops here
     precision = resolve_precision(config.precision)
-    check_optimizer_placement(config, processes, precision, sharding_plugin())
-    if config.compile and sharding_plugin():
-        raise ConfigError(f"`compile: true` compiles whole layers, and under {sharding_plugin()} each process holds "
+    sharding = sharding_plugin()
+    check_optimizer_placement(config, processes, precision, sharding)
+    if config.compile and sharding:
+        raise ConfigError(f"`compile: true` compiles whole layers, and under {sharding} each process holds "
                           "shards of them; it is measured on one GPU and with DDP only: set compile: false here")
     # Everything the user could have got wrong is checked before anything is computed or written.
     check_output_dir(Path(config.output_dir), resuming=config.resume_from_checkpoint is not False,
