@@ -13,8 +13,12 @@ per-step rates the Trainer logs (summed over the processes) after the first WARM
 the whole training loop's average. peak_gib is `torch.cuda.max_memory_allocated` on the first GPU (the others hold
 the same share). scaling_efficiency (2-GPU rows) = tokens/s on 2 GPUs / (2 x tokens/s on 1 GPU).
 
-On one GPU both modes run as a single process (FSDP over one GPU would shard nothing); full fine-tuning of the 6B
-shape with AdamW in bf16 needs about 50 GB there, so the 1-GPU baseline fits an 80 GB card.
+The FSDP modes run under their FSDP config on 1 GPU as on 2 (one process shards nothing, but trains as the two do:
+fp32 master weights, FSDP's activation checkpointing), so the two rows differ only in the number of GPUs. Full
+fine-tuning with AdamW then holds 6.2B x 16 bytes = 99 GB on the one GPU: the 1-GPU row needs a card larger than
+80 GB (an H200); the 2-GPU row is the one that must fit 80 GB. Runs write no resumable checkpoints (`save_steps=0`:
+the end-of-run checkpoint of full fine-tuning is ~75 GB of AdamW state, minutes of disk writes that are not training);
+the final model is written, then measured (saved_gib, saved_dtypes) and deleted.
 `--smoke` runs the same launches on the CPU with gloo and the tiny model (FSDP, which accelerate runs only on GPUs,
 becomes DDP there) to check the script, not the speed; its rows go to --record only if asked.
 """
@@ -48,9 +52,9 @@ PLANS = {
     "train-lora-ddp": {"method": "lora", "seq": 512, "batch": 4, "grad_ckpt": False, "steps": 30,
                        "launch": {1: "single", 2: "torchrun"}},
     "train-lora-fsdp": {"method": "lora", "seq": 512, "batch": 4, "grad_ckpt": True, "steps": 30,
-                        "launch": {1: "single", 2: "fsdp_lora"}},
+                        "launch": {1: "fsdp_lora", 2: "fsdp_lora"}},
     "train-full-fsdp": {"method": "full", "seq": 512, "batch": 1, "grad_ckpt": True, "steps": 12,
-                        "launch": {1: "single", 2: "fsdp_full"}},
+                        "launch": {1: "fsdp_full", 2: "fsdp_full"}},
     # CPU Adam's first step builds its extension, and the final model is gathered from the shards: give it time.
     "train-full-zero3-offload": {"method": "full", "seq": 512, "batch": 1, "grad_ckpt": True, "steps": 8,
                                  "launch": {2: "deepspeed_zero3_offload"}, "needs": "deepspeed", "timeout_s": 540},
@@ -90,7 +94,7 @@ def run_one(mode: str, plan: dict, gpus: int, model: str, root: Path, smoke: boo
     overrides = [f"model={model}", f"method={plan['method']}", f"output_dir={out}", "overwrite_output_dir=true",
                  f"max_seq_len={plan['seq']}",
                  f"batch_size={plan['batch']}", f"gradient_checkpointing={str(plan['grad_ckpt']).lower()}",
-                 f"max_steps={plan['steps']}"]
+                 f"max_steps={plan['steps']}", "save_steps=0"]
     argv = command(launch, gpus, config, overrides)
     start = time.perf_counter()
     env = dict(os.environ)
@@ -114,6 +118,7 @@ def run_one(mode: str, plan: dict, gpus: int, model: str, root: Path, smoke: boo
         cause = first_failure(done.stderr + "\n" + done.stdout)
         row.update(status="oom" if "OutOfMemoryError" in cause else "error", error=cause[-600:])
         print(f"{mode} on {gpus}: {cause}", file=sys.stderr)
+        shutil.rmtree(out, ignore_errors=True)
         return row
     metrics = json.loads(metrics_file.read_text())
     row.update(
@@ -123,10 +128,21 @@ def run_one(mode: str, plan: dict, gpus: int, model: str, root: Path, smoke: boo
     )
     if metrics["peak_memory_kind"].startswith("cuda"):
         row["fits_80gb"] = metrics["peak_memory_gib"] < CARD_GIB
-    shutil.rmtree(out / "checkpoint-final", ignore_errors=True)
-    for weights in out.glob("*.safetensors"):  # the trained 6B model: 12 GB a run, and the disk is finite
-        weights.unlink()
+    row.update(saved_model(out))
+    shutil.rmtree(out)  # the trained 6B model is 12 GB a run, and the disk is finite
     return row
+
+
+def saved_model(out: Path) -> dict:
+    """Size and dtypes of the weights the run saved (the model, or the LoRA adapter), from the files' headers."""
+    from safetensors import safe_open
+
+    files = sorted(out.glob("*.safetensors"))
+    dtypes = set()
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            dtypes.update(str(handle.get_slice(name).get_dtype()) for name in handle.keys())
+    return {"saved_gib": round(sum(file.stat().st_size for file in files) / 2**30, 2), "saved_dtypes": sorted(dtypes)}
 
 
 def first_failure(log: str) -> str:
@@ -166,7 +182,8 @@ def summary(row: dict) -> str:
 
     return (f"{row['mode']:26s} {row['gpus']:>4} {row['launcher']:24s} {row['seq']:>5} {row['batch']:>3} "
             f"{row['grad_ckpt']!s:5s} {row['status']:6s} {number('tokens_per_s', 10)} "
-            f"{number('run_tokens_per_s', 10)} {number('peak_gib', 8, 2)} {number('scaling_efficiency', 7, 3)}")
+            f"{number('run_tokens_per_s', 10)} {number('peak_gib', 8, 2)} {number('scaling_efficiency', 7, 3)} "
+            f"{number('saved_gib', 9, 2)} {','.join(row.get('saved_dtypes', []))}")
 
 
 def main() -> None:
@@ -204,7 +221,7 @@ def main() -> None:
             print(summary(row), flush=True)
     add_scaling(rows)
     print(f"\n{'mode':26s} {'gpus':>4} {'launcher':24s} {'seq':>5} {'bs':>3} {'ckpt':5s} {'status':6s} "
-          f"{'tokens/s':>10s} {'run tok/s':>10s} {'peak GiB':>8s} {'scaling':>7s}")
+          f"{'tokens/s':>10s} {'run tok/s':>10s} {'peak GiB':>8s} {'scaling':>7s} {'saved GiB':>9s} saved dtypes")
     for row in rows:
         print(summary(row))
     skipped = sorted(set(PLANS) - set(plans))

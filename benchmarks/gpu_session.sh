@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session's measurements, as run on the lent GPU machine (see benchmarks/README.md):
-#   bash benchmarks/gpu_session.sh multi    # >= 2 GPUs: FSDP LoRA, FSDP full FT, ZeRO-3 offload; recipe profile
+#   bash benchmarks/gpu_session.sh multi    # >= 2 GPUs: FSDP LoRA, FSDP full FT on 1 and 2 GPUs, ZeRO-3 offload
+#   bash benchmarks/gpu_session.sh profile  # 1 GPU: the recipe's LoRA step as is, without cuDNN attention, compiled
 #   bash benchmarks/gpu_session.sh single   # 1 GPU: decoding and training against the official code
 # Wheels the machine lacks are carried in .whl (datasets), .whl_ds (DeepSpeed and its needs); the official code and
 # its transformers 4.34.1 wheels in .official and .whl_bench/official (git-ignored, never committed).
@@ -23,9 +24,13 @@ multi)
     python3 benchmarks/bench_multi_gpu.py --record "$OUT/rows_multi.jsonl" --commit "$commit" \
         --modes ${MODES:-train-lora-fsdp train-full-fsdp train-full-zero3-offload} --gpus ${GPUS:-1 2} 2>&1 \
         | tee "$OUT/multi.log" | grep -vE "^\s" | tail -40
-    for variant in "" --sdpa-without-cudnn; do  # the recipe's LoRA step, with and without cuDNN attention
-        CUDA_VISIBLE_DEVICES=0 timeout 100 python3 benchmarks/profile_recipe.py $variant > "$OUT/profile_lora$variant.log" 2>&1
-        grep -E "^profile of|^run:" "$OUT/profile_lora$variant.log"
+    ;;
+profile)
+    for variant in "" --sdpa-without-cudnn compile=true; do
+        echo "== profile_recipe.py $variant"
+        CUDA_VISIBLE_DEVICES=0 timeout ${PROFILE_TIMEOUT_S:-150} python3 benchmarks/profile_recipe.py $variant \
+            > "$OUT/profile_lora${variant:+_${variant//[^a-z]/}}.log" 2>&1
+        grep -hE "^profile of|^run:" "$OUT"/profile_lora${variant:+_${variant//[^a-z]/}}.log
     done
     ;;
 single)
@@ -50,7 +55,7 @@ single)
     grep -hE "^profile of|^run:|Error" "$OUT/profile_full.log" "$OUT/profile_lora.log" | tail -8
     ;;
 *)
-    echo "usage: $0 multi|single" >&2
+    echo "usage: $0 multi|profile|single" >&2
     exit 2
     ;;
 esac

@@ -125,6 +125,18 @@ def test_save_total_limit_keeps_the_newest_complete_checkpoints(tmp_path):
     assert not (out / ".saving").exists()
 
 
+def test_save_steps_0_writes_no_checkpoint_only_the_trained_model_and_still_evaluates(tmp_path):
+    out = tmp_path / "out"
+    values = settings(tmp_path, out, max_steps=4, save_steps=0)
+    values.pop("eval_steps")
+    values["data"]["validation_split"] = 0.2
+    assert main(["train", str(write_config(tmp_path, **values))]) == 0
+    assert complete_checkpoints(out) == []
+    assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 4 and math.isfinite(metrics["eval_loss"])  # evaluated once, at the end
+
+
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, capsys, nan_at_step_7, monkeypatch):
     out = tmp_path / "out"
     config = write_config(tmp_path, **settings(tmp_path, out, max_steps=12))

@@ -71,6 +71,8 @@ def test_learning_rate_written_as_yaml_1_1_string_is_a_number(tmp_path):
         ("batch_size=four", "`batch_size` must be an integer; got 'four'"),
         ("gradient_checkpointing=maybe", "`gradient_checkpointing` must be true or false"),
         ("batch_size=0", "`batch_size` must be at least 1"),
+        ("save_steps=-1", "`save_steps` must be at least 0 (0: no checkpoints)"),
+        ("eval_steps=0", "`eval_steps` must be at least 1"),
         ("data.validation_split=1.5", "data.validation_split"),
         ("data.streaming=true", "needs `max_steps`"),
         ("notakey", "must look like key=value"),

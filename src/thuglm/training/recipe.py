@@ -258,11 +258,12 @@ def training_arguments(config: TrainConfig, precision: str, has_eval: bool, proc
         max_grad_norm=config.resolved_max_grad_norm(),
         logging_steps=config.logging_steps,
         logging_first_step=True,
-        save_strategy="steps",
-        save_steps=config.save_steps,
+        save_strategy="steps" if config.save_steps else "no",
+        save_steps=config.save_steps or 500,  # unused with save_strategy "no", but the Trainer checks it
         save_total_limit=config.save_total_limit,
-        eval_strategy="steps" if has_eval else "no",
-        eval_steps=config.eval_steps or config.save_steps,
+        # Evaluated every eval_steps (default save_steps); in any case once at the end (see run).
+        eval_strategy="steps" if has_eval and (config.eval_steps or config.save_steps) else "no",
+        eval_steps=config.eval_steps or config.save_steps or None,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         # Under an FSDP config with fsdp_activation_checkpointing, FSDP checkpoints the layers itself.

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 from peft.helpers import disable_input_dtype_casting
-from transformers import Trainer
+from transformers import AutoConfig, Trainer
 from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
@@ -72,6 +72,10 @@ class GlmTrainer(Trainer):
         self.optimizer_in_backward = optimizer_in_backward
         self._backward_hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._grad_square_sum: torch.Tensor | None = None  # this step's, summed by the hooks
+        # Under FSDP with bf16/fp16, accelerate upcasts the trained weights to fp32 (master copies for the optimizer);
+        # the trained model is saved in the dtypes it was loaded in, as on one GPU and as ZeRO-3 gathers 16-bit ones.
+        self._loaded_dtypes = {name: tensor.dtype for name, tensor in self.model.state_dict().items()}
+        self._loaded_dtype = self.model.dtype
 
     # ---- the optimizer inside the backward pass -----------------------------------------------------------------
     def create_optimizer(self, model=None):
@@ -216,6 +220,19 @@ class GlmTrainer(Trainer):
             shutil.rmtree(staging_root(output_dir), ignore_errors=True)
         self.accelerator.wait_for_everyone()
 
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if state_dict is None:
+            super()._save(output_dir)
+            return
+        super()._save(output_dir, state_dict=in_loaded_dtypes(state_dict, self._loaded_dtypes))
+        # save_pretrained records the dtype of the (upcast) weights it holds in config.json, not of those it wrote.
+        config_file = Path(output_dir or self.args.output_dir) / "config.json"
+        if config_file.is_file():
+            config = AutoConfig.from_pretrained(config_file.parent)
+            if config.dtype != self._loaded_dtype:
+                config.dtype = self._loaded_dtype
+                config.save_pretrained(config_file.parent)
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "eval_loss" in logs and self.compute_metrics is None:  # a language model's loss; classifiers have metrics
             logs["eval_perplexity"] = perplexity(logs["eval_loss"])
@@ -225,6 +242,18 @@ class GlmTrainer(Trainer):
             logs["tokens_per_s"] = round((tokens - self._last_log[1]) / max(now - self._last_log[0], 1e-9), 1)
             self._last_log = (now, tokens)
         super().log(logs, start_time)
+
+
+def in_loaded_dtypes(state_dict: dict[str, torch.Tensor], loaded: dict[str, torch.dtype]) -> dict[str, torch.Tensor]:
+    """`state_dict` with each floating tensor back in the dtype its weight was loaded in (a gathered FSDP state dict
+    holds the fp32 master copies of bf16 weights: twice the file, and not the model that was asked for)."""
+    cast = {}
+    for name, tensor in state_dict.items():
+        dtype = loaded.get(name.replace("_checkpoint_wrapped_module.", ""))
+        if dtype is not None and tensor.is_floating_point() and dtype.is_floating_point and tensor.dtype != dtype:
+            tensor = tensor.to(dtype)
+        cast[name] = tensor
+    return cast
 
 
 def perplexity(loss: float) -> float:
