@@ -213,13 +213,24 @@ def main() -> None:
         plans = {mode: plan for mode, plan in PLANS.items()
                  if "needs" not in plan or importlib.util.find_spec(plan["needs"]) is not None}
     write_base_config(root, "fp32" if args.smoke else "bf16")
+    commit = args.commit or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=False
+    ).stdout.strip()
+    run_id = f"multi-gpu-{datetime.datetime.now(datetime.timezone.utc):%Y%m%dT%H%M%S}"
     rows = []
     for mode in (m for m in args.modes if m in plans):
         for gpus in (n for n in gpu_counts if n in plans[mode]["launch"] and n in args.gpus):
             row = run_one(mode, plans[mode], gpus, model, root, args.smoke)
             rows.append(row)
+            add_scaling(rows)  # the 1-GPU row of a mode runs before its 2-GPU row
             print(summary(row), flush=True)
-    add_scaling(rows)
+            if args.record:  # row by row: a run stopped by a time limit keeps what it measured
+                with open(args.record, "a", encoding="utf-8") as handle:
+                    handle.write(json.dumps({
+                        "run_id": run_id, "date": datetime.date.today().isoformat(), "commit": commit,
+                        "device": device, "impl": "thuglm", "dtype": "fp32" if args.smoke else "bf16",
+                        "model": model if args.smoke else "6b-shape", **row,
+                    }) + "\n")
     print(f"\n{'mode':26s} {'gpus':>4} {'launcher':24s} {'seq':>5} {'bs':>3} {'ckpt':5s} {'status':6s} "
           f"{'tokens/s':>10s} {'run tok/s':>10s} {'peak GiB':>8s} {'scaling':>7s} {'saved GiB':>9s} saved dtypes")
     for row in rows:
@@ -227,18 +238,6 @@ def main() -> None:
     skipped = sorted(set(PLANS) - set(plans))
     if skipped:
         print(f"not run here: {', '.join(skipped)}")
-    if args.record:
-        commit = args.commit or subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=False
-        ).stdout.strip()
-        run_id = f"multi-gpu-{datetime.datetime.now(datetime.timezone.utc):%Y%m%dT%H%M%S}"
-        with open(args.record, "a", encoding="utf-8") as handle:
-            for row in rows:
-                handle.write(json.dumps({
-                    "run_id": run_id, "date": datetime.date.today().isoformat(), "commit": commit, "device": device,
-                    "impl": "thuglm", "dtype": "fp32" if args.smoke else "bf16", "model": model if args.smoke
-                    else "6b-shape", **row,
-                }) + "\n")
 
 
 if __name__ == "__main__":
