@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session's measurements, as run on the lent GPU machine (see benchmarks/README.md):
 #   bash benchmarks/gpu_session.sh multi    # >= 2 GPUs: FSDP LoRA, FSDP full FT on 1 and 2 GPUs, ZeRO-3 offload
+#   bash benchmarks/gpu_session.sh saves    # 2 GPUs: what FSDP LoRA and full fine-tuning save, and LoRA's resume
 #   bash benchmarks/gpu_session.sh profile  # 1 GPU: the recipe's LoRA step as is, without cuDNN attention, compiled
 #   bash benchmarks/gpu_session.sh single   # 1 GPU: decoding and training against the official code
 # Wheels the machine lacks are carried in .whl (datasets), .whl_ds (DeepSpeed and its needs); the official code and
@@ -24,6 +25,10 @@ multi)
     python3 benchmarks/bench_multi_gpu.py --record "$OUT/rows_multi.jsonl" --commit "$commit" \
         --modes ${MODES:-train-lora-fsdp train-full-fsdp train-full-zero3-offload} --gpus ${GPUS:-1 2} 2>&1 \
         | tee "$OUT/multi.log" | grep -vE "^\s" | tail -40
+    ;;
+saves)
+    python3 benchmarks/check_fsdp_saves.py --record "$OUT/rows_saves.jsonl" --commit "$commit" > "$OUT/saves.log" 2>&1
+    tail -12 "$OUT/saves.log"
     ;;
 profile)
     for variant in "" --sdpa-without-cudnn compile=true; do
@@ -55,7 +60,7 @@ single)
     grep -hE "^profile of|^run:|Error" "$OUT/profile_full.log" "$OUT/profile_lora.log" | tail -8
     ;;
 *)
-    echo "usage: $0 multi|profile|single" >&2
+    echo "usage: $0 multi|saves|profile|single" >&2
     exit 2
     ;;
 esac

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import shutil
@@ -11,6 +12,7 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 from peft.helpers import disable_input_dtype_casting
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 from transformers import AutoConfig, Trainer
 from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
@@ -76,6 +78,8 @@ class GlmTrainer(Trainer):
         # the trained model is saved in the dtypes it was loaded in, as on one GPU and as ZeRO-3 gathers 16-bit ones.
         self._loaded_dtypes = {name: tensor.dtype for name, tensor in self.model.state_dict().items()}
         self._loaded_dtype = self.model.dtype
+        # {lm_head.weight: transformer.word_embeddings.weight}: one tensor in the model, two in a gathered state dict.
+        self._tied_weights = dict(getattr(self.model, "all_tied_weights_keys", None) or {})
 
     # ---- the optimizer inside the backward pass -----------------------------------------------------------------
     def create_optimizer(self, model=None):
@@ -222,9 +226,12 @@ class GlmTrainer(Trainer):
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         if state_dict is None:
-            super()._save(output_dir)
+            with without_checkpoint_wrappers(self.model):
+                super()._save(output_dir)
             return
-        super()._save(output_dir, state_dict=in_loaded_dtypes(state_dict, self._loaded_dtypes))
+        with without_checkpoint_wrappers(self.model):
+            state_dict = without_tied_copies(in_loaded_dtypes(state_dict, self._loaded_dtypes), self._tied_weights)
+            super()._save(output_dir, state_dict=state_dict)
         # save_pretrained records the dtype of the (upcast) weights it holds in config.json, not of those it wrote.
         config_file = Path(output_dir or self.args.output_dir) / "config.json"
         if config_file.is_file():
@@ -244,6 +251,30 @@ class GlmTrainer(Trainer):
         super().log(logs, start_time)
 
 
+@contextlib.contextmanager
+def without_checkpoint_wrappers(model: torch.nn.Module):
+    """The model with each activation-checkpoint wrapper (FSDP's `fsdp_activation_checkpointing` puts one around every
+    ChatGLMBlock) replaced by the module it wraps, for the duration of a save.
+
+    peft finds a LoRA adapter's weights by the names of its modules, which run through the wrapper
+    (`layers.0._checkpoint_wrapped_module.attention...`), while the state dict's keys do not (torch strips the
+    wrapper's name from them): peft 0.21 then matches no key and writes an empty adapter_model.safetensors. Nothing
+    runs forward or backward during a save, so the wrappers can step aside and come back.
+    """
+    swapped = []
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, CheckpointWrapper):
+                swapped.append((parent, name, child))
+    try:
+        for parent, name, wrapper in swapped:
+            parent._modules[name] = wrapper._checkpoint_wrapped_module
+        yield model
+    finally:
+        for parent, name, wrapper in swapped:
+            parent._modules[name] = wrapper
+
+
 def in_loaded_dtypes(state_dict: dict[str, torch.Tensor], loaded: dict[str, torch.dtype]) -> dict[str, torch.Tensor]:
     """`state_dict` with each floating tensor back in the dtype its weight was loaded in (a gathered FSDP state dict
     holds the fp32 master copies of bf16 weights: twice the file, and not the model that was asked for)."""
@@ -254,6 +285,13 @@ def in_loaded_dtypes(state_dict: dict[str, torch.Tensor], loaded: dict[str, torc
             tensor = tensor.to(dtype)
         cast[name] = tensor
     return cast
+
+
+def without_tied_copies(state_dict: dict[str, torch.Tensor], tied: dict[str, str]) -> dict[str, torch.Tensor]:
+    """`state_dict` without the copies of tied weights (target -> source). save_pretrained drops a tied weight only
+    when both names share one tensor, which those gathered from FSDP's shards do not: ChatGLM-6B's 1 GiB lm_head would
+    be written twice. Loading ties it back to the embedding, as for the official checkpoint."""
+    return {name: tensor for name, tensor in state_dict.items() if not (name in tied and tied[name] in state_dict)}
 
 
 def perplexity(loss: float) -> float:
