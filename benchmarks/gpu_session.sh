@@ -2,7 +2,7 @@
 # One GPU session's measurements, as run on the lent GPU machine (see benchmarks/README.md):
 #   bash benchmarks/gpu_session.sh multi    # >= 2 GPUs: FSDP LoRA, FSDP full FT on 1 and 2 GPUs, ZeRO-3 offload
 #   bash benchmarks/gpu_session.sh saves    # 2 GPUs: what FSDP LoRA and full fine-tuning save, and LoRA's resume
-#   bash benchmarks/gpu_session.sh profile  # 1 GPU: the recipe's LoRA step as is, without cuDNN attention, compiled
+#   bash benchmarks/gpu_session.sh profile  # 1 GPU: the recipe's LoRA step as is, with cuDNN attention, compiled
 #   bash benchmarks/gpu_session.sh single   # 1 GPU: decoding and training against the official code
 # Wheels the machine lacks are carried in .whl (datasets), .whl_ds (DeepSpeed and its needs); the official code and
 # its transformers 4.34.1 wheels in .official and .whl_bench/official (git-ignored, never committed).
@@ -31,7 +31,7 @@ saves)
     tail -12 "$OUT/saves.log"
     ;;
 profile)
-    for variant in "" --sdpa-without-cudnn compile=true; do
+    for variant in "" --sdpa-with-cudnn compile=true; do
         echo "== profile_recipe.py $variant"
         CUDA_VISIBLE_DEVICES=0 timeout ${PROFILE_TIMEOUT_S:-150} python3 benchmarks/profile_recipe.py $variant \
             > "$OUT/profile_lora${variant:+_${variant//[^a-z]/}}.log" 2>&1

@@ -71,9 +71,9 @@ def main() -> None:
                  "max_seq_len=512", "batch_size=4", "gradient_checkpointing=false", f"max_steps={PROFILED.stop + 2}",
                  *sys.argv[1:]]
     GlmTrainer.training_step = profiled_training_step(GlmTrainer.training_step)
-    if "--sdpa-without-cudnn" in overrides:  # an experiment: the cuDNN attention backend's host cost per call
-        overrides.remove("--sdpa-without-cudnn")
-        torch.backends.cuda.enable_cudnn_sdp(False)
+    if "--sdpa-with-cudnn" in overrides:  # as before thuglm train turned SDPA's cuDNN kernel off (its host cost)
+        overrides.remove("--sdpa-with-cudnn")
+        recipe.choose_attention_kernels = lambda attn_implementation: None
     metrics = recipe.train(recipe.load_config(str(config), overrides))
     history = json.loads((root / "out" / "trainer_state.json").read_text())["log_history"]
     unprofiled = [entry["tokens_per_s"] for step, entry in enumerate(history[1:], start=1)
