@@ -287,6 +287,9 @@ def training_arguments(config: TrainConfig, precision: str, has_eval: bool, proc
         # unused ones, which also keeps DDP and non-reentrant checkpointing together.
         ddp_find_unused_parameters=False,
         report_to=config.report_to,
+        # The Trainer's filter reads every micro-batch's loss on the host (a synchronisation); on_nan=stop already
+        # stops at a non-finite loss, so only on_nan=skip needs it to keep a skipped step's loss out of the log.
+        logging_nan_inf_filter=config.on_nan == "skip",
         seed=config.seed,
         data_seed=config.seed,
         remove_unused_columns=False,  # the collator needs attention_mask as it is (sample numbers)

@@ -66,10 +66,16 @@ class GlmTrainer(Trainer):
             raise ValueError("on_nan='skip' cannot skip an update that optimizer_in_backward has already applied")
         super().__init__(*args, **kwargs)
         self.session_tokens = 0
+        # Tokens of this process since the last flush, counted on the device: reading the count every micro-batch
+        # (and, under several processes, gathering it) stopped the host until the GPU had drained, each time.
+        self._unflushed_tokens = torch.zeros((), dtype=torch.int64, device=self.args.device)
         self._last_log = (time.perf_counter(), 0)  # (time, session tokens) at the previous training log
         self.on_nan = on_nan
         self.skipped_nonfinite_steps = 0
-        self._nonfinite_loss: float | None = None  # a non-finite micro-batch loss since the last optimizer step
+        # A non-finite micro-batch loss since the last optimizer step (NaN: none), kept on the device and read only
+        # by the one check each optimizer step makes (see _get_grad_norm).
+        self._nonfinite_loss = torch.full((), float("nan"), device=self.args.device)
+        self._any_nonfinite_loss = torch.zeros((), dtype=torch.bool, device=self.args.device)
         self._staging: Path | None = None
         self.optimizer_in_backward = optimizer_in_backward
         self._backward_hooks: list[torch.utils.hooks.RemovableHandle] = []
@@ -118,14 +124,26 @@ class GlmTrainer(Trainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         mask = inputs.get("attention_mask")
         tokens = (mask != 0).sum() if mask is not None else inputs["input_ids"].numel()
-        # Each process sees its own share of the batch; the run's count (and tokens/s) is the sum over processes.
-        tokens = int(self.accelerator.gather(torch.as_tensor(tokens, device=self.args.device)).sum())
+        self._unflushed_tokens += tokens
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        nonfinite = ~torch.isfinite(loss.detach())
+        self._nonfinite_loss = torch.where(nonfinite, loss.detach().float(), self._nonfinite_loss)
+        self._any_nonfinite_loss |= nonfinite
+        return loss
+
+    def flush_token_count(self) -> None:
+        """Add the tokens counted on the devices since the last flush to `session_tokens` and
+        `state.num_input_tokens_seen`: summed over the processes, so every process must call it (at each training
+        log, before each checkpoint, at the end of training)."""
+        tokens = int(self.accelerator.gather(self._unflushed_tokens.reshape(1)).sum())
+        self._unflushed_tokens.zero_()
         self.session_tokens += tokens
         self.state.num_input_tokens_seen = int(self.state.num_input_tokens_seen or 0) + tokens
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        if not torch.isfinite(loss):  # the Trainer's own NaN filter reads the loss at this point anyway
-            self._nonfinite_loss = float(loss)
-        return loss
+
+    def train(self, *args, **kwargs):
+        result = super().train(*args, **kwargs)
+        self.flush_token_count()
+        return result
 
     # ---- NaN / inf: checked after the backward and the clipping, before the optimizer step (in-backward: after) --
     def _get_grad_norm(self, model, grad_norm=None):
@@ -134,17 +152,21 @@ class GlmTrainer(Trainer):
         else:
             grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
         # With fp16 an infinite gradient norm is the loss scaler's business (it skips the step and lowers the scale).
-        bad_norm = not self.args.fp16 and grad_norm is not None and not math.isfinite(float(grad_norm))
-        local = 1.0 if bad_norm or self._nonfinite_loss is not None else 0.0
-        anywhere = float(self.accelerator.reduce(torch.tensor(local, device=self.args.device), reduction="sum"))
-        if anywhere:  # every process decides the same, so none is left waiting in a collective
+        bad = self._any_nonfinite_loss.clone()
+        if not self.args.fp16 and grad_norm is not None:
+            norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2: a DTensor
+            bad |= ~torch.isfinite(torch.as_tensor(norm, device=self.args.device))
+        # The step's one host-device synchronisation: whether to stop or skip must be known before the optimizer
+        # step. Every process decides the same, so none is left waiting in a collective.
+        if self.accelerator.reduce(bad.float(), reduction="sum").item():
             self._on_nonfinite(model, grad_norm)
-        self._nonfinite_loss = None
+        self._nonfinite_loss.fill_(float("nan"))
+        self._any_nonfinite_loss.zero_()
         return grad_norm
 
     def _on_nonfinite(self, model, grad_norm) -> None:
         step = self.state.global_step + 1
-        what = (f"the loss became {self._nonfinite_loss}" if self._nonfinite_loss is not None
+        what = (f"the loss became {float(self._nonfinite_loss)}" if bool(self._any_nonfinite_loss)
                 else f"the gradient norm became {float(grad_norm)}")
         if self.on_nan == "skip":
             model.zero_grad(set_to_none=True)  # the optimizer skips parameters without a gradient
@@ -183,6 +205,7 @@ class GlmTrainer(Trainer):
     def _save_checkpoint(self, model, trial) -> None:
         run_dir = Path(self._get_output_dir(trial))
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        self.flush_token_count()  # the count saved with the checkpoint, for a resumed run to go on from
         self._staging = staging_root(run_dir)
         try:
             super()._save_checkpoint(model, trial)
@@ -244,6 +267,7 @@ class GlmTrainer(Trainer):
         if "eval_loss" in logs and self.compute_metrics is None:  # a language model's loss; classifiers have metrics
             logs["eval_perplexity"] = perplexity(logs["eval_loss"])
         if "loss" in logs:
+            self.flush_token_count()  # every process logs the training loss at the same steps
             # Throughput since the previous log, so the number shows the speed now rather than a run-long average.
             now, tokens = time.perf_counter(), self.session_tokens
             logs["tokens_per_s"] = round((tokens - self._last_log[1]) / max(now - self._last_log[0], 1e-9), 1)
