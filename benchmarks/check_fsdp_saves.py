@@ -110,7 +110,7 @@ def main() -> None:
             handle.write(json.dumps({
                 "run_id": f"fsdp-saves-{datetime.datetime.now(datetime.timezone.utc):%Y%m%dT%H%M%S}",
                 "date": datetime.date.today().isoformat(), "commit": args.commit, "device": torch.cuda.get_device_name(),
-                "gpus": 2, "command": "benchmarks/check_fsdp_saves.py", "passed": all(verdict.values()), **checks,
+                "impl": "thuglm", "mode": "check-fsdp-saves", "gpus": 2, "command": "benchmarks/check_fsdp_saves.py", "passed": all(verdict.values()), **checks,
             }) + "\n")
     sys.exit(0 if all(verdict.values()) else 1)
 
