@@ -248,16 +248,14 @@ class GlmTrainer(Trainer):
         self.accelerator.wait_for_everyone()
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        if state_dict is None:
-            with without_checkpoint_wrappers(self.model):
-                super()._save(output_dir)
-            return
-        with without_checkpoint_wrappers(self.model):
+        gathered = state_dict is not None  # under FSDP / DeepSpeed: the state dict gathered from the shards
+        if gathered:
             state_dict = without_tied_copies(in_loaded_dtypes(state_dict, self._loaded_dtypes), self._tied_weights)
+        with without_checkpoint_wrappers(self.model):
             super()._save(output_dir, state_dict=state_dict)
         # save_pretrained records the dtype of the (upcast) weights it holds in config.json, not of those it wrote.
         config_file = Path(output_dir or self.args.output_dir) / "config.json"
-        if config_file.is_file():
+        if gathered and config_file.is_file():
             config = AutoConfig.from_pretrained(config_file.parent)
             if config.dtype != self._loaded_dtype:
                 config.dtype = self._loaded_dtype
