@@ -2,6 +2,7 @@
 # One GPU session's measurements, as run on the lent GPU machine (see benchmarks/README.md):
 #   bash benchmarks/gpu_session.sh multi    # >= 2 GPUs: FSDP LoRA, FSDP full FT on 1 and 2 GPUs, ZeRO-3 offload
 #   bash benchmarks/gpu_session.sh saves    # 2 GPUs: what FSDP LoRA and full fine-tuning save, and LoRA's resume
+#   bash benchmarks/gpu_session.sh profile-ddp  # 2 GPUs: the recipe's LoRA step profiled on 1 and on 2 processes
 #   bash benchmarks/gpu_session.sh profile  # 1 GPU: the recipe's LoRA step as is, with cuDNN attention, compiled
 #   bash benchmarks/gpu_session.sh single   # 1 GPU: decoding and training against the official code
 # Wheels the machine lacks are carried in .whl (datasets), .whl_ds (DeepSpeed and its needs); the official code and
@@ -29,6 +30,13 @@ multi)
 saves)
     python3 benchmarks/check_fsdp_saves.py --record "$OUT/rows_saves.jsonl" --commit "$commit" > "$OUT/saves.log" 2>&1
     tail -12 "$OUT/saves.log"
+    ;;
+profile-ddp)  # where the second GPU's ~29 ms a step go: the recipe's LoRA step profiled on 1, then 2 processes
+    python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from common import build_6b_folder; from pathlib import Path; build_6b_folder(Path('/tmp/thuglm-multi-gpu') / 'glm6b')"
+    CUDA_VISIBLE_DEVICES=0 timeout 150 python3 benchmarks/profile_recipe.py logging_steps=5 > "$OUT/profile_1gpu.log" 2>&1
+    CUDA_VISIBLE_DEVICES=0,1 timeout 200 python3 -m torch.distributed.run --standalone --nproc-per-node 2 \
+        benchmarks/profile_recipe.py logging_steps=5 > "$OUT/profile_2gpu.log" 2>&1
+    grep -hE "^profile of|^run:" "$OUT/profile_1gpu.log" "$OUT/profile_2gpu.log"
     ;;
 profile)
     for variant in "" --sdpa-with-cudnn compile=true; do
@@ -60,7 +68,7 @@ single)
     grep -hE "^profile of|^run:|Error" "$OUT/profile_full.log" "$OUT/profile_lora.log" | tail -8
     ;;
 *)
-    echo "usage: $0 multi|saves|profile|single" >&2
+    echo "usage: $0 multi|saves|profile|profile-ddp|single" >&2
     exit 2
     ;;
 esac

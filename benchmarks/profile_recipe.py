@@ -1,6 +1,7 @@
 """Where the time of a `thuglm train` step goes on a GPU: the recipe as users run it, profiled for a few steps.
 
     PYTHONPATH=src python benchmarks/profile_recipe.py [key=value ...]      # one GPU; overrides go to thuglm train
+    PYTHONPATH=src torchrun --nproc-per-node 2 benchmarks/profile_recipe.py  # DDP: every process profiled, the first reports
 
 e.g. `method=full optimizer=adafactor optimizer_in_backward=true gradient_checkpointing=true batch_size=1` for
 full fine-tuning as on a 24 GB card.
@@ -14,6 +15,7 @@ operations that kept the GPU waiting. Nothing is recorded: this is for finding w
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -25,6 +27,7 @@ from bench_multi_gpu import write_base_config
 from common import build_6b_folder
 from torch.profiler import ProfilerActivity, profile
 
+FIRST_PROCESS = int(os.environ.get("RANK", "0")) == 0  # under torchrun, one report (the processes run in step)
 PROFILED = range(6, 9)  # micro-batches (training_step calls) inside the profile, after warm-up
 
 
@@ -43,7 +46,8 @@ def profiled_training_step(original):
             torch.cuda.synchronize()
             wall_ms = 1e3 * (time.perf_counter() - state["start"])
             state["profiler"].__exit__(None, None, None)
-            report(state["profiler"], wall_ms, len(PROFILED))
+            if FIRST_PROCESS:
+                report(state["profiler"], wall_ms, len(PROFILED))
         return original(self, *args, **kwargs)
 
     return training_step
@@ -78,6 +82,8 @@ def main() -> None:
     history = json.loads((root / "out" / "trainer_state.json").read_text())["log_history"]
     unprofiled = [entry["tokens_per_s"] for step, entry in enumerate(history[1:], start=1)
                   if "tokens_per_s" in entry and step > 3 and step not in (*PROFILED, PROFILED.stop)]
+    if not FIRST_PROCESS:
+        return
     print("run: " + ", ".join(f"{key} {metrics.get(key)}" for key in
                               ("tokens_per_s", "peak_memory_gib", "peak_memory_kind", "final_train_loss"))
           + f", median unprofiled step tokens_per_s {statistics.median(unprofiled) if unprofiled else None}",
