@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 import torch
-from bench_multi_gpu import REPO, command, write_base_config
+from bench_multi_gpu import REPO, command, saved_model, write_base_config
 from common import build_6b_folder
 from safetensors import safe_open
 
@@ -46,6 +46,11 @@ def train(launch: str, out: Path, model: Path, *overrides: str) -> list[float]:
 def tensors(file: Path) -> dict[str, torch.Tensor]:
     with safe_open(str(file), framework="pt") as handle:
         return {name: handle.get_tensor(name) for name in handle.keys()}
+
+
+def tensor_names(file: Path) -> list[str]:
+    with safe_open(str(file), framework="pt") as handle:
+        return list(handle.keys())
 
 
 def main() -> None:
@@ -82,15 +87,10 @@ def main() -> None:
     shutil.rmtree(ROOT / "lora-whole"), shutil.rmtree(ROOT / "lora-resumed")
 
     train("fsdp_full", ROOT / "full", model, "method=full", "max_steps=2", "save_steps=0", "batch_size=1")
-    saved = sorted((ROOT / "full").glob("*.safetensors"))
-    dtypes, names = set(), set()
-    for file in saved:
-        with safe_open(str(file), framework="pt") as handle:
-            names.update(handle.keys())
-            dtypes.update(str(handle.get_slice(name).get_dtype()) for name in handle.keys())
-    checks["full_saved_gib"] = round(sum(file.stat().st_size for file in saved) / 2**30, 2)
-    checks["full_saved_dtypes"] = sorted(dtypes)
-    checks["full_lm_head_written"] = "lm_head.weight" in names
+    saved = saved_model(ROOT / "full")
+    checks["full_saved_gib"], checks["full_saved_dtypes"] = saved["saved_gib"], saved["saved_dtypes"]
+    checks["full_lm_head_written"] = any("lm_head.weight" in tensor_names(file)
+                                         for file in (ROOT / "full").glob("*.safetensors"))
     checks["full_config_dtype"] = json.loads((ROOT / "full" / "config.json").read_text()).get("dtype")
     shutil.rmtree(ROOT / "full")
 

@@ -47,7 +47,6 @@ from .loading import (
     tokenizer_folder,
 )
 
-TASKS = CLASSIFIER_TASKS
 AUTO_CLASSES = {"seq_cls": AutoModelForSequenceClassification, "token_cls": AutoModelForTokenClassification}
 
 
@@ -66,7 +65,7 @@ def load_classifier_for_inference(model_path: str | Path, dtype: str | torch.dty
         check_model_folder(model_path)
         base = model_path
     config = AutoConfig.from_pretrained(adapter or base)
-    task = TASKS.get((config.architectures or [None])[0])
+    task = CLASSIFIER_TASKS.get((config.architectures or [None])[0])
     if task is None:
         raise ModelLoadError(
             f"{adapter or base} holds a {', '.join(config.architectures or ['model without architectures'])}, not a "

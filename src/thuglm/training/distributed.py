@@ -100,6 +100,17 @@ def quiet_replicas(state) -> None:
     transformers.utils.logging.disable_progress_bar()  # "Loading weights"; the Trainer's own bar is rank 0's already
 
 
+def sharding_plugin() -> str | None:
+    """The accelerate plugin that shards the model across processes, as `accelerate launch` passes it on."""
+    from accelerate.utils import parse_flag_from_env
+
+    if parse_flag_from_env("ACCELERATE_USE_FSDP"):
+        return "FSDP"
+    if parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
+        return "DeepSpeed"
+    return None
+
+
 def fsdp_checkpoints_layers() -> bool:
     """True under an accelerate FSDP config with `fsdp_activation_checkpointing: true`.
 

@@ -35,6 +35,7 @@ from .distributed import (
     main_process_first,
     process_state,
     quiet_replicas,
+    sharding_plugin,
 )
 from .methods import (
     compile_blocks,
@@ -228,17 +229,6 @@ def optimizer_cls_and_kwargs(config: TrainConfig) -> tuple[type[torch.optim.Opti
 
 def describe_optimizer(config: TrainConfig) -> str:
     return f"{config.optimizer}{' in the backward pass' if config.optimizer_in_backward else ''}"
-
-
-def sharding_plugin() -> str | None:
-    """The accelerate plugin that shards the model across processes, as `accelerate launch` passes it on."""
-    from accelerate.utils import parse_flag_from_env
-
-    if parse_flag_from_env("ACCELERATE_USE_FSDP"):
-        return "FSDP"
-    if parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
-        return "DeepSpeed"
-    return None
 
 
 def choose_attention_kernels(attn_implementation: str) -> None:

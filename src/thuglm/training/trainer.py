@@ -72,10 +72,9 @@ class GlmTrainer(Trainer):
         self._last_log = (time.perf_counter(), 0)  # (time, session tokens) at the previous training log
         self.on_nan = on_nan
         self.skipped_nonfinite_steps = 0
-        # A non-finite micro-batch loss since the last optimizer step (NaN: none), kept on the device and read only
-        # by the one check each optimizer step makes (see _get_grad_norm).
-        self._nonfinite_loss = torch.full((), float("nan"), device=self.args.device)
-        self._any_nonfinite_loss = torch.zeros((), dtype=torch.bool, device=self.args.device)
+        # A non-finite micro-batch loss since the last optimizer step (0: none; a non-finite loss is never 0), kept on
+        # the device and read only by the one check each optimizer step makes (see _get_grad_norm).
+        self._nonfinite_loss = torch.zeros((), device=self.args.device)
         self._staging: Path | None = None
         self.optimizer_in_backward = optimizer_in_backward
         self._backward_hooks: list[torch.utils.hooks.RemovableHandle] = []
@@ -126,9 +125,8 @@ class GlmTrainer(Trainer):
         tokens = (mask != 0).sum() if mask is not None else inputs["input_ids"].numel()
         self._unflushed_tokens += tokens
         loss = super().training_step(model, inputs, num_items_in_batch)
-        nonfinite = ~torch.isfinite(loss.detach())
-        self._nonfinite_loss = torch.where(nonfinite, loss.detach().float(), self._nonfinite_loss)
-        self._any_nonfinite_loss |= nonfinite
+        loss_value = loss.detach().float()
+        self._nonfinite_loss = torch.where(torch.isfinite(loss_value), self._nonfinite_loss, loss_value)
         return loss
 
     def flush_token_count(self) -> None:
@@ -152,7 +150,7 @@ class GlmTrainer(Trainer):
         else:
             grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
         # With fp16 an infinite gradient norm is the loss scaler's business (it skips the step and lowers the scale).
-        bad = self._any_nonfinite_loss.clone()
+        bad = self._nonfinite_loss != 0
         if not self.args.fp16 and grad_norm is not None:
             norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2: a DTensor
             bad |= ~torch.isfinite(torch.as_tensor(norm, device=self.args.device))
@@ -160,14 +158,13 @@ class GlmTrainer(Trainer):
         # step. Every process decides the same, so none is left waiting in a collective.
         if self.accelerator.reduce(bad.float(), reduction="sum").item():
             self._on_nonfinite(model, grad_norm)
-        self._nonfinite_loss.fill_(float("nan"))
-        self._any_nonfinite_loss.zero_()
+        self._nonfinite_loss.zero_()
         return grad_norm
 
     def _on_nonfinite(self, model, grad_norm) -> None:
         step = self.state.global_step + 1
-        what = (f"the loss became {float(self._nonfinite_loss)}" if bool(self._any_nonfinite_loss)
-                else f"the gradient norm became {float(grad_norm)}")
+        loss = float(self._nonfinite_loss)
+        what = f"the loss became {loss}" if loss != 0 else f"the gradient norm became {float(grad_norm)}"
         if self.on_nan == "skip":
             model.zero_grad(set_to_none=True)  # the optimizer skips parameters without a gradient
             self.skipped_nonfinite_steps += 1
