@@ -2,7 +2,7 @@
 # One GPU session's measurements, as run on the lent GPU machine (see benchmarks/README.md):
 #   bash benchmarks/gpu_session.sh multi    # >= 2 GPUs: FSDP LoRA, FSDP full FT on 1 and 2 GPUs, ZeRO-3 offload
 #   bash benchmarks/gpu_session.sh saves    # 2 GPUs: what FSDP LoRA and full fine-tuning save, and LoRA's resume
-#   bash benchmarks/gpu_session.sh profile-ddp  # 2 GPUs: the recipe's LoRA step profiled on 1 and on 2 processes
+#   bash benchmarks/gpu_session.sh profile-ddp  # 2 GPUs: the recipe's LoRA step on 1 and 2 processes, DDP variants
 #   bash benchmarks/gpu_session.sh profile  # 1 GPU: the recipe's LoRA step as is, with cuDNN attention, compiled
 #   bash benchmarks/gpu_session.sh single   # 1 GPU: decoding and training against the official code
 # Wheels the machine lacks are carried in .whl (datasets), .whl_ds (DeepSpeed and its needs); the official code and
@@ -31,12 +31,33 @@ saves)
     python3 benchmarks/check_fsdp_saves.py --record "$OUT/rows_saves.jsonl" --commit "$commit" > "$OUT/saves.log" 2>&1
     tail -12 "$OUT/saves.log"
     ;;
-profile-ddp)  # where the second GPU's ~29 ms a step go: the recipe's LoRA step profiled on 1, then 2 processes
+profile-ddp)  # where the second GPU's ~29 ms a step go: the recipe's LoRA step on 1 and 2 processes, profiled
+    # (Chrome traces of the first process to $OUT), then DDP and Trainer settings tried one at a time. VARIANTS picks
+    # some ("1:ARGS;2:ARGS;..."), each started while DEADLINE_S (570) seconds are not up.
     python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from common import build_6b_folder; from pathlib import Path; build_6b_folder(Path('/tmp/thuglm-multi-gpu') / 'glm6b')"
-    CUDA_VISIBLE_DEVICES=0 timeout 150 python3 benchmarks/profile_recipe.py logging_steps=5 > "$OUT/profile_1gpu.log" 2>&1
-    CUDA_VISIBLE_DEVICES=0,1 timeout 200 python3 -m torch.distributed.run --standalone --nproc-per-node 2 \
-        benchmarks/profile_recipe.py logging_steps=5 > "$OUT/profile_2gpu.log" 2>&1
-    grep -hE "^profile of|^run:" "$OUT/profile_1gpu.log" "$OUT/profile_2gpu.log"
+    echo "6B folder ready at ${SECONDS} s"
+    steps="max_steps=40 logging_steps=5"
+    default="1:--trace $OUT/trace_1gpu.json.gz $steps;2:--trace $OUT/trace_2gpu.json.gz $steps;1:--no-profile $steps;\
+2:--no-profile $steps;2:--no-profile $steps --ddp gradient_as_bucket_view=true;\
+2:--no-profile $steps --ddp static_graph=true;2:--no-profile $steps --trainer average_tokens_across_devices=false;\
+2:--no-profile $steps --ddp bucket_cap_mb=200;1:--no-profile $steps compile=true;2:--no-profile $steps compile=true"
+    IFS=';' read -ra variants <<< "${VARIANTS:-$default}"
+    export NCCL_DEBUG=INFO NCCL_DEBUG_SUBSYS=INIT,GRAPH
+    for variant in "${variants[@]}"; do
+        limit=$(( ${DEADLINE_S:-570} - SECONDS )); (( limit > 200 )) && limit=200
+        if (( limit < 45 )); then echo "skipped (deadline): $variant"; continue; fi
+        gpus=${variant%%:*}; args=${variant#*:}
+        echo "== $gpus GPU(s): $args" | tee -a "$OUT/ddp.log"
+        if [ "$gpus" = 1 ]; then
+            CUDA_VISIBLE_DEVICES=0 timeout $limit python3 benchmarks/profile_recipe.py $args >> "$OUT/ddp.log" 2>&1
+        else
+            CUDA_VISIBLE_DEVICES=0,1 timeout $limit python3 -m torch.distributed.run --standalone --nproc-per-node 2 \
+                benchmarks/profile_recipe.py $args >> "$OUT/ddp.log" 2>&1
+        fi
+        grep -hE "^profile of|^run:" "$OUT/ddp.log" | tail -n $([[ $args == *--trace* ]] && echo 2 || echo 1)
+        echo "   at ${SECONDS} s"
+    done
+    grep -m4 -E " via (P2P|SHM|NET|NVLS)" "$OUT/ddp.log"
     ;;
 profile)
     for variant in "" --sdpa-with-cudnn compile=true; do

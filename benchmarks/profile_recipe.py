@@ -4,7 +4,12 @@
     PYTHONPATH=src torchrun --nproc-per-node 2 benchmarks/profile_recipe.py  # DDP: every process profiled, the first reports
 
 e.g. `method=full optimizer=adafactor optimizer_in_backward=true gradient_checkpointing=true batch_size=1` for
-full fine-tuning as on a 24 GB card.
+full fine-tuning as on a 24 GB card. Options for trying what the recipe does not expose (each may repeat):
+
+    --ddp KEY=VALUE       a DistributedDataParallel argument (static_graph, gradient_as_bucket_view, bucket_cap_mb, ...)
+    --trainer KEY=VALUE   a TrainingArguments field set after the recipe built them (average_tokens_across_devices, ...)
+    --trace FILE.json.gz  also write the profiled steps as a Chrome trace (the first process's)
+    --no-profile          only the run's tokens/s: no profiler
 
 Trains LoRA (by default; any config key can be overridden) on ChatGLM-6B's shape with random weights (the folder
 `bench_multi_gpu.py` builds) and the bundled corpus, and wraps steps PROFILED of the Trainer's loop in
@@ -14,6 +19,8 @@ operations that kept the GPU waiting. Nothing is recorded: this is for finding w
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import json
 import os
 import shutil
@@ -31,7 +38,7 @@ FIRST_PROCESS = int(os.environ.get("RANK", "0")) == 0  # under torchrun, one rep
 PROFILED = range(6, 9)  # micro-batches (training_step calls) inside the profile, after warm-up
 
 
-def profiled_training_step(original):
+def profiled_training_step(original, trace: str | None):
     state: dict = {"calls": 0, "profiler": None, "start": 0.0}
 
     def training_step(self, *args, **kwargs):
@@ -48,6 +55,8 @@ def profiled_training_step(original):
             state["profiler"].__exit__(None, None, None)
             if FIRST_PROCESS:
                 report(state["profiler"], wall_ms, len(PROFILED))
+                if trace:
+                    state["profiler"].export_chrome_trace(trace)  # .gz: compressed
         return original(self, *args, **kwargs)
 
     return training_step
@@ -63,30 +72,91 @@ def report(prof, wall_ms: float, steps: int) -> None:
     print(averages.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=80), flush=True)
 
 
+def option_values(argv: list[str], name: str) -> list[str]:
+    """The values of every `name VALUE` in argv, removed from it."""
+    values = []
+    while name in argv:
+        index = argv.index(name)
+        values.append(argv[index + 1])
+        del argv[index:index + 2]
+    return values
+
+
+def parsed(pairs: list[str]) -> dict:
+    """KEY=VALUE strings as a dict, each value read as a Python literal (true/false as booleans) or kept a string."""
+    result = {}
+    for pair in pairs:
+        key, value = pair.split("=", 1)
+        value = {"true": "True", "false": "False", "none": "None"}.get(value.lower(), value)
+        try:
+            result[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            result[key] = value
+    return result
+
+
+def override_trainer(recipe, GlmTrainer, ddp: dict, trainer_fields: dict) -> None:
+    """Patch the recipe's TrainingArguments and the Trainer's DDP arguments with the --trainer / --ddp values."""
+    if trainer_fields:
+        build = recipe.training_arguments
+
+        def training_arguments(*args, **kwargs):
+            arguments = build(*args, **kwargs)
+            for key, value in trainer_fields.items():
+                if not hasattr(arguments, key):
+                    raise SystemExit(f"--trainer {key}: TrainingArguments has no such field")
+                setattr(arguments, key, value)
+            return arguments
+
+        recipe.training_arguments = training_arguments
+    if ddp:
+        build_accelerator_args = GlmTrainer._build_accelerator_args
+
+        def with_ddp_kwargs(self, **kwargs):
+            args = build_accelerator_args(self, **kwargs)
+            args["kwargs_handlers"] = [dataclasses.replace(handler, **ddp) for handler in args["kwargs_handlers"]]
+            return args
+
+        GlmTrainer._build_accelerator_args = with_ddp_kwargs
+
+
 def main() -> None:
     from thuglm.training import recipe
     from thuglm.training.trainer import GlmTrainer
 
+    argv = sys.argv[1:]
+    ddp, trainer_fields = parsed(option_values(argv, "--ddp")), parsed(option_values(argv, "--trainer"))
+    traces = option_values(argv, "--trace")
+    no_profile = "--no-profile" in argv
+    argv = [arg for arg in argv if arg != "--no-profile"]
+    override_trainer(recipe, GlmTrainer, ddp, trainer_fields)
     root = Path("/tmp/thuglm-profile")
     root.mkdir(parents=True, exist_ok=True)
-    model = build_6b_folder(Path("/tmp/thuglm-multi-gpu") / "glm6b")
+    # model=... in the arguments replaces the 6B shape (model=tiny: a check of this script on the CPU)
+    model = "tiny" if any(arg.startswith("model=") for arg in argv) else build_6b_folder(
+        Path("/tmp/thuglm-multi-gpu") / "glm6b")
     config = write_base_config(root, "bf16")
     overrides = [f"model={model}", "method=lora", f"output_dir={root / 'out'}", "overwrite_output_dir=true",
                  "max_seq_len=512", "batch_size=4", "gradient_checkpointing=false", f"max_steps={PROFILED.stop + 2}",
-                 *sys.argv[1:]]
-    GlmTrainer.training_step = profiled_training_step(GlmTrainer.training_step)
+                 *argv]
+    if not no_profile:
+        GlmTrainer.training_step = profiled_training_step(GlmTrainer.training_step, traces[-1] if traces else None)
     if "--sdpa-with-cudnn" in overrides:  # as before thuglm train turned SDPA's cuDNN kernel off (its host cost)
         overrides.remove("--sdpa-with-cudnn")
         recipe.choose_attention_kernels = lambda attn_implementation: None
-    metrics = recipe.train(recipe.load_config(str(config), overrides))
-    history = json.loads((root / "out" / "trainer_state.json").read_text())["log_history"]
-    unprofiled = [entry["tokens_per_s"] for step, entry in enumerate(history[1:], start=1)
-                  if "tokens_per_s" in entry and step > 3 and step not in (*PROFILED, PROFILED.stop)]
-    if not FIRST_PROCESS:
+    config = recipe.load_config(str(config), overrides)
+    metrics = recipe.train(config)
+    if not FIRST_PROCESS:  # the first reports, then deletes the output
         return
+    history = json.loads((root / "out" / "trainer_state.json").read_text())["log_history"]
+    # A log's rate covers the steps since the previous log: leave out those that cover a profiled step (1-based).
+    profiled = range(PROFILED.start + 1, PROFILED.stop + config.logging_steps + 1) if not no_profile else range(0)
+    unprofiled = [entry["tokens_per_s"] for entry in history
+                  if "tokens_per_s" in entry and entry["step"] > 3 and entry["step"] not in profiled]
     print("run: " + ", ".join(f"{key} {metrics.get(key)}" for key in
                               ("tokens_per_s", "peak_memory_gib", "peak_memory_kind", "final_train_loss"))
-          + f", median unprofiled step tokens_per_s {statistics.median(unprofiled) if unprofiled else None}",
+          + f", median unprofiled step tokens_per_s {statistics.median(unprofiled) if unprofiled else None}"
+          + f", processes {metrics.get('processes')}, ddp {ddp or '-'}, trainer {trainer_fields or '-'}",
           flush=True)
     shutil.rmtree(root / "out", ignore_errors=True)  # a full fine-tune's model is 12 GB
 
