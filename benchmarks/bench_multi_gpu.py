@@ -50,8 +50,12 @@ CARD_GIB = 79.6  # an 80 GB card as torch counts it
 # mode -> how each number of GPUs runs it. batch is per GPU.
 PLANS = {
     # Logged every 5 steps (users' default is 10): each log reads the loss and the token count back from the GPUs.
-    "train-lora-ddp": {"method": "lora", "seq": 512, "batch": 4, "grad_ckpt": False, "steps": 40, "logging_steps": 5,
+    "train-lora-ddp": {"method": "lora", "seq": 512, "batch": 4, "grad_ckpt": False, "steps": 80, "logging_steps": 5,
                        "launch": {1: "single", 2: "torchrun"}},
+    # The same with `compile: true` (fewer, fused kernels: a step less bound by the host); the first steps compile.
+    "train-lora-ddp-compiled": {"method": "lora", "seq": 512, "batch": 4, "grad_ckpt": False, "steps": 80,
+                                "logging_steps": 5, "overrides": ["compile=true"],
+                                "launch": {1: "single", 2: "torchrun"}},
     "train-lora-fsdp": {"method": "lora", "seq": 512, "batch": 4, "grad_ckpt": True, "steps": 30,
                         "launch": {1: "fsdp_lora", 2: "fsdp_lora"}},
     "train-full-fsdp": {"method": "full", "seq": 512, "batch": 1, "grad_ckpt": True, "steps": 12,
@@ -95,7 +99,8 @@ def run_one(mode: str, plan: dict, gpus: int, model: str, root: Path, smoke: boo
     overrides = [f"model={model}", f"method={plan['method']}", f"output_dir={out}", "overwrite_output_dir=true",
                  f"max_seq_len={plan['seq']}",
                  f"batch_size={plan['batch']}", f"gradient_checkpointing={str(plan['grad_ckpt']).lower()}",
-                 f"max_steps={plan['steps']}", "save_steps=0", f"logging_steps={plan.get('logging_steps', 1)}"]
+                 f"max_steps={plan['steps']}", "save_steps=0", f"logging_steps={plan.get('logging_steps', 1)}",
+                 *plan.get("overrides", [])]
     argv = command(launch, gpus, config, overrides)
     start = time.perf_counter()
     env = dict(os.environ)
@@ -166,11 +171,14 @@ def steady_throughput(out: Path) -> float | None:
 
 
 def add_scaling(rows: list[dict]) -> None:
-    """Against the 1-GPU row of the same mode, or else of the same method (ZeRO-3 has no 1-GPU launch)."""
+    """Against the latest 1-GPU row of the same mode (with --repeats, the one run just before), or else of the same
+    method (ZeRO-3 has no 1-GPU launch)."""
     single = [row for row in rows if row["gpus"] == 1 and row["status"] == "ok"]
     by_mode, by_method = {row["mode"]: row for row in single}, {row["method"]: row for row in single}
     for row in rows:
         base = by_mode.get(row["mode"]) or by_method.get(row["method"])
+        if "scaling_efficiency" in row:
+            continue
         if row["gpus"] > 1 and row["status"] == "ok" and base and base.get("tokens_per_s") and row.get("tokens_per_s"):
             row["scaling_efficiency"] = round(row["tokens_per_s"] / (row["gpus"] * base["tokens_per_s"]), 3)
             row["baseline_mode"] = base["mode"]
@@ -195,6 +203,10 @@ def main() -> None:
     parser.add_argument("--commit", help="the commit measured (a copy without .git cannot tell)")
     parser.add_argument("--modes", nargs="*", default=list(PLANS), choices=list(PLANS))
     parser.add_argument("--gpus", nargs="*", type=int, default=[1, 2], help="which GPU counts to run (1, 2)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="run every (mode, GPUs) this many times, the modes and GPU counts taking turns, so that "
+                             "a machine's drift does not land on one of them; each 2-GPU row scales against the "
+                             "1-GPU row just before it, and the summary gives the median")
     args = parser.parse_args()
 
     root = Path(args.root)
@@ -203,7 +215,7 @@ def main() -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the children too: CPU processes with gloo
         device, model, gpu_counts = "cpu (smoke)", "tiny", (1, 2)
         plans = {mode: {**plan, "seq": 64, "batch": 2, "steps": 4} for mode, plan in PLANS.items()
-                 if "needs" not in plan and mode != "train-lora-fsdp"}
+                 if "needs" not in plan and mode != "train-lora-fsdp" and "compile=true" not in plan.get("overrides", [])}
     else:
         if torch.cuda.device_count() < 2:
             sys.exit(f"this benchmark needs 2 GPUs, found {torch.cuda.device_count()}; --smoke checks it on the CPU")
@@ -219,23 +231,29 @@ def main() -> None:
     ).stdout.strip()
     run_id = f"multi-gpu-{datetime.datetime.now(datetime.timezone.utc):%Y%m%dT%H%M%S}"
     rows = []
-    for mode in (m for m in args.modes if m in plans):
-        for gpus in (n for n in gpu_counts if n in plans[mode]["launch"] and n in args.gpus):
-            row = run_one(mode, plans[mode], gpus, model, root, args.smoke)
-            rows.append(row)
-            add_scaling(rows)  # the 1-GPU row of a mode runs before its 2-GPU row
-            print(summary(row), flush=True)
-            if args.record:  # row by row: a run stopped by a time limit keeps what it measured
-                with open(args.record, "a", encoding="utf-8") as handle:
-                    handle.write(json.dumps({
-                        "run_id": run_id, "date": datetime.date.today().isoformat(), "commit": commit,
-                        "device": device, "impl": "thuglm", "dtype": "fp32" if args.smoke else "bf16",
-                        "model": model if args.smoke else "6b-shape", **row,
-                    }) + "\n")
+    launches = [(repeat, mode, gpus) for repeat in range(args.repeats) for mode in args.modes if mode in plans
+                for gpus in gpu_counts if gpus in plans[mode]["launch"] and gpus in args.gpus]
+    for repeat, mode, gpus in launches:
+        row = {**run_one(mode, plans[mode], gpus, model, root, args.smoke), "repeat": repeat}
+        rows.append(row)
+        add_scaling(rows)  # the 1-GPU row of a mode runs before its 2-GPU row
+        print(summary(row), flush=True)
+        if args.record:  # row by row: a run stopped by a time limit keeps what it measured
+            with open(args.record, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps({
+                    "run_id": run_id, "date": datetime.date.today().isoformat(), "commit": commit,
+                    "device": device, "impl": "thuglm", "dtype": "fp32" if args.smoke else "bf16",
+                    "model": model if args.smoke else "6b-shape", **row,
+                }) + "\n")
     print(f"\n{'mode':26s} {'gpus':>4} {'launcher':24s} {'seq':>5} {'bs':>3} {'ckpt':5s} {'status':6s} "
           f"{'tokens/s':>10s} {'run tok/s':>10s} {'peak GiB':>8s} {'scaling':>7s} {'saved GiB':>9s} saved dtypes")
     for row in rows:
         print(summary(row))
+    for mode in dict.fromkeys(row["mode"] for row in rows):
+        scalings = sorted(row["scaling_efficiency"] for row in rows if row["mode"] == mode and "scaling_efficiency" in row)
+        if len(scalings) > 1:
+            print(f"{mode}: scaling over {len(scalings)} repeats: median {statistics.median(scalings):.3f}, "
+                  f"range {scalings[0]:.3f}-{scalings[-1]:.3f}")
     skipped = sorted(set(PLANS) - set(plans))
     if skipped:
         print(f"not run here: {', '.join(skipped)}")

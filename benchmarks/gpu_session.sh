@@ -24,7 +24,8 @@ df -h /tmp "$PWD" | tail -n +2
 case "${1:-}" in
 multi)
     python3 benchmarks/bench_multi_gpu.py --record "$OUT/rows_multi.jsonl" --commit "$commit" \
-        --modes ${MODES:-train-lora-fsdp train-full-fsdp train-full-zero3-offload} --gpus ${GPUS:-1 2} 2>&1 \
+        --modes ${MODES:-train-lora-fsdp train-full-fsdp train-full-zero3-offload} --gpus ${GPUS:-1 2} \
+        --repeats ${REPEATS:-1} 2>&1 \
         | tee "$OUT/multi.log" | grep -vE "^\s" | tail -40
     ;;
 saves)
