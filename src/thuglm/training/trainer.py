@@ -7,9 +7,11 @@ import logging
 import math
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from accelerate.utils import DistributedType
 from peft import PeftModel
 from peft.helpers import disable_input_dtype_casting
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
@@ -43,6 +45,11 @@ class GlmTrainer(Trainer):
       lives in `state.num_input_tokens_seen`, so it is saved in checkpoints and survives a resume.
     * Every evaluation also logs `eval_perplexity` = exp(eval_loss); every training log the tokens/s since the
       previous one.
+
+    The Trainer walks the whole module tree several times a step (`model.train()`, `model.zero_grad()`, the
+    parameters to clip, the parameter count of its FLOP estimate): ~1,400 modules for LoRA on ChatGLM-6B, ~5 ms of
+    Python a walk, on a host that the LoRA step on a GPU already keeps busy. Here the walks go over lists taken when
+    training starts (`install_walk_shortcuts`), on one process and under DDP, where the tree does not change.
 
     And two things about keeping a run safe:
 
@@ -85,6 +92,10 @@ class GlmTrainer(Trainer):
         self._loaded_dtype = self.model.dtype
         # {lm_head.weight: transformer.word_embeddings.weight}: one tensor in the model, two in a gathered state dict.
         self._tied_weights = dict(getattr(self.model, "all_tied_weights_keys", None) or {})
+        self._non_embedding_parameters: int | None = None  # for the FLOP estimate, counted once
+        self._walked_model: torch.nn.Module | None = None  # the model the training loop runs, with its shortcuts
+        self._remove_walk_shortcuts: Callable[[], None] | None = None
+        self._all_parameters: list[torch.nn.Parameter] | None = None
 
     # ---- the optimizer inside the backward pass -----------------------------------------------------------------
     def create_optimizer(self, model=None):
@@ -120,7 +131,38 @@ class GlmTrainer(Trainer):
             stack.enter_context(disable_input_dtype_casting(self.model))
         return stack
 
+    # ---- the training loop's walks over the module tree, each done once ------------------------------------------
+    def _shortcut_walks(self, model: torch.nn.Module) -> None:
+        if model is self._walked_model or self.accelerator.distributed_type not in (
+            DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU,
+        ):  # FSDP and DeepSpeed give train() and zero_grad() meanings of their own
+            return
+        self._drop_walk_shortcuts()
+        self._remove_walk_shortcuts = install_walk_shortcuts(model)
+        self._walked_model = model
+        self._all_parameters = list(model.parameters())
+
+    def _drop_walk_shortcuts(self) -> None:
+        if self._remove_walk_shortcuts is not None:
+            self._remove_walk_shortcuts()
+        self._walked_model = self._remove_walk_shortcuts = self._all_parameters = None
+
+    def _clip_grad_norm(self, model):
+        if model is not self._walked_model:
+            return super()._clip_grad_norm(model)
+        return self.accelerator.clip_grad_norm_(self._all_parameters, self.args.max_grad_norm)
+
+    def floating_point_ops(self, inputs) -> int:
+        """The Trainer's estimate, 6 x input tokens x non-embedding parameters, with the parameters counted once."""
+        main_input = getattr(self.model, "main_input_name", "input_ids")
+        if main_input not in inputs or not hasattr(self.model, "num_parameters"):
+            return 0
+        if self._non_embedding_parameters is None:
+            self._non_embedding_parameters = self.model.num_parameters(exclude_embeddings=True)
+        return 6 * inputs[main_input].numel() * self._non_embedding_parameters
+
     def training_step(self, model, inputs, num_items_in_batch=None):
+        self._shortcut_walks(model)
         mask = inputs.get("attention_mask")
         tokens = (mask != 0).sum() if mask is not None else inputs["input_ids"].numel()
         self._unflushed_tokens += tokens
@@ -139,7 +181,10 @@ class GlmTrainer(Trainer):
         self.state.num_input_tokens_seen = int(self.state.num_input_tokens_seen or 0) + tokens
 
     def train(self, *args, **kwargs):
-        result = super().train(*args, **kwargs)
+        try:
+            result = super().train(*args, **kwargs)
+        finally:  # the model leaves the loop as it came, also when the run stops with an error
+            self._drop_walk_shortcuts()
         self.flush_token_count()
         return result
 
@@ -268,6 +313,39 @@ class GlmTrainer(Trainer):
             logs["tokens_per_s"] = round((tokens - self._last_log[1]) / max(now - self._last_log[0], 1e-9), 1)
             self._last_log = (now, tokens)
         super().log(logs, start_time)
+
+
+def install_walk_shortcuts(model: torch.nn.Module) -> Callable[[], None]:
+    """Give `model` a `train()` and a `zero_grad()` that go over lists of its modules and parameters taken now, and
+    return the function that takes them away again.
+
+    Both are what torch's do as long as no module is added or removed: `train(mode)` still sets every module's mode
+    when any differs (after an evaluation), through the model's own `train`; `zero_grad()` sets every gradient to
+    None. They exist for the training loop, which calls both every step on a tree that does not change.
+    """
+    modules = list(model.modules())
+    parameters = list(model.parameters())
+    own_train, own_zero_grad = type(model).train, type(model).zero_grad
+
+    def train(mode: bool = True):
+        if any(module.training != mode for module in modules):
+            own_train(model, mode)
+        return model
+
+    def zero_grad(set_to_none: bool = True) -> None:
+        if not set_to_none:
+            own_zero_grad(model, set_to_none)
+            return
+        for parameter in parameters:
+            parameter.grad = None
+
+    model.train, model.zero_grad = train, zero_grad  # instance attributes, found before the class's methods
+
+    def remove() -> None:
+        for name in ("train", "zero_grad"):
+            model.__dict__.pop(name, None)
+
+    return remove
 
 
 @contextlib.contextmanager
