@@ -60,6 +60,12 @@ PLANS = {
                         "launch": {1: "fsdp_lora", 2: "fsdp_lora"}},
     "train-full-fsdp": {"method": "full", "seq": 512, "batch": 1, "grad_ckpt": True, "steps": 12,
                         "launch": {1: "fsdp_full", 2: "fsdp_full"}},
+    # ZeRO-2: optimizer states and gradients split, weights whole on each GPU. Full fine-tuning holds ~12 GB of bf16
+    # weights plus half of 74 GB (fp32 masters, AdamW's moments) a GPU on 2; one GPU would need all of it.
+    "train-lora-zero2": {"method": "lora", "seq": 512, "batch": 4, "grad_ckpt": False, "steps": 40, "logging_steps": 5,
+                         "launch": {1: "deepspeed_zero2", 2: "deepspeed_zero2"}, "needs": "deepspeed"},
+    "train-full-zero2": {"method": "full", "seq": 512, "batch": 1, "grad_ckpt": True, "steps": 12,
+                         "launch": {2: "deepspeed_zero2"}, "needs": "deepspeed", "timeout_s": 420},
     # CPU Adam's first step builds its extension, and the final model is gathered from the shards: give it time.
     "train-full-zero3-offload": {"method": "full", "seq": 512, "batch": 1, "grad_ckpt": True, "steps": 8,
                                  "launch": {2: "deepspeed_zero3_offload"}, "needs": "deepspeed", "timeout_s": 540},

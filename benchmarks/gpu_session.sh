@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One GPU session's measurements, as run on the lent GPU machine (see benchmarks/README.md):
 #   bash benchmarks/gpu_session.sh multi    # >= 2 GPUs: FSDP LoRA, FSDP full FT on 1 and 2 GPUs, ZeRO-3 offload
+#       (MODES picks others of bench_multi_gpu.py: train-lora-ddp[-compiled], train-lora-zero2, train-full-zero2;
+#        REPEATS alternates the 1- and 2-GPU runs)
 #   bash benchmarks/gpu_session.sh saves    # 2 GPUs: what FSDP LoRA and full fine-tuning save, and LoRA's resume
 #   bash benchmarks/gpu_session.sh profile-ddp  # 2 GPUs: the recipe's LoRA step on 1 and 2 processes, DDP variants
 #   bash benchmarks/gpu_session.sh profile  # 1 GPU: the recipe's LoRA step as is, with cuDNN attention, compiled
