@@ -127,7 +127,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         args=args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        data_collator=GlmCollator(pad_token_id=tokenizer.pad_token_id) if config.task == "causal_lm"
+        data_collator=GlmCollator.for_model(tokenizer.pad_token_id, model.config) if config.task == "causal_lm"
         else classification.classification_collator(config.task, tokenizer),
         compute_metrics=None if config.task == "causal_lm" else classification.compute_metrics_for(config.task, labels),
         processing_class=tokenizer,
