@@ -12,7 +12,7 @@ import torch
 from transformers import Trainer
 
 from thuglm.training import recipe
-from thuglm.training.trainer import install_walk_shortcuts
+from thuglm.training.trainer import WalkShortcuts
 
 from .test_train_e2e import base_settings, write_config
 
@@ -23,7 +23,7 @@ def small_model() -> torch.nn.Module:
 
 def test_shortcut_train_and_eval_set_every_module_as_torch_does():
     model = small_model()
-    remove = install_walk_shortcuts(model)
+    walks = WalkShortcuts(model)
     assert model.eval() is model
     assert not any(module.training for module in model.modules())
     model[2].train()  # one module switched on its own: train() must still reach the others
@@ -31,7 +31,7 @@ def test_shortcut_train_and_eval_set_every_module_as_torch_does():
     assert all(module.training for module in model.modules())
     model.train()
     assert all(module.training for module in model.modules())
-    remove()
+    walks.remove()
     assert "train" not in model.__dict__ and "zero_grad" not in model.__dict__
     assert model.train.__func__ is torch.nn.Module.train
 
@@ -39,7 +39,7 @@ def test_shortcut_train_and_eval_set_every_module_as_torch_does():
 @pytest.mark.parametrize("set_to_none", [True, False])
 def test_shortcut_zero_grad_clears_every_gradient(set_to_none):
     model = small_model()
-    install_walk_shortcuts(model)
+    WalkShortcuts(model)
     model(torch.ones(3, 4)).sum().backward()
     model.zero_grad(set_to_none=set_to_none)
     for parameter in model.parameters():

@@ -7,7 +7,6 @@ import logging
 import math
 import shutil
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -49,7 +48,7 @@ class GlmTrainer(Trainer):
     The Trainer walks the whole module tree several times a step (`model.train()`, `model.zero_grad()`, the
     parameters to clip, the parameter count of its FLOP estimate): ~1,400 modules for LoRA on ChatGLM-6B, ~5 ms of
     Python a walk, on a host that the LoRA step on a GPU already keeps busy. Here the walks go over lists taken when
-    training starts (`install_walk_shortcuts`), on one process and under DDP, where the tree does not change.
+    training starts (`WalkShortcuts`), on one process and under DDP, where the tree does not change.
 
     And two things about keeping a run safe:
 
@@ -93,9 +92,7 @@ class GlmTrainer(Trainer):
         # {lm_head.weight: transformer.word_embeddings.weight}: one tensor in the model, two in a gathered state dict.
         self._tied_weights = dict(getattr(self.model, "all_tied_weights_keys", None) or {})
         self._non_embedding_parameters: int | None = None  # for the FLOP estimate, counted once
-        self._walked_model: torch.nn.Module | None = None  # the model the training loop runs, with its shortcuts
-        self._remove_walk_shortcuts: Callable[[], None] | None = None
-        self._all_parameters: list[torch.nn.Parameter] | None = None
+        self._walks: WalkShortcuts | None = None  # on the model the training loop runs
 
     # ---- the optimizer inside the backward pass -----------------------------------------------------------------
     def create_optimizer(self, model=None):
@@ -133,24 +130,22 @@ class GlmTrainer(Trainer):
 
     # ---- the training loop's walks over the module tree, each done once ------------------------------------------
     def _shortcut_walks(self, model: torch.nn.Module) -> None:
-        if model is self._walked_model or self.accelerator.distributed_type not in (
+        if (self._walks is not None and self._walks.model is model) or self.accelerator.distributed_type not in (
             DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU,
         ):  # FSDP and DeepSpeed give train() and zero_grad() meanings of their own
             return
         self._drop_walk_shortcuts()
-        self._remove_walk_shortcuts = install_walk_shortcuts(model)
-        self._walked_model = model
-        self._all_parameters = list(model.parameters())
+        self._walks = WalkShortcuts(model)
 
     def _drop_walk_shortcuts(self) -> None:
-        if self._remove_walk_shortcuts is not None:
-            self._remove_walk_shortcuts()
-        self._walked_model = self._remove_walk_shortcuts = self._all_parameters = None
+        if self._walks is not None:
+            self._walks.remove()
+            self._walks = None
 
     def _clip_grad_norm(self, model):
-        if model is not self._walked_model:
+        if self._walks is None or self._walks.model is not model:
             return super()._clip_grad_norm(model)
-        return self.accelerator.clip_grad_norm_(self._all_parameters, self.args.max_grad_norm)
+        return self.accelerator.clip_grad_norm_(self._walks.parameters, self.args.max_grad_norm)
 
     def floating_point_ops(self, inputs) -> int:
         """The Trainer's estimate, 6 x input tokens x non-embedding parameters, with the parameters counted once."""
@@ -315,37 +310,36 @@ class GlmTrainer(Trainer):
         super().log(logs, start_time)
 
 
-def install_walk_shortcuts(model: torch.nn.Module) -> Callable[[], None]:
-    """Give `model` a `train()` and a `zero_grad()` that go over lists of its modules and parameters taken now, and
-    return the function that takes them away again.
+class WalkShortcuts:
+    """Gives `model` a `train()` and a `zero_grad()` that go over lists of its modules and parameters taken now,
+    until `remove()`; `parameters` is the list, for clipping.
 
     Both are what torch's do as long as no module is added or removed: `train(mode)` still sets every module's mode
     when any differs (after an evaluation), through the model's own `train`; `zero_grad()` sets every gradient to
     None. They exist for the training loop, which calls both every step on a tree that does not change.
     """
-    modules = list(model.modules())
-    parameters = list(model.parameters())
-    own_train, own_zero_grad = type(model).train, type(model).zero_grad
 
-    def train(mode: bool = True):
-        if any(module.training != mode for module in modules):
-            own_train(model, mode)
-        return model
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.modules = list(model.modules())
+        self.parameters = list(model.parameters())
+        model.train, model.zero_grad = self.train, self.zero_grad  # instance attributes, found before the class's
 
-    def zero_grad(set_to_none: bool = True) -> None:
+    def train(self, mode: bool = True) -> torch.nn.Module:
+        if any(module.training != mode for module in self.modules):
+            type(self.model).train(self.model, mode)
+        return self.model
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
         if not set_to_none:
-            own_zero_grad(model, set_to_none)
+            type(self.model).zero_grad(self.model, set_to_none)
             return
-        for parameter in parameters:
+        for parameter in self.parameters:
             parameter.grad = None
 
-    model.train, model.zero_grad = train, zero_grad  # instance attributes, found before the class's methods
-
-    def remove() -> None:
+    def remove(self) -> None:
         for name in ("train", "zero_grad"):
-            model.__dict__.pop(name, None)
-
-    return remove
+            self.model.__dict__.pop(name, None)
 
 
 @contextlib.contextmanager
