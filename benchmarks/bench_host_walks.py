@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import SIX_B, commit_id
+from common import SIX_B, commit_id, random_chatglm
 
 
 def per_call_ms(function, repeats: int = 20) -> float:
@@ -32,13 +32,12 @@ def per_call_ms(function, repeats: int = 20) -> float:
 def lora_6b_on_meta():
     from peft import LoraConfig, get_peft_model
 
-    from thuglm.models import ChatGLMForConditionalGeneration, ChatGLMTokenizer
+    from thuglm.models import ChatGLMTokenizer
     from thuglm.models.tiny import cached_tiny_chatglm, tiny_config
     from thuglm.training.config import DEFAULT_LORA_TARGETS
 
     tokenizer = ChatGLMTokenizer.from_pretrained(cached_tiny_chatglm(None))
-    with torch.device("meta"):
-        model = ChatGLMForConditionalGeneration(tiny_config(tokenizer.vocab_size, tokenizer, **SIX_B))
+    model = random_chatglm(tiny_config(tokenizer.vocab_size, tokenizer, **SIX_B), torch.bfloat16, "meta")
     return get_peft_model(model, LoraConfig(r=8, target_modules=list(DEFAULT_LORA_TARGETS)))
 
 

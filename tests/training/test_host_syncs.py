@@ -3,8 +3,8 @@ has caught up, and under several processes the reads of collectives hold them in
 
 Every such read is an `aten._local_scalar_dense` call (`.item()`, `float()`, `int()`, `bool()` of a tensor), which
 a dispatch mode sees on the CPU as on a GPU. Reads while collating a batch are left out: the collator works on the
-data loader's CPU tensors, before anything goes to the device. Runs of 3 and 7 optimizer steps differ only by 4 steps (the loss is
-logged at step 1 only, no checkpoint, no evaluation), so their difference / 4 is the steady per-step count.
+data loader's CPU tensors, before anything goes to the device. Runs of 3 and 7 optimizer steps differ only by 4 steps
+(`short_lora_run_config`), so their difference / 4 is the steady per-step count.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from thuglm.data import GlmCollator
 from thuglm.training import recipe
 
-from .test_train_e2e import base_settings, write_config
+from .test_train_e2e import short_lora_run_config
 
 
 class CountDeviceReads(TorchDispatchMode):
@@ -41,12 +41,7 @@ class CountDeviceReads(TorchDispatchMode):
 
 
 def device_reads(tmp_path, steps: int, monkeypatch, **settings) -> int:
-    values = base_settings(tmp_path / str(steps), method="lora", max_steps=steps, logging_steps=1000, save_steps=0,
-                           report_to=[], **settings)
-    values.pop("eval_steps")
-    values["data"]["validation_split"] = 0.0
-    (tmp_path / str(steps)).mkdir()
-    config = recipe.load_config(str(write_config(tmp_path / str(steps), **values)), [])
+    config = short_lora_run_config(tmp_path / str(steps), steps, **settings)
     counter = CountDeviceReads()
     with monkeypatch.context() as patch, counter:
         patch.setattr(GlmCollator, "__call__", counter.not_counting(GlmCollator.__call__))

@@ -14,7 +14,7 @@ from transformers import Trainer
 from thuglm.training import recipe
 from thuglm.training.trainer import WalkShortcuts
 
-from .test_train_e2e import base_settings, write_config
+from .test_train_e2e import short_lora_run_config
 
 
 def small_model() -> torch.nn.Module:
@@ -46,7 +46,7 @@ def test_shortcut_zero_grad_clears_every_gradient(set_to_none):
         assert parameter.grad is None if set_to_none else not parameter.grad.any()
 
 
-def walks_and_flos(tmp_path, steps: int, monkeypatch) -> tuple[int, object]:
+def walks_and_trainer(tmp_path, steps: int, monkeypatch) -> tuple[int, object]:
     walks = {"count": 0}
     named_modules = torch.nn.Module.named_modules
 
@@ -55,12 +55,7 @@ def walks_and_flos(tmp_path, steps: int, monkeypatch) -> tuple[int, object]:
             walks["count"] += 1
         return named_modules(self, memo, prefix, remove_duplicate)
 
-    folder = tmp_path / str(steps)
-    folder.mkdir()
-    values = base_settings(folder, method="lora", max_steps=steps, logging_steps=1000, save_steps=0, report_to=[])
-    values.pop("eval_steps")
-    values["data"]["validation_split"] = 0.0
-    config = recipe.load_config(str(write_config(folder, **values)), [])
+    config = short_lora_run_config(tmp_path / str(steps), steps)
     trainers = []
     monkeypatch.setattr(recipe, "GlmTrainer", _recording(recipe.GlmTrainer, trainers))
     with monkeypatch.context() as patch:
@@ -79,8 +74,8 @@ def _recording(cls, trainers: list):
 
 
 def test_a_training_step_walks_no_module_tree_and_the_trainer_estimates_flops_as_before(tmp_path, monkeypatch):
-    few, _ = walks_and_flos(tmp_path, 3, monkeypatch)
-    more, trainer = walks_and_flos(tmp_path, 7, monkeypatch)
+    few, _ = walks_and_trainer(tmp_path, 3, monkeypatch)
+    more, trainer = walks_and_trainer(tmp_path, 7, monkeypatch)
     assert (more - few) / 4 == 0  # before: train(), zero_grad(), the clipping and the FLOP count, each a walk a step
     model = trainer.model
     assert "train" not in model.__dict__ and "zero_grad" not in model.__dict__

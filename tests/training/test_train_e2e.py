@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import thuglm  # noqa: F401
 from thuglm.cli import main
+from thuglm.training import recipe
 from thuglm.training.demo import resource_path
 
 OFFICIAL_TINY = Path(__file__).parents[1] / "fixtures" / "official_tiny"
@@ -44,6 +45,17 @@ def base_settings(tmp_path: Path, **overrides) -> dict:
     }
     settings.update(overrides)
     return settings
+
+
+def short_lora_run_config(folder: Path, steps: int, **overrides):
+    """A LoRA run of `steps` steps in a new `folder` with nothing beside the steps: the loss logged at step 1 only,
+    no checkpoint, no evaluation; runs of different lengths then differ only by their extra steps."""
+    folder.mkdir()
+    values = base_settings(folder, method="lora", max_steps=steps, logging_steps=1000, save_steps=0, report_to=[],
+                           **overrides)
+    values.pop("eval_steps")
+    values["data"]["validation_split"] = 0.0
+    return recipe.load_config(str(write_config(folder, **values)), [])
 
 
 def train_losses(output_dir: Path) -> list[float]:
