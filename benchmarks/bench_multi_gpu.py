@@ -223,8 +223,9 @@ def main() -> None:
         plans = {mode: {**plan, "seq": 64, "batch": 2, "steps": 4} for mode, plan in PLANS.items()
                  if "needs" not in plan and mode != "train-lora-fsdp" and "compile=true" not in plan.get("overrides", [])}
     else:
-        if torch.cuda.device_count() < 2:
-            sys.exit(f"this benchmark needs 2 GPUs, found {torch.cuda.device_count()}; --smoke checks it on the CPU")
+        if torch.cuda.device_count() < max(args.gpus):  # `--gpus 1` measures the 1-GPU rows on a 1-GPU machine
+            sys.exit(f"--gpus {' '.join(map(str, args.gpus))} needs {max(args.gpus)} GPU(s), found "
+                     f"{torch.cuda.device_count()}; --smoke checks the script on the CPU")
         device, gpu_counts = torch.cuda.get_device_name(), (1, 2)
         start = time.perf_counter()
         model = str(build_6b_folder(root / "glm6b"))
