@@ -6,9 +6,9 @@ The Trainer calls `model.train()` and `model.zero_grad()` every step, collects t
 gradients and counts them for its FLOP estimate; each walks all ~1,400 modules of the LoRA model. With a bf16/fp16
 base each micro-batch's forward also turns peft's casting of adapter inputs off and back on: peft's helper
 (`disable_input_dtype_casting`) walks the tree twice to find the adapter layers. GlmTrainer walks once per run
-(`WalkShortcuts`, a cached parameter list and count, a cached list of adapter layers). The model is built on the meta device:
-the walks are Python over the module tree, whatever the weights. A LoRA step on a GPU is host-bound (GPU ~80 % busy
-at b4 s512), so host time saved a step is close to time saved a step.
+(`WalkShortcuts`, a cached parameter list and count, a cached list of adapter layers). The model is built on the
+meta device: the walks are Python over the module tree, whatever the weights. A LoRA step on a GPU is host-bound
+(GPU ~80 % busy at b4 s512), so host time saved a step is close to time saved a step.
 """
 
 from __future__ import annotations
@@ -51,9 +51,8 @@ def cpu_name() -> str:
 
 def main() -> None:
     from peft.helpers import disable_input_dtype_casting
-    from peft.tuners.tuners_utils import BaseTunerLayer
 
-    from thuglm.training.trainer import WalkShortcuts, adapter_input_casting_off
+    from thuglm.training.trainer import WalkShortcuts, adapter_input_casting_off, adapter_layers
 
     def entered(context_manager):
         with context_manager:
@@ -73,10 +72,10 @@ def main() -> None:
     before = {name: per_call_ms(walk) for name, walk in walks.items()}
     shortcuts = WalkShortcuts(model)
     parameters = shortcuts.parameters
-    adapter_layers = [module for module in model.modules() if isinstance(module, BaseTunerLayer)]
+    layers = adapter_layers(model)
     after = {"train": per_call_ms(lambda: model.train()), "zero_grad": per_call_ms(lambda: model.zero_grad()),
              "parameters_to_clip": per_call_ms(lambda: list(parameters)), "flop_count": 0.0,
-             "adapter_casting_off": per_call_ms(lambda: entered(adapter_input_casting_off(adapter_layers)))}
+             "adapter_casting_off": per_call_ms(lambda: entered(adapter_input_casting_off(layers)))}
     shortcuts.remove()
     row = {"run_id": f"host-walks-{datetime.datetime.now(datetime.timezone.utc):%Y%m%dT%H%M%S}",
            "date": datetime.date.today().isoformat(), "commit": commit_id(), "device": cpu_name(),

@@ -135,7 +135,7 @@ class GlmTrainer(Trainer):
         # peft's own `disable_input_dtype_casting` finds the adapter layers with two `named_modules()` walks per
         # micro-batch, ~5 ms of Python for LoRA on the 6B shape; the model's adapter layers do not change in a run.
         if self._adapter_layers is None or self._adapter_layers[0] is not model:
-            self._adapter_layers = (model, [module for module in model.modules() if isinstance(module, BaseTunerLayer)])
+            self._adapter_layers = (model, adapter_layers(model))
         return self._adapter_layers[1]
 
     # ---- the training loop's walks over the module tree, each done once ------------------------------------------
@@ -350,6 +350,11 @@ class WalkShortcuts:
     def remove(self) -> None:
         for name in ("train", "zero_grad"):
             self.model.__dict__.pop(name, None)
+
+
+def adapter_layers(model: torch.nn.Module) -> list[BaseTunerLayer]:
+    """The peft adapter layers (a LoRA-adapted Linear each) of `model`."""
+    return [module for module in model.modules() if isinstance(module, BaseTunerLayer)]
 
 
 @contextlib.contextmanager
