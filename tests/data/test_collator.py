@@ -37,10 +37,6 @@ def test_a_padded_batch_gives_each_row_its_loss_alone(tokenizer, model):
     torch.testing.assert_close((losses.sum(1) / counts).tolist(), alone, atol=1e-5, rtol=0)
 
 
-def glm_ids(tokenizer) -> tuple[int, int, int]:
-    return tokenizer.bos_token_id, tokenizer.mask_token_id, tokenizer.gmask_token_id
-
-
 def test_position_ids_from_the_collator_are_those_the_model_derives(tokenizer, model):
     ids = tokenizer.encode_text(["春眠不觉晓，处处闻啼鸟。", "你好", "夜来风雨声"])
     rows = [causal_lm_sample(i, tokenizer.gmask_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id) for i in ids]
@@ -56,12 +52,12 @@ def test_position_ids_from_the_collator_are_those_the_model_derives(tokenizer, m
     assert float(given) == float(without)
 
 
-def test_a_row_without_sop_is_refused_by_the_collator_with_its_row_number(tokenizer):
+def test_a_row_without_sop_is_refused_by_the_collator_with_its_row_number(tokenizer, model):
     good = causal_lm_sample(tokenizer.encode_text(["你好"])[0], tokenizer.gmask_token_id, tokenizer.bos_token_id,
                             tokenizer.eos_token_id)
     bad = {name: [value for value, token in zip(good[name], good["input_ids"]) if token != tokenizer.bos_token_id]
            for name in ("input_ids", "labels")}
-    collate = GlmCollator(tokenizer.pad_token_id, glm_token_ids=glm_ids(tokenizer))
+    collate = GlmCollator.for_model(tokenizer.pad_token_id, model.config)
     with pytest.raises(MissingGlmTokensError, match=r"row 1 .*no <sop>"):
         collate([{**good, "attention_mask": [1] * len(good["input_ids"])},
                  {**bad, "attention_mask": [1] * len(bad["input_ids"])}])
