@@ -58,6 +58,14 @@ def _chat_turn(model, tokenizer, query, history, args, out=None):
     return history + [(query, shown)]
 
 
+def _load_model(args):
+    """MODEL (and --adapter) of a command that takes them; a missing base is named in this command's own terms."""
+    return load_for_inference(
+        args.model, adapter=args.adapter, dtype=args.dtype,
+        how_to_name_base=f"thuglm {args.command} BASE_DIR --adapter {args.model}",
+    )
+
+
 def cmd_train(args) -> int:
     from .training.recipe import train_from_cli
 
@@ -77,7 +85,7 @@ def cmd_tiny(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    tokenizer, model = load_for_inference(args.model, adapter=args.adapter, dtype=args.dtype)
+    tokenizer, model = _load_model(args)
     history: list[tuple[str, str]] = []
     print("thuglm chat — /clear forgets the conversation, /exit quits")
     while True:
@@ -100,7 +108,10 @@ def cmd_chat(args) -> int:
 def cmd_merge(args) -> int:
     from .inference.merge import merge_adapter
 
-    out = merge_adapter(args.base, args.adapter, args.out, dtype=args.dtype, overwrite=args.overwrite)
+    out = merge_adapter(
+        args.base, args.adapter, args.out, dtype=args.dtype, overwrite=args.overwrite,
+        how_to_overwrite="--overwrite", how_to_name_base="--base BASE_DIR",
+    )
     print(f"merged model written to {out}")
     return 0
 
@@ -109,7 +120,7 @@ def cmd_generate(args) -> int:
     from .inference.generate import generate_responses, read_prompts, write_jsonl
 
     rows = read_prompts(args.input)
-    tokenizer, model = load_for_inference(args.model, adapter=args.adapter, dtype=args.dtype)
+    tokenizer, model = _load_model(args)
     responses = generate_responses(
         model,
         tokenizer,
@@ -128,7 +139,7 @@ def cmd_generate(args) -> int:
 def cmd_eval(args) -> int:
     from .inference.evaluation import evaluate_alpaca, perplexity
 
-    tokenizer, model = load_for_inference(args.model, adapter=args.adapter, dtype=args.dtype)
+    tokenizer, model = _load_model(args)
     if args.format == "text":
         metrics = perplexity(
             model, tokenizer, args.data, text_column=args.text_column, max_seq_len=args.max_seq_len,
@@ -162,7 +173,7 @@ def cmd_serve(args) -> int:
     from .inference.serve import ChatService, make_server
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    tokenizer, model = load_for_inference(args.model, adapter=args.adapter, dtype=args.dtype)
+    tokenizer, model = _load_model(args)
     server = make_server(ChatService(model, tokenizer, max_new_tokens=args.max_new_tokens), args.host, args.port)
     host, port = server.server_address[:2]
     print(f"serving {args.model} on http://{host}:{port}/ (POST / or /v1/chat/completions); Ctrl-C stops")

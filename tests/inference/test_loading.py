@@ -5,6 +5,7 @@ import pytest
 import torch
 from peft import PeftModel
 
+from thuglm.cli import main
 from thuglm.inference import ModelLoadError, load_for_inference
 from thuglm.inference.loading import resolve_dtype
 
@@ -89,7 +90,19 @@ def test_an_adapter_whose_base_is_gone_says_how_to_pass_it(adapter_dir, tmp_path
     (folder / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(ModelLoadError, match="deleted-base.*not a folder here") as error:
         load_for_inference(folder)
-    assert "--adapter" in str(error.value)
+    assert "load_for_inference(BASE_DIR, adapter=ADAPTER_DIR)" in str(error.value)  # Python's way, not a flag
+    assert f"base_model_name_or_path in {folder / 'adapter_config.json'}" in str(error.value)
+
+
+@pytest.mark.parametrize("command", ["eval", "serve"])
+def test_a_command_names_the_base_in_its_own_terms(adapter_dir, tmp_path, capsys, command):
+    folder = shutil.copytree(adapter_dir, tmp_path / "adapter")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": ""}))
+    arguments = ["--data", str(tmp_path / "unread.csv")] if command == "eval" else []
+    assert main([command, str(folder), *arguments]) == 2
+    refusal = capsys.readouterr().err
+    assert f"thuglm {command} BASE_DIR --adapter {folder}" in refusal and "adapter=" not in refusal
 
 
 def test_an_adapter_folder_as_model_and_another_adapter_is_refused(adapter_dir, output_dir):

@@ -127,25 +127,32 @@ def check_adapter_folder(path: Path) -> None:
         raise ModelLoadError(
             f"{path} is not a peft adapter folder (no {ADAPTER_CONFIG_NAME}). Pass the output_dir of a LoRA run of "
             "`thuglm train` (it holds adapter_config.json and adapter_model.safetensors); a full fine-tune's output "
-            "is a whole model: load it as the model, without --adapter."
+            "is a whole model: use it as the model itself, with no adapter."
         )
 
 
-def adapter_base_folder(adapter: Path) -> Path:
-    """The base model folder a peft adapter was trained on, as recorded in its adapter_config.json."""
+BASE_IN_PYTHON = "load_for_inference(BASE_DIR, adapter=ADAPTER_DIR)"
+
+
+def adapter_base_folder(adapter: Path, how_to_name_base: str | None = BASE_IN_PYTHON) -> Path:
+    """The base model folder a peft adapter was trained on, as recorded in its adapter_config.json.
+
+    `how_to_name_base` is how the caller's user passes the base folder instead (each command has its own flag);
+    None where there is no way, and the message then only says how to correct the adapter's config.
+    """
     from peft import PeftConfig
 
     base = PeftConfig.from_pretrained(str(adapter)).base_model_name_or_path
+    config_file = adapter / ADAPTER_CONFIG_NAME
+    fixes = f"write the base model folder into base_model_name_or_path in {config_file}"
+    if how_to_name_base is not None:
+        fixes = f"pass the base model folder explicitly (`{how_to_name_base}`), or {fixes}"
     if not base:
-        raise ModelLoadError(
-            f"{adapter / ADAPTER_CONFIG_NAME} does not name its base model (base_model_name_or_path is empty): "
-            "pass the base model folder explicitly, with the adapter as `adapter` (CLI: MODEL --adapter DIR)."
-        )
+        raise ModelLoadError(f"{config_file} does not name its base model (base_model_name_or_path is empty): {fixes}.")
     if not Path(base).is_dir():
         raise ModelLoadError(
             f"the adapter in {adapter} was trained on {base}, which is not a folder here (moved, deleted, or a "
-            "hub name; nothing is downloaded). Pass the base model folder explicitly, with the adapter as `adapter` "
-            "(CLI: thuglm chat BASE_DIR --adapter ADAPTER_DIR)."
+            f"hub name; nothing is downloaded): {fixes}."
         )
     return Path(base)
 
@@ -171,12 +178,14 @@ def load_for_inference(
     adapter: str | Path | None = None,
     dtype: str | torch.dtype = "auto",
     device: str | torch.device | None = None,
+    how_to_name_base: str | None = BASE_IN_PYTHON,
 ) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
     """Tokenizer and model in eval mode, from a model folder, optionally with a peft adapter on top.
 
     `model_path` may also be a LoRA training's output folder (it holds adapter_config.json): the base then comes
     from the adapter's config. The result of an adapter is a `peft.PeftModel`; `model.chat` and `model.generate`
-    reach the ChatGLM underneath.
+    reach the ChatGLM underneath. `how_to_name_base` is how the caller's user names the base folder, should the one
+    recorded in the adapter be missing (see `adapter_base_folder`).
     """
     model_path = Path(model_path)
     adapter = Path(adapter) if adapter is not None else None
@@ -186,7 +195,7 @@ def load_for_inference(
                 f"{model_path} is itself an adapter folder, and an adapter ({adapter}) was given too: pass the base "
                 f"model folder as the model and one adapter, or {model_path} alone."
             )
-        model_path, adapter = adapter_base_folder(model_path), model_path
+        model_path, adapter = adapter_base_folder(model_path, how_to_name_base), model_path
     elif adapter is not None:
         check_adapter_folder(adapter)
     check_model_folder(model_path)
