@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from peft import LoraConfig, TaskType, get_peft_model
 from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer
 
@@ -121,3 +123,57 @@ def test_predict_refuses_what_is_not_a_classifier(lora_tagger, tmp_path):
         (bare_adapter / name).write_bytes((folder / name).read_bytes())
     with pytest.raises(ModelLoadError, match="without a config.json"):
         predict_file(bare_adapter, data)
+
+
+@pytest.fixture(scope="module")
+def lora_classifier_on_language_model(tmp_path_factory):
+    """What `thuglm train` with task seq_cls and method lora leaves: the base it names is the language model, which
+    has no `score` head; the trained head is in the adapter (modules_to_save)."""
+    path = tmp_path_factory.mktemp("lora_seq") / "out"
+    base = AutoModelForSequenceClassification.from_pretrained(
+        OFFICIAL_TINY, id2label=TOPICS, label2id={name: index for index, name in TOPICS.items()}
+    )
+    config = LoraConfig(task_type=TaskType.SEQ_CLS, r=4, target_modules=["query_key_value"], init_lora_weights=False,
+                        modules_to_save=["score"])
+    model = get_peft_model(base, config)
+    model.save_pretrained(path)
+    save_classifier_config(model, path)
+    AutoTokenizer.from_pretrained(OFFICIAL_TINY).save_pretrained(path)
+    return path
+
+
+def test_predict_shows_no_load_report_for_the_head_the_adapter_brings(lora_classifier_on_language_model, tmp_path,
+                                                                      capsys, caplog):
+    data = write_rows(tmp_path / "texts.jsonl", [{"text": text} for text in TEXTS])
+    # transformers' own handler holds the stderr of its import time; its records reach caplog only through the root.
+    transformers.utils.logging.enable_propagation()
+    try:
+        with caplog.at_level(logging.WARNING):
+            assert main(["predict", str(lora_classifier_on_language_model), str(data)]) == 0
+    finally:
+        transformers.utils.logging.disable_propagation()
+    out, err = capsys.readouterr()
+    assert "predictions (seq_cls) written" in out
+    shown = out + err + caplog.text
+    assert "MISSING" not in shown and "newly initialized" not in shown
+    assert {row["predicted_label"] for row in read_rows(tmp_path / "texts.predictions.jsonl")} <= set(TOPICS.values())
+
+
+def test_a_base_lacking_weights_the_adapter_does_not_bring_is_refused(lora_classifier_on_language_model, tmp_path):
+    """With the load report held back, weights missing from the backbone must still not pass as random ones."""
+    base = tmp_path / "base"
+    base.mkdir()
+    for name in ("config.json", "ice_text.model", "tokenizer_config.json"):
+        (base / name).write_bytes((OFFICIAL_TINY / name).read_bytes())
+    weights = torch.load(OFFICIAL_TINY / "pytorch_model.bin", weights_only=True)
+    dropped = next(name for name in weights if name.endswith("final_layernorm.weight"))
+    torch.save({name: value for name, value in weights.items() if name != dropped}, base / "pytorch_model.bin")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    for source in lora_classifier_on_language_model.iterdir():
+        (adapter / source.name).write_bytes(source.read_bytes())
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(base)
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match=r"lacks the weights of .*final_layernorm.*does not bring them"):
+        load_classifier_for_inference(adapter, device="cpu")

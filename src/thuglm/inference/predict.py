@@ -18,9 +18,12 @@ the prediction added:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import torch
+import transformers
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer
 
 from ..data import DataError, load_raw_dataset
@@ -55,7 +58,8 @@ def load_classifier_for_inference(model_path: str | Path, dtype: str | torch.dty
     model_path = Path(model_path)
     adapter = None
     if is_adapter_folder(model_path):
-        adapter, base = model_path, adapter_base_folder(model_path)
+        # No way to name another base here: a wrong recorded base is corrected in the adapter's config.
+        adapter, base = model_path, adapter_base_folder(model_path, how_to_name_base=None)
         if not (adapter / "config.json").is_file():
             raise ModelLoadError(
                 f"{adapter} is a LoRA adapter without a config.json holding its labels: it is not the output of "
@@ -72,15 +76,50 @@ def load_classifier_for_inference(model_path: str | Path, dtype: str | torch.dty
             "classifier: `thuglm predict` takes the output of `thuglm train` with `task: seq_cls` or `task: token_cls`"
         )
     check_model_folder(base)
-    model = AUTO_CLASSES[task].from_pretrained(
-        base, config=config, dtype=resolve_dtype(dtype), device_map=str(device or default_device())
+    load = partial(
+        AUTO_CLASSES[task].from_pretrained,
+        base, config=config, dtype=resolve_dtype(dtype), device_map=str(device or default_device()),
     )
-    if adapter is not None:
+    if adapter is None:
+        model = load()
+    else:
         from peft import PeftModel
 
+        # The base of a LoRA classifier is the language model, without the head: transformers would report the head
+        # as MISSING and "newly initialized", although the adapter brings the trained one. Its report is held back
+        # here, and what the adapter does not bring is refused below instead.
+        with _transformers_warnings_held_back():
+            model, loading_info = load(output_loading_info=True)
         model = PeftModel.from_pretrained(model, adapter)
+        _check_adapter_brings_the_missing(loading_info["missing_keys"], model, base, adapter)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder(adapter, base))
     return tokenizer, model.eval(), task
+
+
+@contextmanager
+def _transformers_warnings_held_back():
+    verbosity = transformers.utils.logging.get_verbosity()
+    transformers.utils.logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers.utils.logging.set_verbosity(verbosity)
+
+
+def _check_adapter_brings_the_missing(missing_keys, model, base: Path, adapter: Path) -> None:
+    """The weights the base folder lacks must all come from the adapter's `modules_to_save` (the trained head)."""
+    saved_modules = model.peft_config[model.active_adapter].modules_to_save or []
+    missing_modules = {key.rpartition(".")[0] for key in missing_keys}
+    untrained = sorted(
+        module for module in missing_modules
+        if not any(module == saved or module.endswith("." + saved) for saved in saved_modules)
+    )
+    if untrained:
+        raise ModelLoadError(
+            f"{base} lacks the weights of {', '.join(untrained[:5])}, and the adapter in {adapter} does not bring them "
+            "either: they would predict with random values. Check that the adapter's base folder "
+            "(base_model_name_or_path in adapter_config.json) is the model it was trained on."
+        )
 
 
 @torch.no_grad()
