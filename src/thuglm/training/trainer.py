@@ -118,17 +118,26 @@ class GlmTrainer(Trainer):
         return norm
 
     # ---- LoRA on a half-precision base ---------------------------------------------------------------------------
-    def compute_loss_context_manager(self):
-        """The Trainer's (autocast is accelerate's, around the forward), and peft's input casting off under it.
+    def adapter_casting_off(self) -> contextlib.AbstractContextManager:
+        """peft's casting of adapter inputs off, where the Trainer runs a LoRA model under autocast.
 
         peft copies each adapter's input to the fp32 of the adapter weights; under autocast the matmul casts it
         straight back to bf16/fp16, so for a half-precision base that is two passes over the largest activations of
-        every adapted layer (for dense_4h_to_h, [tokens, 16384]) for nothing. Only inside the Trainer's forward,
-        where autocast is on: a PeftModel used on its own keeps peft's casting.
+        every adapted layer (for dense_4h_to_h, [tokens, 16384]) for nothing. Only where the Trainer runs the model
+        (a training step, an evaluation), and only where accelerate runs it under autocast (`native_amp`; fp16 on a
+        CPU has none, and there the fp16 input would meet the fp32 adapter): a PeftModel used on its own keeps
+        peft's casting.
         """
+        if self.accelerator.native_amp and isinstance(self.model, PeftModel):
+            return adapter_input_casting_off(self._adapter_layers_of(self.model))
+        return contextlib.nullcontext()
+
+    def compute_loss_context_manager(self):
+        """The Trainer's (autocast is accelerate's, around the forward), and peft's input casting off under it: for
+        the forward of an evaluation, which has no backward (a training step turns it off for longer, see
+        `training_step`)."""
         stack = super().compute_loss_context_manager()
-        if self.accelerator.mixed_precision in ("bf16", "fp16") and isinstance(self.model, PeftModel):
-            stack.enter_context(adapter_input_casting_off(self._adapter_layers_of(self.model)))
+        stack.enter_context(self.adapter_casting_off())
         return stack
 
     def _adapter_layers_of(self, model: PeftModel) -> list[BaseTunerLayer]:
@@ -171,7 +180,11 @@ class GlmTrainer(Trainer):
         mask = inputs.get("attention_mask")
         tokens = (mask != 0).sum() if mask is not None else inputs["input_ids"].numel()
         self._unflushed_tokens += tokens
-        loss = super().training_step(model, inputs, num_items_in_batch)
+        # Over the forward and the backward alike: gradient checkpointing runs each layer's forward again inside the
+        # backward, and a recomputation that cast adapter inputs to fp32 where the forward had not would save other
+        # tensors than the forward did (torch's CheckpointError: "saved bfloat16, recomputed float32").
+        with self.adapter_casting_off():
+            loss = super().training_step(model, inputs, num_items_in_batch)
         loss_value = loss.detach().float()
         self._nonfinite_loss = torch.where(torch.isfinite(loss_value), self._nonfinite_loss, loss_value)
         return loss
