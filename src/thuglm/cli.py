@@ -8,7 +8,7 @@
     thuglm generate MODEL_DIR --input FILE --output FILE.jsonl   answer a file of prompts in batches
     thuglm eval MODEL_DIR --data FILES... [--format text|alpaca]   perplexity, or BLEU-4 / ROUGE; prints JSON
     thuglm predict MODEL_DIR FILE [--output OUT.jsonl]   labels (seq_cls) or BIO tags (token_cls) for every row
-    thuglm serve MODEL_DIR [--host 127.0.0.1] [--port 8000]   chat over HTTP (official api.py / OpenAI format)
+    thuglm serve MODEL_DIR [--host 127.0.0.1] [--port 8000]   a chat page and an OpenAI API over HTTP
     thuglm demo [--out DIR]        pre-train the tiny model on the bundled CSV corpus, LoRA-tune it on alpaca, chat
 """
 
@@ -170,19 +170,18 @@ def cmd_predict(args) -> int:
 def cmd_serve(args) -> int:
     import logging
 
-    from .inference.serve import ChatService, make_server
+    from .inference.serve import ChatService, make_server, resolve_api_key
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     tokenizer, model = _load_model(args)
-    server = make_server(ChatService(model, tokenizer, max_new_tokens=args.max_new_tokens), args.host, args.port)
-    host, port = server.server_address[:2]
-    print(f"serving {args.model} on http://{host}:{port}/ (POST / or /v1/chat/completions); Ctrl-C stops")
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
+    service = ChatService(model, tokenizer, max_new_tokens=args.max_new_tokens, slots=args.max_batch,
+                          max_seq_len=args.max_seq_len, max_queued=args.max_queued,
+                          model_name=args.model_name or Path(args.model).name)
+    server = make_server(service, args.host, args.port, api_key=resolve_api_key(args.api_key),
+                         drain_seconds=args.drain_seconds)
+    print(f"serving {args.model} on http://{args.host}:{args.port}/ (the chat page; API: /v1/chat/completions, "
+          "/v1/models, and POST / for the official api.py protocol); Ctrl-C or SIGTERM stops")
+    server.run()  # uvicorn handles SIGINT and SIGTERM: stops accepting, drains, then cancels
     return 0
 
 
@@ -279,10 +278,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="answer chat requests over HTTP (the official api.py protocol and "
                                 "OpenAI's /v1/chat/completions), on 127.0.0.1 unless --host says otherwise")
     _add_model_args(serve)
-    serve.add_argument("--host", default="127.0.0.1", help="the address to listen on (0.0.0.0: every network; there "
-                       "is no authentication)")
+    serve.add_argument("--host", default="127.0.0.1", help="the address to listen on (0.0.0.0: every network; "
+                       "use --api-key with it)")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--max-new-tokens", type=int, default=512, help="answer tokens at most (OpenAI route default)")
+    serve.add_argument("--api-key", help="require `Authorization: Bearer KEY` on the API (default: $THUGLM_API_KEY; "
+                       "neither: no authentication)")
+    serve.add_argument("--max-new-tokens", type=int, default=512, help="answer tokens when a request names none")
+    serve.add_argument("--max-batch", type=int, default=16, help="requests decoded together (KV-cache slots)")
+    serve.add_argument("--max-seq-len", type=int, default=None, help="prompt + answer tokens a slot holds (default: "
+                       "the model's max_sequence_length, 2048 for ChatGLM-6B)")
+    serve.add_argument("--max-queued", type=int, default=64, help="requests waiting for a slot before 429")
+    serve.add_argument("--drain-seconds", type=float, default=30.0, help="on SIGTERM, how long in-flight requests may "
+                       "finish before they are cancelled")
+    serve.add_argument("--model-name", help="the model id /v1/models lists (default: the model folder's name)")
     serve.set_defaults(func=cmd_serve)
 
     demo = commands.add_parser("demo", help="pre-train the tiny model, LoRA-tune it and chat with it (CPU, minutes)")

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from thuglm.data import DataError, guess_text_column, load_raw_dataset, resolve_data_files
+from thuglm.data.loading import DataSettingNames, data_settings_named
 
 ROWS = ["春眠不觉晓", "处处闻啼鸟", "夜来风雨声", "花落知多少"]
 
@@ -193,3 +194,29 @@ def test_named_encoding_wins_and_binary_files_are_refused_with_the_fix(tmp_path)
     binary.write_bytes(bytes(range(256)) * 8)
     with pytest.raises(DataError, match=r"image.csv: this is neither UTF-8 nor GBK/GB18030.*data.encoding=NAME"):
         load_raw_dataset(str(binary), cache_dir=str(tmp_path / "cache"))
+
+
+EVAL_FLAGS = DataSettingNames(files="--data", encoding=None, on_bad_row=None, text_column="--text-column NAME")
+
+
+def test_messages_name_the_options_as_the_running_command_does(tmp_path, caplog):
+    binary = tmp_path / "image.csv"
+    binary.write_bytes(bytes(range(256)) * 8)
+    empty = tmp_path / "empty.csv"
+    empty.write_bytes(b"")
+    ragged = tmp_path / "ragged.csv"
+    ragged.write_text("a,b\n1,2\n3,4,5\n6,7\n", encoding="utf-8")
+    with data_settings_named(EVAL_FLAGS):
+        with pytest.raises(DataError, match=r"image\.csv: .*Remove it from --data, or convert it to UTF-8") as error:
+            load(str(binary), tmp_path)
+        assert "data." not in str(error.value)  # eval has no encoding flag: no key it would not read
+        with pytest.raises(DataError, match=r"empty\.csv: the file is empty.*Remove it from --data"):
+            load(str(empty), tmp_path)
+        with pytest.raises(DataError, match=r"cannot tell which column.*Name one of them with `--text-column NAME`"):
+            guess_text_column(["title", "body"], None, "f.csv")
+        with caplog.at_level(logging.WARNING, logger="thuglm.data"):
+            assert list(load(str(ragged), tmp_path)["a"]) == [1, 6]
+    assert "skipped 1 malformed CSV row(s) in all" in caplog.text and "on_bad_row" not in caplog.text
+    # Outside the block the messages are `thuglm train`'s again: its config keys.
+    with pytest.raises(DataError, match=r"Remove it from data\.files, or name its encoding with `data\.encoding=NAME`"):
+        load(str(binary), tmp_path)

@@ -113,3 +113,14 @@ def test_scoring_without_the_eval_extra_says_how_to_install_it(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "jieba" else real_find_spec(name, *a))
     with pytest.raises(MissingScoringPackagesError, match=r"needs jieba: pip install 'thuglm\[eval\]'"):
         generation_scores(["你好"], ["你好"])
+
+
+def test_eval_names_its_own_flags_for_the_text_column(base_dir, tmp_path, capsys):
+    from thuglm.cli import main
+
+    data = tmp_path / "two.csv"
+    data.write_text("title,body\n春,春眠不觉晓\n", encoding="utf-8")
+    assert main(["eval", str(base_dir), "--data", str(data)]) == 2
+    refusal = capsys.readouterr().err
+    assert "cannot tell which column holds the text" in refusal
+    assert "--text-column NAME" in refusal and "data.text_column" not in refusal

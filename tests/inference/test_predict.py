@@ -177,3 +177,11 @@ def test_a_base_lacking_weights_the_adapter_does_not_bring_is_refused(lora_class
     (adapter / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(ModelLoadError, match=r"lacks the weights of .*final_layernorm.*does not bring them"):
         load_classifier_for_inference(adapter, device="cpu")
+
+
+def test_predict_names_its_own_flags_for_the_text_column(full_classifier, tmp_path, capsys):
+    folder, _ = full_classifier
+    data = write_rows(tmp_path / "two.jsonl", [{"title": "春", "body": "春眠不觉晓"}])
+    assert main(["predict", str(folder), str(data)]) == 2
+    refusal = capsys.readouterr().err
+    assert "--text-column NAME" in refusal and "data.text_column" not in refusal

@@ -15,7 +15,10 @@ import logging
 import os
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
@@ -41,6 +44,44 @@ SUPPORTED_EXTENSIONS = tuple(FORMATS)
 BAD_ROW_POLICIES = ("skip", "error")
 """What to do with a malformed CSV row or a cell that is not text: skip it (counted, with a warning) or stop."""
 _GLOB_CHARACTERS = frozenset("*?[")
+
+
+@dataclass(frozen=True)
+class DataSettingNames:
+    """How the user of the running command sets each data option, for the messages that ask to change one.
+
+    The defaults are `thuglm train`'s config keys. A command with flags names its flags instead
+    (`data_settings_named`), and None where it has no way to set the option: the message then leaves that advice
+    out rather than name a key the command does not read.
+    """
+
+    files: str | None = "data.files"
+    encoding: str | None = "data.encoding=NAME"
+    on_bad_row: str | None = "data.on_bad_row={policy}"
+    text_column: str | None = "data.text_column=NAME"
+
+
+CONFIG_KEYS = DataSettingNames()
+_setting_names: ContextVar[DataSettingNames] = ContextVar("thuglm_data_setting_names", default=CONFIG_KEYS)
+
+
+@contextmanager
+def data_settings_named(names: DataSettingNames) -> Iterator[None]:
+    """Data messages raised or logged inside the block name the options as `names` does.
+
+    A context rather than an argument: the messages come from deep inside loading and encoding, which the
+    commands reach through several layers that have no other use for the wording.
+    """
+    token = _setting_names.set(names)
+    try:
+        yield
+    finally:
+        _setting_names.reset(token)
+
+
+def _remove_or_export_again() -> str:
+    files = _setting_names.get().files
+    return f"Remove it from {files}, or export the data again." if files else "Export the data again."
 
 
 class DataError(ThuglmError, ValueError):
@@ -116,9 +157,16 @@ def detect_encoding(path: Path, sample_bytes: int = 1 << 20) -> str:
             return encoding
         except UnicodeDecodeError:
             continue
+    names = _setting_names.get()
+    fixes = ["convert it to UTF-8"]
+    if names.encoding:
+        fixes.insert(0, f"name its encoding with `{names.encoding}` (e.g. big5, utf-16)")
+    if names.files:
+        fixes.insert(0, f"remove it from {names.files}")
+    advice = ", or ".join(fixes)
     raise DataError(
-        f"{path}: this is neither UTF-8 nor GBK/GB18030 text (a binary file, or another encoding). Remove it from "
-        "data.files, or name its encoding with `data.encoding=NAME` (e.g. big5, utf-16)."
+        f"{path}: this is neither UTF-8 nor GBK/GB18030 text (a binary file, or another encoding). "
+        f"{advice[0].upper()}{advice[1:]}."
     )
 
 
@@ -184,21 +232,20 @@ def _require_rows(file: Path, builder: str, encoding: str, sample_bytes: int = 1
     Only the first `sample_bytes` are read: a file with at least one row beyond the header passes at once.
     """
     if file.stat().st_size == 0:
-        raise DataError(f"{file}: the file is empty (0 bytes). Remove it from data.files, or export the data again.")
+        raise DataError(f"{file}: the file is empty (0 bytes). {_remove_or_export_again()}")
     if builder == "parquet":
         return
     with open(file, "rb") as handle:
         sample = handle.read(sample_bytes).decode(encoding, errors="replace")
     lines = [line for line in sample.splitlines() if line.strip()]
     if not lines:
-        raise DataError(f"{file}: the file holds only blank lines. Remove it from data.files, or export the data again.")
+        raise DataError(f"{file}: the file holds only blank lines. {_remove_or_export_again()}")
     if builder == "csv" and len(lines) == 1:
         raise DataError(
-            f"{file}: the file has a header ({lines[0].strip()[:80]}) but no rows. Remove it from data.files, or "
-            "export the data again."
+            f"{file}: the file has a header ({lines[0].strip()[:80]}) but no rows. {_remove_or_export_again()}"
         )
     if builder == "json" and sample.strip() == "[]":
-        raise DataError(f"{file}: the JSON array is empty (no records). Remove it from data.files.")
+        raise DataError(f"{file}: the JSON array is empty (no records). {_remove_or_export_again()}")
 
 
 def _detected(file: Path) -> str:
@@ -278,10 +325,9 @@ def _report_skipped_lines(files: Sequence[Path], caught) -> None:
         logger.warning("%s: skipped line %s (%s): quote cells that contain the separator", _describe(files),
                        match.group(1), match.group(2).strip())
     if skipped:
-        logger.warning(
-            "%s: skipped %d malformed CSV row(s) in all; set data.on_bad_row=error to stop at the first instead",
-            _describe(files), len(skipped),
-        )
+        on_bad_row = _setting_names.get().on_bad_row
+        instead = f"; set {on_bad_row.format(policy='error')} to stop at the first instead" if on_bad_row else ""
+        logger.warning("%s: skipped %d malformed CSV row(s) in all%s", _describe(files), len(skipped), instead)
     for warning in caught:  # anything else keeps its usual route
         if not _SKIPPED_LINE.search(str(warning.message)):
             warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
@@ -290,11 +336,14 @@ def _report_skipped_lines(files: Sequence[Path], caught) -> None:
 def _generation_error(files: Sequence[Path], error: Exception) -> DataError:
     cause = error.__cause__ or error
     where = _describe(files)
+    names = _setting_names.get()
     if (fields := _BAD_FIELDS.search(str(cause))) is not None:
         expected, line, saw = fields.groups()
+        skip = (f", or set {names.on_bad_row.format(policy='skip')} to skip such rows (they are counted in the log)"
+                if names.on_bad_row else "")
         return DataError(
             f"{where}: line {line} has {saw} cells where the header has {expected}. Quote cells that contain the "
-            "separator (\"a, b\"), or set data.on_bad_row=skip to skip such rows (they are counted in the log)."
+            f"separator (\"a, b\"){skip}."
         )
     if (quote := _OPEN_QUOTE.search(str(cause))) is not None:
         return DataError(
@@ -306,9 +355,10 @@ def _generation_error(files: Sequence[Path], error: Exception) -> DataError:
         if location is not None:
             return DataError(f"{where}: invalid JSON at {location}. Fix that line (a validator such as "
                              "`python -m json.tool FILE` shows the context).")
+    other_encoding = f" (else set `{names.encoding}`)" if names.encoding else ""
     return DataError(
         f"{where}: could not be read ({type(cause).__name__}: {cause}). Check that the file is valid, "
-        "in UTF-8 or GBK (else set `data.encoding`), and that its extension matches its format."
+        f"in UTF-8 or GBK{other_encoding}, and that its extension matches its format."
     )
 
 
@@ -352,9 +402,9 @@ def _describe(files: Sequence[Path]) -> str:
 def guess_text_column(column_names: Sequence[str], requested: str | None, source: str) -> str:
     """The column that holds the training text.
 
-    `requested` (the user's `data.text_column`) must exist. Without it the column is the first of "content",
-    "text", "sentence" that exists, or the only column; anything else is ambiguous, and guessing wrong would train
-    on ids or titles without a word of warning.
+    `requested` (the user's `data.text_column`, or a command's `--text-column`) must exist. Without it the column
+    is the first of "content", "text", "sentence" that exists, or the only column; anything else is ambiguous, and
+    guessing wrong would train on ids or titles without a word of warning.
     """
     names = list(column_names)
     listed = ", ".join(names) or "none"
@@ -369,7 +419,6 @@ def guess_text_column(column_names: Sequence[str], requested: str | None, source
             return candidate
     if len(names) == 1:
         return names[0]
-    raise DataError(
-        f"{source}: cannot tell which column holds the text (columns: {listed}). "
-        "Set `data.text_column=NAME` to one of them."
-    )
+    setting = _setting_names.get().text_column
+    choose = f"Name one of them with `{setting}`." if setting else "Rename the text column to `text`."
+    raise DataError(f"{source}: cannot tell which column holds the text (columns: {listed}). {choose}")

@@ -1,36 +1,57 @@
-"""`thuglm serve`: a trained ChatGLM behind a small HTTP API, on this machine only unless told otherwise.
+"""`thuglm serve`: a trained ChatGLM behind an OpenAI-compatible API and a chat page, for many users at once.
 
-Two routes, both JSON over POST:
+An ASGI app (FastAPI, run by uvicorn; streams are server-sent events through sse-starlette):
 
-* `/` — the official ChatGLM-6B `api.py` protocol, so existing clients keep working:
-  `{"prompt", "history", "max_length", "top_p", "temperature"}` -> `{"response", "history", "status", "time"}`;
-* `/v1/chat/completions` — the OpenAI chat format (`messages`, `max_tokens`, `temperature`, `top_p`), without
-  streaming: the last user message is the query, earlier user/assistant pairs the history.
+* `POST /v1/chat/completions` — OpenAI's chat format, streamed (`"stream": true`) or not, with `usage`;
+  `temperature: 0` is greedy; `max_tokens`, `top_p`, `stop`, `seed`. System messages become the system text
+  (`build_prompt`); earlier user/assistant pairs the history.
+* `GET /v1/models` — the one model served.
+* `POST /` — the official ChatGLM-6B `api.py` protocol, so its clients keep working.
+* `GET /` — a chat page (`web/`): streaming answers, the conversation kept by the page, sampling settings.
 
-The official `api.py` listens on 0.0.0.0, which puts an unauthenticated model on every network the machine is on.
-Here the default host is 127.0.0.1; another host must be asked for with `--host`, and a warning says what it opens.
-One model answers one request at a time (a lock), which is what a single GPU does anyway.
+Every request goes to one `ContinuousBatcher` (batching.py), which decodes all active requests together; a request
+that waits for a slot beyond `max_queued` is answered 429. Errors have OpenAI's shape,
+`{"error": {"message", "type", "param", "code"}}`.
+
+The official `api.py` listens on 0.0.0.0 without authentication. Here the default host is 127.0.0.1; `--api-key`
+(or THUGLM_API_KEY) requires `Authorization: Bearer KEY` on the API, and another host without a key is warned about.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime
 import ipaddress
 import json
 import logging
-import threading
+import secrets
 import time
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field
+from sse_starlette import EventSourceResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .batching import ContinuousBatcher, GenerationRequest, PromptTooLongError, QueueFullError, Sampling
+from .chat import build_prompt, process_response
 
 logger = logging.getLogger("thuglm.serve")
 
 DEFAULT_HOST = "127.0.0.1"
-MAX_BODY_BYTES = 1 << 20
-
-
-class RequestError(ValueError):
-    """A request the client must fix; answered with 400 and the message."""
+API_KEY_ENV = "THUGLM_API_KEY"
+WEB_DIR = Path(__file__).with_name("web")
+# ChatGLM-6B's own chat defaults (the official web demo's), used when a request leaves them out.
+DEFAULT_TEMPERATURE = 0.95
+DEFAULT_TOP_P = 0.7
 
 
 def is_loopback(host: str) -> bool:
@@ -42,110 +63,393 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-class ChatService:
-    """What the routes do, apart from HTTP: a model, its tokenizer and a lock."""
+class ApiError(Exception):
+    """An error answered in OpenAI's shape: HTTP status, message, type and code."""
 
-    def __init__(self, model, tokenizer, max_new_tokens: int = 512):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", code: str | None = None,
+                 param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.param = status, message, type, code, param
+
+    def response(self) -> JSONResponse:
+        error = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
+        return JSONResponse({"error": error}, status_code=self.status)
+
+
+# ---- request bodies --------------------------------------------------------------------------------------------
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    messages: list[ChatMessage] = Field(min_length=1)
+    model: str | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=DEFAULT_TEMPERATURE, ge=0, le=2)
+    top_p: float = Field(default=DEFAULT_TOP_P, gt=0, le=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int = Field(default=1, ge=1, le=1)  # one choice: more would be as many requests
+
+
+class OfficialRequest(BaseModel):
+    """The official api.py body."""
+
+    prompt: str
+    history: list[tuple[str, str]] = []
+    max_length: int | None = Field(default=None, ge=1)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    temperature: float | None = Field(default=None, ge=0)
+
+
+# What a malformed field should look like, added to the validation message.
+FIELD_SHAPES = {
+    "messages": "a non-empty list of {role: system | user | assistant, content: string} objects",
+    "history": "a list of [query, response] pairs of strings",
+    "stop": "a string or a list of strings",
+}
+
+
+def conversation(messages: list[ChatMessage]) -> tuple[str, list[tuple[str, str]], str | None]:
+    """(query, history, system text) from OpenAI messages: the last user message is the query."""
+    if messages[-1].role != "user":
+        raise ApiError(400, "`messages` must end with a `user` message: it is the question to answer", param="messages")
+    system = "\n".join(m.content for m in messages if m.role == "system") or None
+    dialogue = [m for m in messages[:-1] if m.role != "system"]
+    history: list[tuple[str, str]] = []
+    index = 0
+    while index < len(dialogue):
+        if index + 1 < len(dialogue) and dialogue[index].role == "user" and dialogue[index + 1].role == "assistant":
+            history.append((dialogue[index].content, dialogue[index + 1].content))
+            index += 2
+        else:
+            raise ApiError(400, "earlier `messages` must alternate user, assistant (ChatGLM's rounds); message "
+                                f"{index} of the dialogue is a `{dialogue[index].role}` out of turn", param="messages")
+    return messages[-1].content, history, system
+
+
+# ---- turning tokens into text -----------------------------------------------------------------------------------
+class TextStream:
+    """The answer's text as tokens arrive: what is safe to show now, cut at a stop string, post-processed.
+
+    `process_response` changes a character by its neighbours (`,` beside a hanzi becomes `，`) and strips the end, and
+    a half-decoded multi-byte piece shows as U+FFFD; so the last character and any tail that could still grow into
+    a stop string are held back until more text comes. The streamed deltas therefore join into the final text.
+    """
+
+    def __init__(self, tokenizer, stop: list[str]):
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.token_ids: list[int] = []
+        self.sent = ""
+        self.stopped = False  # a stop string was found: the answer ends before it
+
+    def text(self) -> str:
+        text = process_response(self.tokenizer.decode(self.token_ids))
+        for stop in self.stop:
+            cut = text.find(stop)
+            if cut >= 0:
+                text, self.stopped = text[:cut], True
+        return text
+
+    def add(self, token_ids: list[int]) -> str:
+        """The new text that is final, after `token_ids`."""
+        self.token_ids.extend(token_ids)
+        text = self.text()
+        if not self.stopped:
+            hold = 1
+            for stop in self.stop:
+                hold = max(hold, *(k for k in range(1, len(stop)) if text.endswith(stop[:k])), 1)
+            text = text[:-hold] if len(text) > hold else ""
+            text = text.rstrip("\ufffd")
+        return self._delta(text)
+
+    def finish(self) -> str:
+        return self._delta(self.text())
+
+    def _delta(self, text: str) -> str:
+        if not text.startswith(self.sent):  # a change before what was shown; show nothing more until consistent
+            return ""
+        delta, self.sent = text[len(self.sent):], text
+        return delta
+
+
+@dataclass
+class Completion:
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+    def usage(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+
+class ChatService:
+    """Prompts to token streams: a tokenizer and a continuous batcher around whatever model `load_for_inference` gave."""
+
+    def __init__(self, model, tokenizer, max_new_tokens: int = 512, slots: int = 16, max_seq_len: int | None = None,
+                 max_queued: int = 64, model_name: str = "chatglm-6b"):
         self.model = model
         self.tokenizer = tokenizer
         self.max_new_tokens = max_new_tokens
-        self.lock = threading.Lock()
+        self.model_name = model_name
+        self.created = int(time.time())
+        end_ids = model.generation_config.eos_token_id if getattr(model, "generation_config", None) else None
+        self.batcher = ContinuousBatcher(model, end_ids if end_ids is not None else tokenizer.eos_token_id,
+                                         slots=slots, capacity=max_seq_len, max_queued=max_queued)
 
-    def chat(self, query: str, history: list[tuple[str, str]], **sampling) -> tuple[str, list[tuple[str, str]]]:
-        with self.lock:
-            return self.model.chat(self.tokenizer, query, history=history, **sampling)
+    def start(self) -> None:
+        self.batcher.start()
 
-    def official(self, body: dict) -> dict:
-        """The official api.py's request and answer."""
-        query = _text(body, "prompt")
-        history = _history(body.get("history") or [])
-        sampling = {"max_length": body.get("max_length") or 2048, "top_p": body.get("top_p") or 0.7,
-                    "temperature": body.get("temperature") or 0.95}
-        response, history = self.chat(query, history, **sampling)
-        now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
-        return {"response": response, "history": [list(turn) for turn in history], "status": 200, "time": now}
+    def stop(self) -> None:
+        self.batcher.stop()
 
-    def openai(self, body: dict) -> dict:
-        """An OpenAI `chat.completion` object for `messages`."""
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise RequestError("`messages` must be a non-empty list of {role, content} objects")
-        turns = [(_text(message, "role"), _text(message, "content")) for message in messages if isinstance(message, dict)]
-        if len(turns) != len(messages) or turns[-1][0] != "user":
-            raise RequestError("`messages` must be {role, content} objects ending with a `user` message")
-        dialogue = [(role, content) for role, content in turns if role in ("user", "assistant")]
-        history = [(dialogue[i][1], dialogue[i + 1][1]) for i in range(0, len(dialogue) - 1, 2)
-                   if dialogue[i][0] == "user" and dialogue[i + 1][0] == "assistant"]
-        temperature = body.get("temperature", 0.95)
-        sampling = {"max_new_tokens": body.get("max_tokens") or self.max_new_tokens, "max_length": None,
-                    "top_p": body.get("top_p", 0.7), "do_sample": bool(temperature),
-                    "temperature": temperature or 1.0}
-        response, _ = self.chat(turns[-1][1], history, **sampling)
-        return {
-            "id": f"chatcmpl-{time.time_ns()}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": body.get("model") or "chatglm-6b",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": response}, "finish_reason": "stop"}],
-        }
+    async def generate(self, prompt: str, sampling: Sampling, stop: list[str], request: Request | None = None
+                       ) -> AsyncIterator[tuple[str, Completion | None]]:
+        """("", None) once accepted, (new text, None) as the answer grows, then ("", the Completion) once it ends.
+
+        The request is cancelled (its slot freed) when the caller stops iterating or the client disconnects.
+        """
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()  # unbounded: the scheduler never waits on a slow reader
+
+        def deliver(token_ids: list[int], finish_reason: str | None) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, (token_ids, finish_reason))
+
+        prompt_ids = self.tokenizer([prompt])["input_ids"][0]
+        gmask = self.tokenizer.gmask_token_id
+        mask_position = prompt_ids.index(gmask) if gmask in prompt_ids else len(prompt_ids) - 2
+        generation = GenerationRequest(prompt_ids, mask_position, sampling, deliver)
+        try:
+            self.batcher.submit(generation)
+        except QueueFullError as error:
+            raise ApiError(429, str(error), type="rate_limit_error", code="rate_limit_exceeded") from None
+        except PromptTooLongError as error:
+            raise ApiError(400, str(error), code="context_length_exceeded", param="messages") from None
+        text = TextStream(self.tokenizer, stop)
+        generated = 0
+        try:
+            yield "", None  # accepted: a caller can answer with headers (or a full queue with 429) before any token
+            while True:
+                try:
+                    token_ids, finish_reason = await asyncio.wait_for(events.get(), timeout=1.0)
+                except asyncio.TimeoutError:
+                    if request is not None and await request.is_disconnected():
+                        return
+                    continue
+                generated += len(token_ids)
+                delta = text.add(token_ids)
+                if text.stopped:
+                    finish_reason = "stop"
+                if finish_reason is not None:
+                    if finish_reason.startswith("error"):
+                        raise ApiError(500, f"generation failed: {finish_reason[len('error: '):]}", type="server_error")
+                    if finish_reason == "cancelled":
+                        raise ApiError(503, "the server is shutting down; retry on another server or later",
+                                       type="server_error", code="server_shutting_down")
+                    delta += text.finish()
+                    if delta:
+                        yield delta, None
+                    yield "", Completion(text.sent, finish_reason, len(prompt_ids), generated)
+                    return
+                if delta:
+                    yield delta, None
+        finally:
+            generation.cancel()  # finished, stopped by a stop string, or the client left: the slot is freed
 
 
-def _text(body: dict, key: str) -> str:
-    value = body.get(key)
-    if not isinstance(value, str):
-        raise RequestError(f"`{key}` must be a string")
-    return value
+def sampling_of(body: ChatCompletionRequest, default_max_new_tokens: int) -> Sampling:
+    return Sampling(max_new_tokens=body.max_completion_tokens or body.max_tokens or default_max_new_tokens,
+                    temperature=body.temperature, top_p=body.top_p, seed=body.seed)
 
 
-def _history(value) -> list[tuple[str, str]]:
-    if not isinstance(value, list) or not all(
-        isinstance(turn, (list, tuple)) and len(turn) == 2 and all(isinstance(part, str) for part in turn)
-        for turn in value
-    ):
-        raise RequestError("`history` must be a list of [query, response] pairs of strings")
-    return [tuple(turn) for turn in value]
+def check_api_key(request: Request, api_key: str | None) -> None:
+    if api_key is None:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
+        raise ApiError(401, "missing or wrong API key: send `Authorization: Bearer KEY` with the key the server was "
+                            f"started with (--api-key or {API_KEY_ENV})", code="invalid_api_key")
 
 
-def make_handler(service: ChatService) -> type[BaseHTTPRequestHandler]:
-    routes = {"/": service.official, "/v1/chat/completions": service.openai}
+def create_app(service: ChatService, api_key: str | None = None) -> FastAPI:
+    """The ASGI app. Its lifespan starts the batcher's thread and, on shutdown, cancels whatever is left."""
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            route = routes.get(self.path.split("?")[0])
-            if route is None:
-                return self._answer(HTTPStatus.NOT_FOUND, {"error": f"no route {self.path}; POST / or /v1/chat/completions"})
-            length = int(self.headers.get("Content-Length") or 0)
-            if length > MAX_BODY_BYTES:
-                return self._answer(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"error": "request body over 1 MiB"})
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        service.start()
+        try:
+            yield
+        finally:
+            service.stop()
+
+    app = FastAPI(title="thuglm serve", lifespan=lifespan, docs_url=None, redoc_url=None)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, error: ApiError):
+        return error.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(request: Request, error: RequestValidationError):
+        first = error.errors()[0] if error.errors() else {}
+        where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
+        if first.get("type") == "json_invalid":
+            message = "the body is not valid JSON"
+        else:
+            message = f"`{where}`: {first.get('msg', 'invalid')}" if where else first.get("msg", "invalid body")
+            field = where.split(".")[0]
+            if field in FIELD_SHAPES:
+                message += f" ({field} is {FIELD_SHAPES[field]})"
+        return ApiError(400, message, param=where or None).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException):
+        message = ("no route " + request.url.path + ": the API is POST /v1/chat/completions, GET /v1/models and "
+                   "POST / (the official api.py protocol); GET / is the chat page") if error.status_code == 404 \
+            else str(error.detail)
+        return ApiError(error.status_code, message, code="not_found" if error.status_code == 404 else None).response()
+
+    def authorized(request: Request) -> None:
+        check_api_key(request, api_key)
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        authorized(request)
+        return {"object": "list", "data": [{"id": service.model_name, "object": "model", "created": service.created,
+                                            "owned_by": "thuglm"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        authorized(request)
+        query, history, system = conversation(body.messages)
+        prompt = build_prompt(query, history, system=system)
+        sampling = sampling_of(body, service.max_new_tokens)
+        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        model = body.model or service.model_name
+        started = time.perf_counter()
+        stream = service.generate(prompt, sampling, stop, request)
+        # Acceptance is awaited here, so that a full queue or a too-long prompt is an HTTP error, not a stream.
+        await anext(stream)
+
+        if not body.stream:
+            first_at = None
+            async for delta, completion in stream:
+                first_at = first_at or (time.perf_counter() if delta else None)
+            log_request("/v1/chat/completions", started, first_at, completion, streamed=False)
+            return {
+                "id": completion_id, "object": "chat.completion", "created": created, "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": completion.text},
+                             "finish_reason": completion.finish_reason}],
+                "usage": completion.usage(),
+            }
+
+        def chunk(delta: dict, finish_reason: str | None = None, **extra) -> str:
+            choices = [{"index": 0, "delta": delta, "finish_reason": finish_reason}]
+            return json.dumps({"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                               "model": model, "choices": choices, **extra}, ensure_ascii=False)
+
+        async def events():
+            completion = first_at = None
             try:
-                body = json.loads(self.rfile.read(length) or b"{}")
-                if not isinstance(body, dict):
-                    raise RequestError("the body must be a JSON object")
-                return self._answer(HTTPStatus.OK, route(body))
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                return self._answer(HTTPStatus.BAD_REQUEST, {"error": "the body is not valid JSON"})
-            except RequestError as error:
-                return self._answer(HTTPStatus.BAD_REQUEST, {"error": str(error)})
+                yield {"data": chunk({"role": "assistant", "content": ""})}
+                async for delta, completion in stream:
+                    if delta:
+                        first_at = first_at or time.perf_counter()
+                        yield {"data": chunk({"content": delta})}
+                yield {"data": chunk({}, completion.finish_reason)}
+                if body.stream_options is not None and body.stream_options.include_usage:
+                    yield {"data": json.dumps({"id": completion_id, "object": "chat.completion.chunk",
+                                               "created": created, "model": model, "choices": [],
+                                               "usage": completion.usage()})}
+                yield {"data": "[DONE]"}
+            except ApiError as error:  # after the stream began: OpenAI's error shape as an event
+                yield {"data": json.dumps({"error": {"message": error.message, "type": error.type,
+                                                     "param": error.param, "code": error.code}})}
+            finally:
+                await stream.aclose()  # also when the client went away: frees the slot
+                log_request("/v1/chat/completions", started, first_at, completion, streamed=True)
 
-        def _answer(self, status: HTTPStatus, payload: dict) -> None:
-            data = json.dumps(payload, ensure_ascii=False).encode("utf-8")
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json; charset=utf-8")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+        return EventSourceResponse(events(), ping=15)
 
-        def log_message(self, format: str, *args) -> None:
-            logger.info("%s %s", self.address_string(), format % args)
+    @app.post("/")
+    async def official(body: OfficialRequest, request: Request):
+        """The official api.py: `max_length` counts prompt and answer together, as there."""
+        authorized(request)
+        history = [tuple(turn) for turn in body.history]
+        prompt = build_prompt(body.prompt, history)
+        prompt_tokens = len(service.tokenizer([prompt])["input_ids"][0])
+        max_length = body.max_length or 2048
+        if max_length <= prompt_tokens:
+            raise ApiError(400, f"`max_length` {max_length} leaves no room for an answer after the {prompt_tokens}-token "
+                                "prompt: it counts prompt and answer together", param="max_length")
+        temperature = body.temperature if body.temperature is not None else DEFAULT_TEMPERATURE
+        sampling = Sampling(max_new_tokens=max_length - prompt_tokens, temperature=temperature,
+                            top_p=body.top_p or DEFAULT_TOP_P)
+        started = time.perf_counter()
+        completion, first_at = None, None
+        async for delta, completion in service.generate(prompt, sampling, [], request):
+            first_at = first_at or (time.perf_counter() if delta else None)
+        log_request("/", started, first_at, completion, streamed=False)
+        now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
+        turns = [list(turn) for turn in history] + [[body.prompt, completion.text]]
+        return {"response": completion.text, "history": turns, "status": 200, "time": now}
 
-    return Handler
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return FileResponse(WEB_DIR / "index.html")
+
+    app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
+    return app
 
 
-def make_server(service: ChatService, host: str = DEFAULT_HOST, port: int = 8000) -> ThreadingHTTPServer:
-    """The server, bound but not yet serving (port 0 picks a free port: see `server.server_address`)."""
-    if not is_loopback(host):
+def log_request(route: str, started: float, first_at: float | None, completion: Completion | None,
+                streamed: bool) -> None:
+    """One line a request: latency, time to first token, tokens and how it ended."""
+    latency = time.perf_counter() - started
+    ttft = f"{first_at - started:.3f}s" if first_at else "-"
+    if completion is None:
+        logger.info("%s stream=%s ended early (client gone or error) after %.3fs", route, streamed, latency)
+        return
+    logger.info("%s stream=%s latency=%.3fs ttft=%s prompt_tokens=%d completion_tokens=%d tokens/s=%.1f finish=%s",
+                route, streamed, latency, ttft, completion.prompt_tokens, completion.completion_tokens,
+                completion.completion_tokens / latency if latency else 0.0, completion.finish_reason)
+
+
+def resolve_api_key(api_key: str | None, environ=None) -> str | None:
+    """--api-key, else THUGLM_API_KEY, else None (no authentication)."""
+    import os
+
+    environ = os.environ if environ is None else environ
+    return api_key or environ.get(API_KEY_ENV) or None
+
+
+def warn_if_exposed(host: str, api_key: str | None) -> None:
+    if not is_loopback(host) and api_key is None:
         logger.warning(
-            "listening on %s: anyone who can reach this machine on port %d can use the model (there is no "
-            "authentication). Use the default --host 127.0.0.1 unless that is what you want.", host, port,
+            "listening on %s without an API key: anyone who can reach this machine can use the model. Pass "
+            "--api-key KEY (or set %s), or keep the default --host 127.0.0.1.", host, API_KEY_ENV,
         )
-    return ThreadingHTTPServer((host, port), make_handler(service))
+
+
+def make_server(service: ChatService, host: str = DEFAULT_HOST, port: int = 8000, api_key: str | None = None,
+                drain_seconds: float = 30.0):
+    """A uvicorn server for the app. On SIGTERM or Ctrl-C uvicorn stops accepting, lets in-flight requests finish for
+    up to `drain_seconds`, then cancels the rest (their slots are freed and the batcher stops)."""
+    import uvicorn
+
+    warn_if_exposed(host, api_key)
+    config = uvicorn.Config(create_app(service, api_key), host=host, port=port, log_level="warning",
+                            timeout_graceful_shutdown=drain_seconds, access_log=False)
+    return uvicorn.Server(config)
