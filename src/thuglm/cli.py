@@ -137,18 +137,23 @@ def cmd_generate(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from .data.loading import DataSettingNames, data_settings_named
     from .inference.evaluation import evaluate_alpaca, perplexity
 
     tokenizer, model = _load_model(args)
-    if args.format == "text":
-        metrics = perplexity(
-            model, tokenizer, args.data, text_column=args.text_column, max_seq_len=args.max_seq_len,
-            batch_size=args.batch_size,
-        )
-    else:
-        metrics = evaluate_alpaca(
-            model, tokenizer, args.data, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens
-        )
+    # Data messages name eval's flags; it has none for the encoding or bad rows, so they do not offer those.
+    with data_settings_named(
+        DataSettingNames(files="--data", encoding=None, on_bad_row=None, text_column="--text-column NAME")
+    ):
+        if args.format == "text":
+            metrics = perplexity(
+                model, tokenizer, args.data, text_column=args.text_column, max_seq_len=args.max_seq_len,
+                batch_size=args.batch_size,
+            )
+        else:
+            metrics = evaluate_alpaca(
+                model, tokenizer, args.data, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens
+            )
     report = json.dumps(metrics, ensure_ascii=False)
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
@@ -158,12 +163,18 @@ def cmd_eval(args) -> int:
 
 
 def cmd_predict(args) -> int:
+    from .data.loading import DataSettingNames, data_settings_named
     from .inference.predict import predict_file
 
-    predict_file(
-        args.model, args.file, args.output, batch_size=args.batch_size, max_seq_len=args.max_seq_len,
-        text_column=args.text_column, tokens_column=args.tokens_column, dtype=args.dtype,
-    )
+    # Data messages name predict's flags: its one FILE is not a list to remove a file from, and it has no flag
+    # for the encoding or bad rows, so those are not offered.
+    with data_settings_named(
+        DataSettingNames(files=None, encoding=None, on_bad_row=None, text_column="--text-column NAME")
+    ):
+        predict_file(
+            args.model, args.file, args.output, batch_size=args.batch_size, max_seq_len=args.max_seq_len,
+            text_column=args.text_column, tokens_column=args.tokens_column, dtype=args.dtype,
+        )
     return 0
 
 
