@@ -41,6 +41,10 @@ FORMATS: dict[str, tuple[str, dict]] = {
     ".txt": ("text", {}),
 }
 SUPPORTED_EXTENSIONS = tuple(FORMATS)
+COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "lzma"}
+"""A data file may be compressed: `train.jsonl.gz` is read as `.jsonl` (datasets decompresses it)."""
+TXT_UNITS = ("line", "paragraph", "document")
+"""A sample of a `.txt` file: each line, each blank-line separated paragraph, or the whole file."""
 BAD_ROW_POLICIES = ("skip", "error")
 """What to do with a malformed CSV row or a cell that is not text: skip it (counted, with a warning) or stop."""
 _GLOB_CHARACTERS = frozenset("*?[")
@@ -134,7 +138,23 @@ def _resolve_pattern(pattern: str) -> list[Path]:
 
 
 def _is_supported(path: Path) -> bool:
-    return path.suffix.lower() in FORMATS
+    return data_suffix(path) in FORMATS
+
+
+def data_suffix(path: Path) -> str:
+    """The format's extension of a data file, behind a compression's (`a.jsonl.gz`: `.jsonl`), lower case."""
+    suffixes = [suffix.lower() for suffix in path.suffixes]
+    if len(suffixes) >= 2 and suffixes[-1] in COMPRESSIONS:
+        return suffixes[-2]
+    return path.suffix.lower()
+
+
+def _open_bytes(path: Path):
+    """The file's bytes, decompressed when its name says it is compressed."""
+    compression = COMPRESSIONS.get(path.suffix.lower())
+    if compression is None:
+        return open(path, "rb")
+    return __import__(compression).open(path, "rb")
 
 
 def _is_hidden(relative: Path) -> bool:
@@ -147,7 +167,7 @@ def detect_encoding(path: Path, sample_bytes: int = 1 << 20) -> str:
     Chinese CSVs saved by Excel are GBK, of which GB18030 is a superset. The first `sample_bytes` decide; a file
     that fits neither is refused with a message rather than read as garbage.
     """
-    with open(path, "rb") as handle:
+    with _open_bytes(path) as handle:
         sample = handle.read(sample_bytes)
     if sample.startswith(codecs.BOM_UTF8):
         return "utf-8-sig"
@@ -178,6 +198,8 @@ def load_raw_dataset(
     columns: Sequence[str] | None = None,
     encoding: str | None = None,
     bad_rows: str = "skip",
+    field: str | None = None,
+    txt_unit: str = "line",
 ) -> datasets.Dataset | datasets.IterableDataset:
     """All rows of the files that `patterns` name, as one `datasets.Dataset` (or `IterableDataset` when streaming).
 
@@ -185,7 +207,9 @@ def load_raw_dataset(
     `columns`, each part keeps only those columns first, so files whose other columns differ still combine, and a
     file lacking one of them is an error. `.txt` files give one row per line in a column "text".
     CSV / TSV / TXT files are read in `encoding`, or in the one `detect_encoding` finds for each (UTF-8 or
-    GBK/GB18030); JSON must be UTF-8, as its standard says.
+    GBK/GB18030); JSON must be UTF-8, as its standard says. `field`: the list of records inside each JSON file
+    (`{"data": [...]}`); `txt_unit`: a sample of a `.txt` file is a line, a paragraph or the whole document.
+    Compressed files (`.gz`, `.bz2`, `.xz` after the format's extension) are read decompressed.
     A CSV row with more cells than the header is skipped with a warning naming its line (`bad_rows="skip"`) or
     stops the load (`bad_rows="error"`); an empty or header-only file always stops it.
     """
@@ -194,7 +218,11 @@ def load_raw_dataset(
     files = resolve_data_files(patterns)
     groups: dict[tuple[str, tuple], list[Path]] = {}
     for file in files:
-        builder, kwargs = FORMATS[file.suffix.lower()]
+        builder, kwargs = FORMATS[data_suffix(file)]
+        if builder == "json" and field:
+            kwargs = {**kwargs, "field": field}
+        if builder == "text" and txt_unit != "line":
+            kwargs = {**kwargs, "sample_by": txt_unit}
         if builder in ("csv", "text"):
             kwargs = {**kwargs, "encoding": encoding or _detected(file)}
         elif builder == "json":
@@ -235,7 +263,7 @@ def _require_rows(file: Path, builder: str, encoding: str, sample_bytes: int = 1
         raise DataError(f"{file}: the file is empty (0 bytes). {_remove_or_export_again()}")
     if builder == "parquet":
         return
-    with open(file, "rb") as handle:
+    with _open_bytes(file) as handle:
         sample = handle.read(sample_bytes).decode(encoding, errors="replace")
     lines = [line for line in sample.splitlines() if line.strip()]
     if not lines:

@@ -23,13 +23,13 @@ from pathlib import Path
 import datasets
 import pyarrow.compute as pc
 
-from ..inference.chat import build_prompt
+from ..models.prompt import build_prompt
 from .loading import DataError, guess_text_column
 from .samples import IGNORE_INDEX, causal_lm_sample, prompt_response_sample
 
 logger = logging.getLogger("thuglm.data")
 
-LAYOUT_VERSION = 1  # bump when the layout of the rows changes, so that old cache files are not reused
+LAYOUT_VERSION = 2  # bump when the layout of the rows changes, so that old cache files are not reused
 MAP_BATCH_SIZE = 1000
 COLUMNS = ["input_ids", "labels", "attention_mask"]
 _IDS = datasets.Sequence(datasets.Value("int32"))  # half the cache of the int64 that Python ints would give
@@ -114,23 +114,43 @@ def _history(example: dict) -> list[tuple[str, str]]:
     )
 
 
-def _fit_alpaca(query, history, prompt, response, tokenizer, max_seq_len, layout) -> tuple[dict, bool]:
-    gmask, sop, eop = layout
+def _fit_alpaca(query, history, prompt, response, tokenizer, max_seq_len, layout, system=None,
+                train_on_prompt=False) -> tuple[dict, bool]:
+    prompt, response, eop, truncated = _fit_parts(query, history, prompt, response, tokenizer, max_seq_len, system)
+    return dialogue_sample(prompt, response, layout, eop=eop, train_on_prompt=train_on_prompt), truncated
+
+
+def _fit_parts(query, history, prompt, response, tokenizer, max_seq_len, system=None):
+    """(prompt ids, response ids, whether `<eop>` fits, whether anything was cut) within `max_seq_len`."""
     room = max_seq_len - 3  # [gMASK] <sop> <eop>
     if len(prompt) + len(response) <= room:
-        return prompt_response_sample(prompt, response, gmask, sop, eop), False
+        return prompt, response, True, False
     if history:  # drop the oldest rounds until the prompt fits; without any left it is the bare query
         shorter = [history[start:] for start in range(1, len(history) + 1)]
-        for prompt in tokenizer.encode_text([build_prompt(query, rounds) for rounds in shorter]):  # noqa: PLR1704
+        for prompt in tokenizer.encode_text([build_prompt(query, rounds, system) for rounds in shorter]):  # noqa: PLR1704
             if len(prompt) + len(response) <= room:
-                return prompt_response_sample(prompt, response, gmask, sop, eop), True
+                return prompt, response, True, True
     keep = min(len(prompt), max(room - len(response), room // 2))
     prompt = prompt[len(prompt) - keep :]  # the end of the prompt is the question being answered
     if len(prompt) + len(response) <= room:
-        return prompt_response_sample(prompt, response, gmask, sop, eop), True
+        return prompt, response, True, True
+    response = response[: max_seq_len - len(prompt) - 2]  # the slot of <eop> goes to the output it replaces
+    return prompt, response, False, True
+
+
+def dialogue_sample(prompt, response, layout, *, eop: bool = True, train_on_prompt: bool = False) -> dict:
+    """`prompt [gMASK] <sop> response <eop>`, labels on the response and `<eop>` only.
+
+    `train_on_prompt`: `[gMASK] <sop> prompt response <eop>` with labels on all of it. The prompt moves after
+    `<sop>` because GLM attends both ways before it: a label there could be read off the input (see samples.py).
+    """
+    gmask, sop, eop_id = layout
+    target = [*response, eop_id] if eop else list(response)
+    if train_on_prompt:
+        ids = [*prompt, *target]
+        return {"input_ids": [gmask, sop, *ids], "labels": [IGNORE_INDEX, IGNORE_INDEX, *ids]}
     context = [*prompt, gmask, sop]
-    response = response[: max_seq_len - len(context)]  # the slot of <eop> goes to the output it replaces
-    return {"input_ids": context + response, "labels": [IGNORE_INDEX] * len(context) + response}, True
+    return {"input_ids": context + target, "labels": [IGNORE_INDEX] * len(context) + target}
 
 
 def _layout_ids(tokenizer) -> tuple[int, int, int]:
@@ -324,6 +344,89 @@ def encode_alpaca_dataset(
         desc=f"{'Packing' if packing else 'Laying out'} alpaca samples in rows of {max_seq_len} tokens",
         fn_kwargs={"max_seq_len": max_seq_len, "packing": packing},
         key={"step": "alpaca rows", "max_seq_len": max_seq_len, "packing": packing},
+    )
+
+
+# ---- canonical rows (thuglm.data.formats) to samples, samples to rows ----------------------------------------------
+SAMPLE_FEATURES = ALPACA_FEATURES
+
+
+def dialogue_answers(turns: Sequence[str], mask_history: bool) -> list[int]:
+    """The rounds whose answer is trained: every one, or only the last with `mask_history`."""
+    rounds = len(turns) // 2
+    return [rounds - 1] if mask_history and rounds else list(range(rounds))
+
+
+def _tokenize_dialogues(batch, *, tokenizer, max_seq_len: int, num_threads: int, mask_history: bool,
+                        train_on_prompt: bool) -> dict:
+    """One sample per trained answer of each dialogue: the `[Round i]` prompt of the turns before it, the answer."""
+    parts = []
+    for system, turns, problem in zip(batch["system"], batch["turns"], batch["problem"]):
+        if problem:
+            continue  # counted, named and reported when the rows were read
+        pairs = list(zip(turns[0::2], turns[1::2]))
+        for answer in dialogue_answers(turns, mask_history):
+            query, response = pairs[answer]
+            parts.append((query, pairs[:answer], system or None, response))
+    prompts = tokenizer.encode_text([build_prompt(q, h, system) for q, h, system, _ in parts], num_threads)
+    responses = tokenizer.encode_text([response for *_, response in parts], num_threads)
+    layout = _layout_ids(tokenizer)
+    out = {"input_ids": [], "labels": [], "truncated": []}
+    for (query, history, system, _), prompt, response in zip(parts, prompts, responses):
+        sample, truncated = _fit_alpaca(query, history, prompt, response, tokenizer, max_seq_len, layout, system,
+                                        train_on_prompt)
+        out["input_ids"].append(sample["input_ids"])
+        out["labels"].append(sample["labels"])
+        out["truncated"].append(truncated)
+    return out
+
+
+def _tokenize_canonical_texts(batch, *, tokenizer, max_seq_len: int, num_threads: int) -> dict:
+    """`[gMASK] <sop> chunk` windows of every text (several for a text longer than max_seq_len, nothing cut)."""
+    texts = [text for text, problem in zip(batch["text"], batch["problem"]) if not problem]
+    gmask, sop, eop = _layout_ids(tokenizer)
+    windows = [window for ids in tokenizer.encode_text(texts, num_threads)
+               for window in text_windows(ids, max_seq_len, gmask, sop, eop)]
+    return {"input_ids": [w["input_ids"] for w in windows], "labels": [w["labels"] for w in windows],
+            "truncated": [False] * len(windows)}
+
+
+def encode_samples(canonical, tokenizer, *, kind: str, max_seq_len: int, num_proc: int | None = None,
+                   mask_history: bool = False, train_on_prompt: bool = False, source: str = "the data"):
+    """Samples (`input_ids`, `labels`, `truncated`) from canonical text or dialogue rows; rows with a problem give none.
+
+    A dialogue gives one sample per trained answer (`dialogue_answers`); a text one window per `max_seq_len`.
+    """
+    _check_max_seq_len(max_seq_len)
+    threads = _threads(num_proc)
+    if kind == "text":
+        function, kwargs = _tokenize_canonical_texts, {}
+        key = {"step": "canonical text samples", "max_seq_len": max_seq_len}
+    else:
+        function = _tokenize_dialogues
+        kwargs = {"mask_history": mask_history, "train_on_prompt": train_on_prompt}
+        key = {"step": "dialogue samples", "max_seq_len": max_seq_len, **kwargs}
+    samples = _map(
+        canonical, function, SAMPLE_FEATURES, tokenizer, num_proc, desc=f"Tokenizing {source}"[:80],
+        fn_kwargs={"tokenizer": tokenizer, "max_seq_len": max_seq_len, "num_threads": threads, **kwargs}, key=key,
+    )
+    if not isinstance(samples, datasets.IterableDataset):
+        truncated = pc.sum(samples.data.column("truncated")).as_py() or 0
+        if truncated:
+            logger.warning(
+                "%s: shortened %d of %d samples longer than max_seq_len=%d: oldest history rounds first, then the "
+                "start of the prompt, then the end of the answer", source, truncated, len(samples), max_seq_len,
+            )
+    return samples
+
+
+def encode_rows(samples, tokenizer, *, max_seq_len: int, packing: bool, num_proc: int | None = None):
+    """Training rows from samples: packed several a row, or one a row."""
+    return _map(
+        samples, _alpaca_rows, ROW_FEATURES, tokenizer, num_proc,
+        desc=f"{'Packing' if packing else 'Laying out'} samples in rows of {max_seq_len} tokens",
+        fn_kwargs={"max_seq_len": max_seq_len, "packing": packing},
+        key={"step": "sample rows", "max_seq_len": max_seq_len, "packing": packing},
     )
 
 

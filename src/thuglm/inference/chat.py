@@ -5,17 +5,11 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+from ..models.prompt import build_prompt, with_system  # noqa: F401  (re-exported: chat, generate and serve use it)
+
 # Half-width punctuation next to a hanzi becomes full-width, as in the official post-processing.
 _PUNCTUATION = [(",", "，"), ("!", "！"), (":", "："), (";", "；"), (r"\?", "？")]
 _HANZI = r"[\u4e00-\u9fff]"
-
-
-def build_prompt(query: str, history: Sequence[tuple[str, str]] = ()) -> str:
-    """The official multi-round prompt; a first question goes in bare, with no round header."""
-    if not history:
-        return query
-    prompt = "".join(f"[Round {i}]\n问：{old_query}\n答：{response}\n" for i, (old_query, response) in enumerate(history))
-    return prompt + f"[Round {len(history)}]\n问：{query}\n答："
 
 
 def answer_token_ids(token_ids: Sequence[int], end_ids: int | Sequence[int] | None) -> list[int]:

@@ -565,12 +565,14 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         top_p: float = 0.7,
         temperature: float = 0.95,
         logits_processor=None,
+        system: str | None = None,
         **kwargs,
     ) -> tuple[str, list[tuple[str, str]]]:
-        """Answer `query` after the earlier rounds in `history`; returns the answer and the extended history."""
+        """Answer `query` after the earlier rounds in `history` (and a `system` text first, see `build_prompt`); returns
+        the answer and the extended history."""
         history = list(history or [])
         gen_kwargs = self._chat_generation_kwargs(logits_processor, max_length, do_sample, top_p, temperature, kwargs)
-        inputs = tokenizer([build_prompt(query, history)], return_tensors="pt").to(self.device)
+        inputs = tokenizer([build_prompt(query, history, system)], return_tensors="pt").to(self.device)
         prompt_length = inputs["input_ids"].shape[1]
         gen_kwargs.update(self.fast_decoding_kwargs(prompt_length, {**gen_kwargs, "num_beams": num_beams}))
         outputs = self.generate(**inputs, num_beams=num_beams, **gen_kwargs)
@@ -589,12 +591,13 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         top_p: float = 0.7,
         temperature: float = 0.95,
         logits_processor=None,
+        system: str | None = None,
         **kwargs,
     ) -> Iterator[tuple[str, list[tuple[str, str]]]]:
         """Like `chat`, yielding (answer so far, history with it) after every generated token."""
         history = list(history or [])
         gen_kwargs = self._chat_generation_kwargs(logits_processor, max_length, do_sample, top_p, temperature, kwargs)
-        inputs = tokenizer([build_prompt(query, history)], return_tensors="pt").to(self.device)
+        inputs = tokenizer([build_prompt(query, history, system)], return_tensors="pt").to(self.device)
         streamer = _TokenQueueStreamer()
         gen_kwargs.update(self.fast_decoding_kwargs(inputs["input_ids"].shape[1], {**gen_kwargs, "streamer": streamer}))
         stop = threading.Event()  # set when the caller stops iterating, so generation stops too

@@ -33,11 +33,87 @@ class ConfigError(ThuglmError, ValueError):
 
 
 @dataclass
+class ColumnsConfig:
+    """Which column of the files plays which role (LLaMA-Factory's `columns`); left out: the format's default."""
+
+    prompt: str | None = None
+    """alpaca: the instruction (default `instruction`); text: the text column (as data.text_column)."""
+    query: str | None = None
+    """alpaca: the input added to the instruction on a new line (default `input`)."""
+    response: str | None = None
+    """alpaca: the answer trained (default `output`)."""
+    history: str | None = None
+    """alpaca: earlier [query, response] rounds (default `history`)."""
+    system: str | None = None
+    """alpaca, sharegpt: a system text for the whole dialogue (default `system`), put before the first query."""
+    messages: str | None = None
+    """sharegpt: the list of messages (default `conversations`; `messages` and `conversation` found by themselves)."""
+
+    def given(self) -> dict[str, str]:
+        return {name: value for name, value in dataclasses.asdict(self).items() if value is not None}
+
+
+@dataclass
+class TagsConfig:
+    """Keys and role names inside sharegpt messages (LLaMA-Factory's `tags`); left out: from / value / human / gpt /
+    system, and OpenAI's role / content / user / assistant / system are recognised in each row by themselves."""
+
+    role_tag: str | None = None
+    content_tag: str | None = None
+    user_tag: str | None = None
+    assistant_tag: str | None = None
+    system_tag: str | None = None
+
+    def given(self) -> dict[str, str]:
+        return {name: value for name, value in dataclasses.asdict(self).items() if value is not None}
+
+
+DATA_FORMATS = ("text", "alpaca", "sharegpt")
+FORMAT_COLUMNS = {"text": ("prompt",), "alpaca": ("prompt", "query", "response", "history", "system"),
+                  "sharegpt": ("messages", "system")}
+
+
+@dataclass
+class SourceConfig:
+    """One dataset of a mixture (`data.sources`); a key left out takes the `data.` key of the same name (columns and
+    tags only when the format is the same)."""
+
+    files: list[str] = field(default_factory=list)
+    format: Literal["text", "alpaca", "sharegpt"] | None = None
+    columns: ColumnsConfig | None = None
+    tags: TagsConfig | None = None
+    text_column: str | None = None
+    field: str | None = None
+    txt_unit: Literal["line", "paragraph", "document"] | None = None
+    encoding: str | None = None
+    weight: float | None = None
+    """Interleave the sources' samples with probabilities in proportion to their weights (until every source has
+    given all its samples); no weight on any source: all samples of all sources, once each."""
+    max_samples: int | None = None
+    """Only the first N rows of this source."""
+
+
+@dataclass
 class DataConfig:
     files: list[str] = field(default_factory=list)
-    """Files, folders or globs of .csv / .tsv / .json / .jsonl / .parquet / .txt."""
-    format: Literal["text", "alpaca"] = "text"
-    """`text`: one text column, causal-LM loss on all of it. `alpaca`: instruction / input / output (/ history)."""
+    """Files, folders or globs of .csv / .tsv / .json / .jsonl / .parquet / .txt (also compressed: .gz .bz2 .xz)."""
+    format: Literal["text", "alpaca", "sharegpt"] = "text"
+    """`text`: one text column, causal-LM loss on all of it. `alpaca`: instruction / input / output (/ history /
+    system). `sharegpt`: a list of messages (sharegpt, OpenAI `messages`, Firefly `conversation`)."""
+    columns: ColumnsConfig = field(default_factory=ColumnsConfig)
+    tags: TagsConfig = field(default_factory=TagsConfig)
+    mask_history: bool = False
+    """Dialogues: train only the last answer of each. Default: every answer, each its own sample after `<sop>` with
+    the `[Round i]` prompt of the turns before it."""
+    train_on_prompt: bool = False
+    """Dialogues: also train the prompt (laid out after `<sop>` with the answer, where attention is causal)."""
+    sources: list[SourceConfig] = field(default_factory=list)
+    """Several datasets mixed in one run (each: files, format, columns, tags, weight, max_samples); `data.files` is
+    the shorthand for one."""
+    max_samples: int | None = None
+    """Only the first N rows of `data.files`."""
+    txt_unit: Literal["line", "paragraph", "document"] = "line"
+    """A sample of a .txt file: each line, each paragraph (blank-line separated), or the whole document."""
     text_column: str | None = None
     """Guessed when obvious (`content`, `text`, `sentence`)."""
     label_column: str | None = None
@@ -61,6 +137,8 @@ class DataConfig:
     on_bad_row: Literal["skip", "error"] = "skip"
     """A CSV row with more cells than its header, or a cell holding a list / object instead of text: `skip` it
     (counted, and named in a warning) or stop with an `error` that names the file and row."""
+    field: str | None = None  # last: the name hides dataclasses.field below it
+    """JSON files holding their records under a key (`{"data": [...]}`): that key."""
 
 
 @dataclass
@@ -175,7 +253,8 @@ class TrainConfig:
     def resolved_packing(self) -> bool:
         if self.packing is not None:
             return self.packing
-        return self.task == "causal_lm" and self.data.format == "text"
+        formats = [source.format or self.data.format for source in self.data.sources] or [self.data.format]
+        return self.task == "causal_lm" and all(fmt == "text" for fmt in formats)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -231,6 +310,11 @@ def valid_keys(cls: type, prefix: str = "") -> list[str]:
         keys.append(prefix + name)
         if dataclasses.is_dataclass(hint):
             keys.extend(valid_keys(hint, f"{prefix}{name}."))
+        elif typing.get_origin(hint) is list and dataclasses.is_dataclass(typing.get_args(hint)[0]):
+            keys.extend(valid_keys(typing.get_args(hint)[0], f"{prefix}{name}."))
+        elif any(dataclasses.is_dataclass(arg) for arg in typing.get_args(hint)):
+            inner = next(arg for arg in typing.get_args(hint) if dataclasses.is_dataclass(arg))
+            keys.extend(valid_keys(inner, f"{prefix}{name}."))
     return keys
 
 
@@ -278,6 +362,8 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
     if origin is list:
         items = value if isinstance(value, list) else [value]
         return [coerce(item, args[0], key) for item in items]
+    if dataclasses.is_dataclass(hint):
+        return build_dataclass(hint, value if value is not None else {}, f"{key}.")
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -306,8 +392,10 @@ def check_config(config: TrainConfig) -> None:
     """Rules that span several keys."""
     if not config.model:
         raise ConfigError("config key `model` is required: a model folder (official layout or saved by thuglm), or `tiny`")
-    if not config.data.files:
-        raise ConfigError("config key `data.files` is required: files, folders or globs of your training data")
+    if not config.data.files and not config.data.sources:
+        raise ConfigError("config key `data.files` is required: files, folders or globs of your training data "
+                          "(or `data.sources`, a list of datasets to mix)")
+    check_data_sources(config)
     if config.max_seq_len < 8:
         raise ConfigError(f"config key `max_seq_len` must be at least 8; got {config.max_seq_len}")
     if not 0.0 <= config.data.validation_split < 1.0:
@@ -402,3 +490,68 @@ def check_classification_config(config: TrainConfig) -> None:
     if task == "token_cls" and (config.data.text_column or config.data.label_column):
         raise ConfigError("`data.text_column` / `data.label_column` are for `task: seq_cls`; token_cls reads "
                           "`data.tokens_column` and `data.tags_column`")
+
+
+def check_data_sources(config: TrainConfig) -> None:
+    """`data.files` or `data.sources`; columns and tags that the format reads; sensible weights and limits."""
+    data = config.data
+    if data.files and data.sources:
+        raise ConfigError("give `data.files` (one dataset) or `data.sources` (several to mix), not both: move the "
+                          "files into a source (`data.sources: [{files: [...]}, ...]`)")
+    if data.sources and config.task != "causal_lm":
+        raise ConfigError(f"`task: {config.task}` reads one dataset: use data.files, not data.sources")
+    _check_columns(data.format, data.columns, data.tags, "data")
+    if data.max_samples is not None and data.max_samples < 1:
+        raise ConfigError(f"config key `data.max_samples` must be at least 1; got {data.max_samples}")
+    for index, source in enumerate(data.sources):
+        where = f"data.sources[{index}]"
+        if not source.files:
+            raise ConfigError(f"`{where}` needs `files`: the files, folders or globs of this dataset")
+        fmt = source.format or data.format
+        _check_columns(fmt, source.columns or ColumnsConfig(), source.tags or TagsConfig(), where)
+        if source.weight is not None and source.weight <= 0:
+            raise ConfigError(f"config key `{where}.weight` must be above 0; got {source.weight}")
+        if source.max_samples is not None and source.max_samples < 1:
+            raise ConfigError(f"config key `{where}.max_samples` must be at least 1; got {source.max_samples}")
+
+
+def _check_columns(fmt: str, columns: ColumnsConfig, tags: TagsConfig, where: str) -> None:
+    for role in columns.given():
+        if role not in FORMAT_COLUMNS[fmt]:
+            readers = [name for name, roles in FORMAT_COLUMNS.items() if role in roles]
+            raise ConfigError(f"config key `{where}.columns.{role}` is not read by format {fmt} (it reads "
+                              f"{', '.join(FORMAT_COLUMNS[fmt])}); `{role}` is for {' / '.join(readers)}")
+    if tags.given() and fmt != "sharegpt":
+        raise ConfigError(f"config key `{where}.tags` names keys inside sharegpt messages, and this format is {fmt}")
+
+
+def source_specs(data: DataConfig):
+    """The run's datasets as `thuglm.data.formats.SourceSpec`s: `data.files`, or every `data.sources` item."""
+    from ..data.formats import SourceSpec
+
+    if not data.sources:
+        return [data_spec(data, data.files)]
+    specs = []
+    for source in data.sources:
+        fmt = source.format or data.format
+        same = fmt == data.format
+        columns = {**(data.columns.given() if same else {}), **(source.columns.given() if source.columns else {})}
+        tags = {**(data.tags.given() if same else {}), **(source.tags.given() if source.tags else {})}
+        specs.append(SourceSpec(
+            files=tuple(source.files), format=fmt, columns=columns, tags=tags,
+            text_column=source.text_column or (data.text_column if same else None),
+            field=source.field or data.field, txt_unit=source.txt_unit or data.txt_unit,
+            encoding=source.encoding or data.encoding, weight=source.weight, max_samples=source.max_samples,
+        ))
+    return specs
+
+
+def data_spec(data: DataConfig, files):
+    """`files` read with the `data.` settings (format, columns, tags, ...): data.files, eval_files, a prompt file."""
+    from ..data.formats import SourceSpec
+
+    return SourceSpec(
+        files=tuple(str(file) for file in files), format=data.format, columns=data.columns.given(),
+        tags=data.tags.given(), text_column=data.text_column, field=data.field, txt_unit=data.txt_unit,
+        encoding=data.encoding, max_samples=data.max_samples,
+    )

@@ -17,18 +17,17 @@ from typing import Any
 import torch
 import yaml
 
-from ..data import (
-    DataError,
-    encode_alpaca_dataset,
-    encode_text_dataset,
-    guess_text_column,
-    load_raw_dataset,
-)
+from datasets import concatenate_datasets
+
+from ..data import DataError
 from ..data.collator import GlmCollator
+from ..data.formats import get_format
+from ..data.processing import encode_rows, encode_samples
+from ..data.sources import load_source, mix_samples
 from ..inference.loading import check_model_folder, check_tokenizer_fits, tokenizer_folder
 from . import classification
 from .checkpoints import check_output_dir, latest_complete_checkpoint, remove_stale_staging, start_afresh
-from .config import ConfigError, TrainConfig, check_optimizer_placement, load_config
+from .config import ConfigError, TrainConfig, check_optimizer_placement, data_spec, load_config, source_specs
 from .distributed import (
     data_parallel_size,
     fsdp_checkpoints_layers,
@@ -164,37 +163,45 @@ SUMMARY_KEYS = ("final_train_loss", "eval_loss", "perplexity", "tokens_per_s")
 
 
 def build_datasets(config: TrainConfig, tokenizer):
-    """Training and evaluation rows from the configured files: eval_files, else a validation split, else none."""
+    """Training and evaluation rows from the configured sources: eval_files, else a validation split, else none.
+
+    Each source (`data.files`, or every `data.sources` item) is read file by file into canonical rows by its format
+    (thuglm/data/formats), split, tokenized into samples (a dialogue: one per trained answer) and mixed by weight;
+    then the samples are packed or laid out in rows. Every file is read, and every column checked, before training.
+    """
     data = config.data
-    def load(files):
-        return load_raw_dataset(files, streaming=data.streaming, cache_dir=data.cache_dir, encoding=data.encoding,
-                                bad_rows=data.on_bad_row)
-
-    raw = load(data.files)
-    raw_eval = load(data.eval_files) if data.eval_files else None
-    if raw_eval is None and data.validation_split:
-        split = raw.train_test_split(test_size=data.validation_split, seed=config.seed)
-        raw, raw_eval = split["train"], split["test"]
+    packing, max_seq_len = config.resolved_packing(), config.max_seq_len
+    read = {"streaming": data.streaming, "cache_dir": data.cache_dir, "bad_rows": data.on_bad_row,
+            "num_proc": data.num_proc}
+    encode = {"max_seq_len": max_seq_len, "num_proc": data.num_proc, "mask_history": data.mask_history,
+              "train_on_prompt": data.train_on_prompt}
+    specs = source_specs(data)
+    train_parts, eval_parts = [], []
+    for spec in specs:
+        canonical = load_source(spec, **read)
+        if data.validation_split and not data.eval_files:
+            split = canonical.train_test_split(test_size=data.validation_split, seed=config.seed)
+            canonical = split["train"]
+            eval_parts.append(encode_samples(split["test"], tokenizer, kind=get_format(spec.format).kind,
+                                             source=spec.describe(), **encode))
+        train_parts.append(encode_samples(canonical, tokenizer, kind=get_format(spec.format).kind,
+                                          source=spec.describe(), **encode))
+    samples = mix_samples(train_parts, [spec.weight for spec in specs], config.seed, [spec.describe() for spec in specs])
+    if data.eval_files:
+        eval_spec = data_spec(data, data.eval_files)
+        eval_parts = [encode_samples(load_source(eval_spec, **read), tokenizer, kind=get_format(eval_spec.format).kind,
+                                     source=eval_spec.describe(), **encode)]
     if data.streaming:
-        raw = raw.shuffle(seed=config.seed, buffer_size=STREAM_SHUFFLE_BUFFER)
-
-    def encode(dataset, files):
-        if data.format == "alpaca":
-            return encode_alpaca_dataset(
-                dataset, tokenizer, max_seq_len=config.max_seq_len, packing=config.resolved_packing(),
-                num_proc=data.num_proc, bad_rows=data.on_bad_row, source=", ".join(files),
-            )
-        column = guess_text_column(dataset.column_names or [], data.text_column, source=", ".join(files))
-        return encode_text_dataset(
-            dataset, tokenizer, text_column=column, max_seq_len=config.max_seq_len,
-            packing=config.resolved_packing(), num_proc=data.num_proc, bad_rows=data.on_bad_row,
-            source=", ".join(files),
-        )
-
-    train_dataset = encode(raw, data.files)
-    eval_dataset = encode(raw_eval, data.eval_files or data.files) if raw_eval is not None else None
+        samples = samples.shuffle(seed=config.seed, buffer_size=STREAM_SHUFFLE_BUFFER)
+    train_dataset = encode_rows(samples, tokenizer, max_seq_len=max_seq_len, packing=packing, num_proc=data.num_proc)
+    eval_dataset = None
+    if eval_parts:
+        eval_samples = eval_parts[0] if len(eval_parts) == 1 else concatenate_datasets(eval_parts)
+        eval_dataset = encode_rows(eval_samples, tokenizer, max_seq_len=max_seq_len, packing=packing,
+                                   num_proc=data.num_proc)
     if not data.streaming and len(train_dataset) == 0:
-        raise DataError(f"no training rows in {', '.join(data.files)}: every text was empty")
+        where = ", ".join(spec.describe() for spec in specs)
+        raise DataError(f"no training rows in {where}: every row was empty or skipped (see the warnings above)")
     return train_dataset, eval_dataset
 
 
