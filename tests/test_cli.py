@@ -1,8 +1,12 @@
+import argparse
 import json
 import subprocess
 import sys
 
+import pytest
 from transformers import AutoModelForCausalLM
+
+from thuglm.cli import build_parser, main
 
 
 def run_cli(*args, stdin=""):
@@ -54,3 +58,26 @@ def test_merge_of_a_folder_without_an_adapter_exits_2_with_a_message(tiny_dir, t
     assert result.returncode == 2
     assert result.stderr.startswith("thuglm: ") and "no adapter_config.json" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "merged").exists()
+
+
+def subcommand_parsers():
+    """{name: parser} of every `thuglm` subcommand (argparse keeps them on its subparsers action only)."""
+    action = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices
+
+
+def test_every_option_of_every_subcommand_has_help_and_shows_its_default(capsys):
+    for name, parser in subcommand_parsers().items():
+        with pytest.raises(SystemExit):
+            main([name, "--help"])
+        shown = " ".join(capsys.readouterr().out.split())  # argparse wraps lines anywhere
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            label = f"{name} {'/'.join(action.option_strings) or action.dest}"
+            assert action.help, f"{label} has no help text"
+            if action.default not in (None, False):
+                assert f"(default: {action.default})" in shown, f"{label}: --help does not show {action.default!r}"
+    serve, demo = subcommand_parsers()["serve"], subcommand_parsers()["demo"]
+    assert "--port PORT the TCP port to listen on (default: 8000)" in " ".join(serve.format_help().split())
+    assert "answer tokens at most (default: 48)" in " ".join(demo.format_help().split())  # demo's own default

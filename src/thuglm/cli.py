@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from functools import partial
 from pathlib import Path
 
 from .inference.loading import load_for_inference
@@ -207,6 +208,20 @@ def cmd_demo(args) -> int:
     return 0
 
 
+class _DefaultsShownFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, so `--help` answers "what if I leave it out?".
+
+    Unlike argparse.ArgumentDefaultsHelpFormatter it stays quiet where there is nothing to say (a flag's False, an
+    option without a value) and where the help already explains the default in words.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "(default" in help_text:
+            return help_text
+        return f"{help_text} (default: %(default)s)"
+
+
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="a model folder (official layout or saved by thuglm), or a LoRA run's output_dir")
     parser.add_argument("--adapter", help="a peft adapter folder to apply on top of MODEL")
@@ -215,15 +230,22 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
 
 def _add_generation_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=512, help="answer tokens at most")
-    parser.add_argument("--top-p", type=float, default=0.7)
-    parser.add_argument("--temperature", type=float, default=0.95)
+    parser.add_argument("--top-p", type=float, default=0.7,
+                        help="sample among the likeliest tokens whose probabilities add up to P (with sampling)")
+    parser.add_argument("--temperature", type=float, default=0.95,
+                        help="below 1 sharpens the choice of the next token, above 1 flattens it (with sampling)")
     parser.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="thuglm", description="Fine-tune and use ChatGLM-6B.")
+    parser = argparse.ArgumentParser(
+        prog="thuglm", description="Fine-tune and use ChatGLM-6B.", formatter_class=_DefaultsShownFormatter
+    )
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error, not just its message")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(
+        dest="command", required=True,
+        parser_class=partial(argparse.ArgumentParser, formatter_class=_DefaultsShownFormatter),
+    )
 
     train = commands.add_parser("train", help="fine-tune from a YAML config (LoRA, full or freeze)")
     train.add_argument("config", help="a YAML file (see configs/)")
@@ -233,8 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
 
     tiny = commands.add_parser("tiny", help="build the tiny demo ChatGLM")
-    tiny.add_argument("out_dir")
-    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("out_dir", help="the folder to write the model and its tokenizer to")
+    tiny.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     tiny.set_defaults(func=cmd_tiny)
 
     chat = commands.add_parser("chat", help="chat with a model in the terminal")
@@ -255,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--input", required=True, help="prompts: .txt (one a line), .json or .jsonl rows with "
                           "`prompt`, or alpaca rows (instruction / input / history; `output` kept as `reference`)")
     generate.add_argument("--output", required=True, help="the .jsonl file to write (prompt, response, reference)")
-    generate.add_argument("--batch-size", type=int, default=8)
+    generate.add_argument("--batch-size", type=int, default=8, help="prompts answered together")
     generate.add_argument("--max-new-tokens", type=int, default=256, help="answer tokens at most")
     generate.add_argument("--sample", action="store_true", help="sample (top-p) instead of greedy decoding")
     generate.add_argument("--top-p", type=float, default=0.7, help="with --sample")
@@ -269,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="text: perplexity of a text column; alpaca: answer `instruction`, score against `output`")
     evaluate.add_argument("--text-column", help="with --format text (default: guessed from the columns)")
     evaluate.add_argument("--max-seq-len", type=int, default=512, help="with --format text: tokens a window")
-    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument("--batch-size", type=int, default=8, help="texts or instructions a batch")
     evaluate.add_argument("--max-new-tokens", type=int, default=256, help="with --format alpaca: answer tokens at most")
     evaluate.add_argument("--output", help="also write the metrics to this JSON file")
     evaluate.set_defaults(func=cmd_eval)
@@ -278,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("model", help="the output_dir of `thuglm train` with task seq_cls or token_cls (LoRA or full)")
     predict.add_argument("file", help="a data file (CSV / JSON / JSONL / parquet / TXT) with the texts or tokens")
     predict.add_argument("--output", help="the .jsonl file to write (default: FILE's name + .predictions.jsonl)")
-    predict.add_argument("--batch-size", type=int, default=16)
+    predict.add_argument("--batch-size", type=int, default=16, help="rows a batch")
     predict.add_argument("--max-seq-len", type=int, default=512, help="pieces a row; longer texts are cut at the end")
     predict.add_argument("--text-column", help="seq_cls: the text (default: guessed); token_cls: a text whose "
                          "characters are the tokens, when there is no tokens column")
@@ -291,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(serve)
     serve.add_argument("--host", default="127.0.0.1", help="the address to listen on (0.0.0.0: every network; "
                        "use --api-key with it)")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=int, default=8000, help="the TCP port to listen on")
     serve.add_argument("--api-key", help="require `Authorization: Bearer KEY` on the API (default: $THUGLM_API_KEY; "
                        "neither: no authentication)")
     serve.add_argument("--max-new-tokens", type=int, default=512, help="answer tokens when a request names none")
@@ -305,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_serve)
 
     demo = commands.add_parser("demo", help="pre-train the tiny model, LoRA-tune it and chat with it (CPU, minutes)")
-    demo.add_argument("--out", default="outputs/demo")
+    demo.add_argument("--out", default="outputs/demo", help="the folder for the pre-trained model and the adapter")
     _add_generation_args(demo)
     demo.set_defaults(func=cmd_demo, max_new_tokens=48)
     return parser
