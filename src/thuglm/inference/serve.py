@@ -137,12 +137,18 @@ def conversation(messages: list[ChatMessage]) -> tuple[str, list[tuple[str, str]
 
 
 # ---- turning tokens into text -----------------------------------------------------------------------------------
+# What `process_response` changes depending on text still to come: a half-width mark before a hanzi, a placeholder.
+HALF_WIDTH_PUNCTUATION = ",!:;?"
+TRAINING_TIME = "[[训练时间]]"
+
+
 class TextStream:
     """The answer's text as tokens arrive: what is safe to show now, cut at a stop string, post-processed.
 
-    `process_response` changes a character by its neighbours (`,` beside a hanzi becomes `，`) and strips the end, and
-    a half-decoded multi-byte piece shows as U+FFFD; so the last character and any tail that could still grow into
-    a stop string are held back until more text comes. The streamed deltas therefore join into the final text.
+    `process_response` changes a half-width mark by its neighbours (`,` before a hanzi becomes `，`) and replaces a
+    placeholder, and a half-decoded multi-byte piece shows as U+FFFD; so a trailing mark, U+FFFD, and any tail that
+    could still grow into a stop string or the placeholder are held back until more text comes. The streamed deltas
+    therefore join into the final text.
     """
 
     def __init__(self, tokenizer, stop: list[str]):
@@ -165,11 +171,11 @@ class TextStream:
         self.token_ids.extend(token_ids)
         text = self.text()
         if not self.stopped:
-            hold = 1
-            for stop in self.stop:
-                hold = max(hold, *(k for k in range(1, len(stop)) if text.endswith(stop[:k])), 1)
-            text = text[:-hold] if len(text) > hold else ""
             text = text.rstrip("\ufffd")
+            hold = 1 if text[-1:] in HALF_WIDTH_PUNCTUATION else 0
+            for pending in (*self.stop, TRAINING_TIME):
+                hold = max(hold, *(k for k in range(1, len(pending)) if text.endswith(pending[:k])), 0)
+            text = text[: len(text) - hold]
         return self._delta(text)
 
     def finish(self) -> str:
