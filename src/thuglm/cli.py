@@ -308,8 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="auto: bf16 on a GPU that has it, else fp32")
     predict.set_defaults(func=cmd_predict)
 
-    serve = commands.add_parser("serve", help="answer chat requests over HTTP (the official api.py protocol and "
-                                "OpenAI's /v1/chat/completions), on 127.0.0.1 unless --host says otherwise")
+    serve = commands.add_parser("serve", help="a chat page and an OpenAI-compatible API (and the official api.py "
+                                "protocol) over HTTP, many users at once, on 127.0.0.1 unless --host says otherwise")
     _add_model_args(serve)
     serve.add_argument("--host", default="127.0.0.1", help="the address to listen on (0.0.0.0: every network; "
                        "use --api-key with it)")

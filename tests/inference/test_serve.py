@@ -10,7 +10,7 @@ import pytest
 from thuglm.cli import build_parser
 from thuglm.inference.chat import build_prompt
 from thuglm.inference.loading import load_for_inference
-from thuglm.inference.serve import ChatService, TextStream, is_loopback, resolve_api_key
+from thuglm.inference.serve import ChatService, TextStream, is_loopback, resolve_api_key, warn_if_exposed
 
 from .serve_helpers import running_server
 
@@ -49,6 +49,15 @@ def test_listens_on_loopback_by_default_and_reads_the_key_from_the_environment()
     assert resolve_api_key(None, {"THUGLM_API_KEY": "k1"}) == "k1"
     assert resolve_api_key("k2", {"THUGLM_API_KEY": "k1"}) == "k2"
     assert resolve_api_key(None, {}) is None
+
+
+def test_another_host_without_a_key_is_warned_about(caplog):
+    with caplog.at_level("WARNING", logger="thuglm.serve"):
+        warn_if_exposed("127.0.0.1", None)
+        warn_if_exposed("0.0.0.0", "key")
+        assert not caplog.records
+        warn_if_exposed("0.0.0.0", None)
+    assert len(caplog.records) == 1 and "--api-key" in caplog.records[0].getMessage()
 
 
 def test_openai_sdk_answer_is_model_chat_with_usage(served, client):

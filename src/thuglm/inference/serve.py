@@ -210,6 +210,7 @@ class ChatService:
         self.max_new_tokens = max_new_tokens
         self.model_name = model_name
         self.created = int(time.time())
+        self.open_generations: set[Generation] = set()  # submitted and not yet closed (logged)
         end_ids = model.generation_config.eos_token_id if getattr(model, "generation_config", None) else None
         self.batcher = ContinuousBatcher(model, end_ids if end_ids is not None else tokenizer.eos_token_id,
                                          slots=slots, capacity=max_seq_len, max_queued=max_queued)
@@ -220,58 +221,103 @@ class ChatService:
     def stop(self) -> None:
         self.batcher.stop()
 
-    async def generate(self, prompt: str, sampling: Sampling, stop: list[str], request: Request | None = None
-                       ) -> AsyncIterator[tuple[str, Completion | None]]:
-        """("", None) once accepted, (new text, None) as the answer grows, then ("", the Completion) once it ends.
+    def generate(self, prompt: str, sampling: Sampling, stop: list[str]) -> Generation:
+        """Submit `prompt` to the batcher (ApiError 429 when the waiting room is full, 400 when it does not fit)."""
+        return Generation(self, prompt, sampling, stop)
 
-        The request is cancelled (its slot freed) when the caller stops iterating or the client disconnects.
-        """
+
+class Generation:
+    """One answer being generated: submitted on creation, its text read with `stream`, ended with `cancel`.
+
+    `cancel` is synchronous, so that it also runs where an await would not: in the `finally` of a task that the
+    server cancels (a client gone, a shutdown past its drain time).
+    """
+
+    def __init__(self, service: ChatService, prompt: str, sampling: Sampling, stop: list[str]):
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()  # unbounded: the scheduler never waits on a slow reader
+        self.events: asyncio.Queue = asyncio.Queue()  # unbounded: the scheduler never waits on a slow reader
 
         def deliver(token_ids: list[int], finish_reason: str | None) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, (token_ids, finish_reason))
+            loop.call_soon_threadsafe(self.events.put_nowait, (token_ids, finish_reason))
 
-        prompt_ids = self.tokenizer([prompt])["input_ids"][0]
-        gmask = self.tokenizer.gmask_token_id
+        tokenizer = service.tokenizer
+        prompt_ids = tokenizer([prompt])["input_ids"][0]
+        gmask = tokenizer.gmask_token_id
         mask_position = prompt_ids.index(gmask) if gmask in prompt_ids else len(prompt_ids) - 2
-        generation = GenerationRequest(prompt_ids, mask_position, sampling, deliver)
+        self.request = GenerationRequest(prompt_ids, mask_position, sampling, deliver)
+        self.text = TextStream(tokenizer, stop)
+        self.prompt_tokens = len(prompt_ids)
+        self.generated = 0
+        self.started = time.perf_counter()
+        self.first_text_at: float | None = None
+        self.completion: Completion | None = None
+        self._logged = False
         try:
-            self.batcher.submit(generation)
+            service.batcher.submit(self.request)
         except QueueFullError as error:
             raise ApiError(429, str(error), type="rate_limit_error", code="rate_limit_exceeded") from None
         except PromptTooLongError as error:
             raise ApiError(400, str(error), code="context_length_exceeded", param="messages") from None
-        text = TextStream(self.tokenizer, stop)
-        generated = 0
-        try:
-            yield "", None  # accepted: a caller can answer with headers (or a full queue with 429) before any token
-            while True:
-                try:
-                    token_ids, finish_reason = await asyncio.wait_for(events.get(), timeout=1.0)
-                except asyncio.TimeoutError:
-                    if request is not None and await request.is_disconnected():
-                        return
-                    continue
-                generated += len(token_ids)
-                delta = text.add(token_ids)
-                if text.stopped:
-                    finish_reason = "stop"
-                if finish_reason is not None:
-                    if finish_reason.startswith("error"):
-                        raise ApiError(500, f"generation failed: {finish_reason[len('error: '):]}", type="server_error")
-                    if finish_reason == "cancelled":
-                        raise ApiError(503, "the server is shutting down; retry on another server or later",
-                                       type="server_error", code="server_shutting_down")
-                    delta += text.finish()
-                    if delta:
-                        yield delta, None
-                    yield "", Completion(text.sent, finish_reason, len(prompt_ids), generated)
+        self.service = service
+        service.open_generations.add(self)
+
+    async def stream(self, client: Request | None = None) -> AsyncIterator[str]:
+        """The answer's new text as it grows; `self.completion` is set once it ends.
+
+        Without a stream to write to, a gone client is noticed by asking `client` once a second.
+        """
+        while True:
+            try:
+                token_ids, finish_reason = await asyncio.wait_for(self.events.get(), timeout=1.0)
+            except asyncio.TimeoutError:
+                if client is not None and await client.is_disconnected():
+                    self.cancel()
                     return
-                if delta:
-                    yield delta, None
+                continue
+            self.generated += len(token_ids)
+            delta = self.text.add(token_ids)
+            if self.text.stopped:
+                finish_reason = "stop"
+            if finish_reason is not None:
+                self.cancel()  # a stop string ends it here: the scheduler frees the slot at its next step
+                if finish_reason.startswith("error"):
+                    raise ApiError(500, f"generation failed: {finish_reason[len('error: '):]}", type="server_error")
+                if finish_reason == "cancelled":
+                    raise ApiError(503, "the server is shutting down; retry on another server or later",
+                                   type="server_error", code="server_shutting_down")
+                delta += self.text.finish()
+                self.completion = Completion(self.text.sent, finish_reason, self.prompt_tokens, self.generated)
+            if delta:
+                self.first_text_at = self.first_text_at or time.perf_counter()
+                yield delta
+            if self.completion is not None:
+                return
+
+    def cancel(self) -> None:
+        self.request.cancel()
+
+    def close(self, route: str, streamed: bool) -> None:
+        """Free the slot (if still held) and log the request's one line."""
+        self.cancel()
+        if not self._logged:
+            self._logged = True
+            log_request(route, self.started, self.first_text_at, self.completion, streamed)
+        self.service.open_generations.discard(self)
+
+
+class EventStreamResponse(EventSourceResponse):
+    """sse-starlette's response, with a callback run however the response ends: sent, client gone, or cancelled by
+    the server's shutdown (a generator's own `finally` would wait for garbage collection in that case)."""
+
+    def __init__(self, content, on_close, **kwargs):
+        super().__init__(content, **kwargs)
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
         finally:
-            generation.cancel()  # finished, stopped by a stop string, or the client left: the slot is freed
+            self.on_close()
 
 
 def sampling_of(body: ChatCompletionRequest, default_max_new_tokens: int) -> Sampling:
@@ -297,7 +343,14 @@ def create_app(service: ChatService, api_key: str | None = None) -> FastAPI:
         try:
             yield
         finally:
-            service.stop()
+            # uvicorn gets here once the drain time is over, right after cancelling the requests still running, and
+            # ends the process soon after: stop the batcher off the event loop, so that the cancelled requests run
+            # their cleanup meanwhile, and give them a moment to log their line.
+            await asyncio.to_thread(service.stop)
+            for _ in range(100):
+                if not service.open_generations:
+                    break
+                await asyncio.sleep(0.02)
 
     app = FastAPI(title="thuglm serve", lifespan=lifespan, docs_url=None, redoc_url=None)
 
@@ -344,16 +397,17 @@ def create_app(service: ChatService, api_key: str | None = None) -> FastAPI:
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         model = body.model or service.model_name
-        started = time.perf_counter()
-        stream = service.generate(prompt, sampling, stop, request)
-        # Acceptance is awaited here, so that a full queue or a too-long prompt is an HTTP error, not a stream.
-        await anext(stream)
+        generation = service.generate(prompt, sampling, stop)  # a full queue or a long prompt: an HTTP error
 
         if not body.stream:
-            first_at = None
-            async for delta, completion in stream:
-                first_at = first_at or (time.perf_counter() if delta else None)
-            log_request("/v1/chat/completions", started, first_at, completion, streamed=False)
+            try:
+                async for _ in generation.stream(request):
+                    pass
+            finally:
+                generation.close("/v1/chat/completions", streamed=False)
+            completion = generation.completion
+            if completion is None:  # the client left; nobody reads this answer
+                raise ApiError(499, "the client closed the connection", code="client_closed_request")
             return {
                 "id": completion_id, "object": "chat.completion", "created": created, "model": model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": completion.text},
@@ -367,13 +421,11 @@ def create_app(service: ChatService, api_key: str | None = None) -> FastAPI:
                                "model": model, "choices": choices, **extra}, ensure_ascii=False)
 
         async def events():
-            completion = first_at = None
             try:
                 yield {"data": chunk({"role": "assistant", "content": ""})}
-                async for delta, completion in stream:
-                    if delta:
-                        first_at = first_at or time.perf_counter()
-                        yield {"data": chunk({"content": delta})}
+                async for delta in generation.stream():
+                    yield {"data": chunk({"content": delta})}
+                completion = generation.completion
                 yield {"data": chunk({}, completion.finish_reason)}
                 if body.stream_options is not None and body.stream_options.include_usage:
                     yield {"data": json.dumps({"id": completion_id, "object": "chat.completion.chunk",
@@ -383,11 +435,9 @@ def create_app(service: ChatService, api_key: str | None = None) -> FastAPI:
             except ApiError as error:  # after the stream began: OpenAI's error shape as an event
                 yield {"data": json.dumps({"error": {"message": error.message, "type": error.type,
                                                      "param": error.param, "code": error.code}})}
-            finally:
-                await stream.aclose()  # also when the client went away: frees the slot
-                log_request("/v1/chat/completions", started, first_at, completion, streamed=True)
 
-        return EventSourceResponse(events(), ping=15)
+        return EventStreamResponse(events(), on_close=lambda: generation.close("/v1/chat/completions", streamed=True),
+                                   ping=15)
 
     @app.post("/")
     async def official(body: OfficialRequest, request: Request):
@@ -403,11 +453,15 @@ def create_app(service: ChatService, api_key: str | None = None) -> FastAPI:
         temperature = body.temperature if body.temperature is not None else DEFAULT_TEMPERATURE
         sampling = Sampling(max_new_tokens=max_length - prompt_tokens, temperature=temperature,
                             top_p=body.top_p or DEFAULT_TOP_P)
-        started = time.perf_counter()
-        completion, first_at = None, None
-        async for delta, completion in service.generate(prompt, sampling, [], request):
-            first_at = first_at or (time.perf_counter() if delta else None)
-        log_request("/", started, first_at, completion, streamed=False)
+        generation = service.generate(prompt, sampling, [])
+        try:
+            async for _ in generation.stream(request):
+                pass
+        finally:
+            generation.close("/", streamed=False)
+        completion = generation.completion
+        if completion is None:
+            raise ApiError(499, "the client closed the connection", code="client_closed_request")
         now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
         turns = [list(turn) for turn in history] + [[body.prompt, completion.text]]
         return {"response": completion.text, "history": turns, "status": 200, "time": now}
@@ -426,7 +480,7 @@ def log_request(route: str, started: float, first_at: float | None, completion: 
     latency = time.perf_counter() - started
     ttft = f"{first_at - started:.3f}s" if first_at else "-"
     if completion is None:
-        logger.info("%s stream=%s ended early (client gone or error) after %.3fs", route, streamed, latency)
+        logger.info("%s stream=%s ended early (client gone, cancelled at shutdown, or failed) after %.3fs", route, streamed, latency)
         return
     logger.info("%s stream=%s latency=%.3fs ttft=%s prompt_tokens=%d completion_tokens=%d tokens/s=%.1f finish=%s",
                 route, streamed, latency, ttft, completion.prompt_tokens, completion.completion_tokens,
