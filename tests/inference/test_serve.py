@@ -89,7 +89,7 @@ def test_streamed_answer_equals_the_unstreamed_one_under_greedy(client):
 
 
 def test_system_text_goes_before_the_first_round(served, client):
-    _, model, tokenizer = served
+    tokenizer = served[2]
     messages = [{"role": "system", "content": "你是一个诗人。"}, *MESSAGES]
     completion = client.chat.completions.create(model="m", messages=messages, temperature=0, max_tokens=MAX_TOKENS)
     prompt = build_prompt("介绍一下长城。", [("你好", "你好！")], system="你是一个诗人。")

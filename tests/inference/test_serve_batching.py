@@ -36,7 +36,7 @@ def ask(url: str, question: str, max_tokens: int) -> str:
 
 
 def test_concurrent_requests_equal_each_one_alone(served):
-    url, service = served
+    url = served[0]
     # Different lengths of answer, so rows finish and free slots at different steps while others decode.
     jobs = [(question, 6 + 3 * i) for i, question in enumerate(QUESTIONS)]
     alone = [ask(url, question, max_tokens) for question, max_tokens in jobs]

@@ -172,9 +172,10 @@ class ContinuousBatcher:
                 "--max-seq-len."
             )
         with self.wakeup:
-            if len(self.waiting) >= self.max_queued:
+            waiting = sum(not waiting.cancelled.is_set() for waiting in self.waiting)  # a client gone counts no more
+            if waiting >= self.max_queued:
                 raise QueueFullError(
-                    f"{len(self.waiting)} requests are already waiting for one of {len(self.slots)} slots; retry later "
+                    f"{waiting} requests are already waiting for one of {len(self.slots)} slots; retry later "
                     "(the server's --max-queued sets this bound)"
                 )
             self.waiting.append(request)
