@@ -118,9 +118,12 @@ def cmd_merge(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from .inference.generate import generate_responses, read_prompts, write_jsonl
+    from .inference.generate import generate_responses, read_prompts, read_prompts_as, write_jsonl
+    from .training.config import run_data_spec
 
-    rows = read_prompts(args.input)
+    # The input is read as the run read its data (its thuglm_train.yaml), with data.KEY=value overrides on top.
+    spec = run_data_spec(args.adapter or args.model, args.input, args.overrides)
+    rows = read_prompts(args.input) if spec is None else read_prompts_as(spec, args.input)
     tokenizer, model = _load_model(args)
     responses = generate_responses(
         model,
@@ -141,19 +144,26 @@ def cmd_eval(args) -> int:
     from .data.loading import DataSettingNames, data_settings_named
     from .inference.evaluation import evaluate_alpaca, perplexity
 
+    from .training.config import run_data_spec
+
+    # The files are read as the run read its data (its thuglm_train.yaml), with data.KEY=value overrides on top.
+    given = [f"data.format={args.format}"] if args.format else []
+    given += [f"data.text_column={args.text_column}"] if args.text_column else []
+    spec = run_data_spec(args.adapter or args.model, args.data, [*given, *args.overrides])
     tokenizer, model = _load_model(args)
     # Data messages name eval's flags; it has none for the encoding or bad rows, so they do not offer those.
     with data_settings_named(
         DataSettingNames(files="--data", encoding=None, on_bad_row=None, text_column="--text-column NAME")
     ):
-        if args.format == "text":
+        if spec is None and args.format in (None, "text") or spec is not None and spec.format == "text":
             metrics = perplexity(
                 model, tokenizer, args.data, text_column=args.text_column, max_seq_len=args.max_seq_len,
-                batch_size=args.batch_size,
+                batch_size=args.batch_size, spec=spec,
             )
         else:
             metrics = evaluate_alpaca(
-                model, tokenizer, args.data, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens
+                model, tokenizer, args.data, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                spec=spec,
             )
     report = json.dumps(metrics, ensure_ascii=False)
     if args.output:
@@ -282,18 +292,24 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--sample", action="store_true", help="sample (top-p) instead of greedy decoding")
     generate.add_argument("--top-p", type=float, default=0.7, help="with --sample")
     generate.add_argument("--temperature", type=float, default=0.95, help="with --sample")
+    generate.add_argument("overrides", nargs="*", metavar="data.KEY=value",
+                          help="read --input with these data settings instead of the run's own (its thuglm_train.yaml):"
+                          " the keys of `thuglm train`, e.g. data.format=sharegpt data.columns.prompt=content")
     generate.set_defaults(func=cmd_generate)
 
     evaluate = commands.add_parser("eval", help="perplexity on text, or BLEU-4 / ROUGE on alpaca data; prints JSON")
     _add_model_args(evaluate)
     evaluate.add_argument("--data", nargs="+", required=True, help="data files or glob patterns (CSV / JSON / JSONL)")
-    evaluate.add_argument("--format", choices=["text", "alpaca"], default="text",
-                          help="text: perplexity of a text column; alpaca: answer `instruction`, score against `output`")
+    evaluate.add_argument("--format", choices=["text", "alpaca", "sharegpt"], default=None,
+                          help="text: perplexity of a text column; alpaca / sharegpt: answer each row's question, "
+                          "score against its answer (default: the run's data.format, else text)")
     evaluate.add_argument("--text-column", help="with --format text (default: guessed from the columns)")
     evaluate.add_argument("--max-seq-len", type=int, default=512, help="with --format text: tokens a window")
     evaluate.add_argument("--batch-size", type=int, default=8, help="texts or instructions a batch")
     evaluate.add_argument("--max-new-tokens", type=int, default=256, help="with --format alpaca: answer tokens at most")
     evaluate.add_argument("--output", help="also write the metrics to this JSON file")
+    evaluate.add_argument("overrides", nargs="*", metavar="data.KEY=value",
+                          help="read --data with these data settings instead of the run's own (its thuglm_train.yaml)")
     evaluate.set_defaults(func=cmd_eval)
 
     predict = commands.add_parser("predict", help="labels or BIO tags from a classifier (task seq_cls / token_cls)")
@@ -333,10 +349,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; `generate` and `eval` take `data.KEY=value` overrides anywhere after MODEL (argparse alone
+    would refuse those that follow an option)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and getattr(args, "overrides", None) is not None and args.command in ("generate", "eval") \
+            and all("=" in item and not item.startswith("-") for item in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     from .errors import ThuglmError
 
-    args = build_parser().parse_args(argv)
+    args = parse_arguments(argv)
     try:
         return args.func(args)
     except ThuglmError as error:  # one line, no traceback: the message says what to fix

@@ -123,7 +123,8 @@ def report_problems(canonical: datasets.Dataset, source: str, bad_rows: str) -> 
         by_reason.setdefault(column[index].as_py().partition(_DETAIL)[0], []).append(index + 1)
     for reason, rows in by_reason.items():
         named = ", ".join(map(str, rows[:ROWS_NAMED])) + (", ..." if len(rows) > ROWS_NAMED else "")
-        logger.warning("%s: skipped %d row(s) whose %s (rows %s)", source, len(rows), reason, named)
+        logger.warning("%s: skipped %d row(s) whose %s (%s %s)", source, len(rows), reason,
+                       "row" if len(rows) == 1 else "rows", named)
     logger.warning("%s: skipped %d of %d rows in all; data.on_bad_row=error stops at the first instead", source, count,
                    len(canonical))
     return count

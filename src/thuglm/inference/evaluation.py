@@ -8,6 +8,7 @@ are computed exactly as the official ChatGLM-6B p-tuning evaluation computes the
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
 from collections.abc import Sequence
@@ -25,7 +26,7 @@ from ..data import (
     load_raw_dataset,
 )
 from ..errors import ThuglmError
-from .generate import generate_responses, prompt_row
+from .generate import generate_responses, prompt_row, read_prompts_as
 
 IGNORE_INDEX = -100
 ROUGE_KEYS = ("rouge-1", "rouge-2", "rouge-l")
@@ -47,14 +48,25 @@ def perplexity(
     text_column: str | None = None,
     max_seq_len: int = 512,
     batch_size: int = 8,
+    spec=None,
 ) -> dict:
     """Token-weighted mean loss over every text of `files` and its exponential: {eval_loss, perplexity, tokens}.
 
-    Texts are not packed: each window is scored alone, as it would be read at inference.
+    Texts are not packed: each window is scored alone, as it would be read at inference. With `spec` (a
+    `SourceSpec`: a run's data settings) the files are read file by file as training read them.
     """
-    dataset = load_raw_dataset(list(files))
-    column = guess_text_column(dataset.column_names, text_column, source=", ".join(map(str, files)))
-    encoded = encode_text_dataset(dataset, tokenizer, text_column=column, max_seq_len=max_seq_len, packing=False)
+    if spec is not None:
+        from ..data.processing import encode_rows, encode_samples
+        from ..data.sources import load_source
+
+        spec = dataclasses.replace(spec, files=tuple(map(str, files)))
+        samples = encode_samples(load_source(spec), tokenizer, kind="text", max_seq_len=max_seq_len,
+                                 source=spec.describe())
+        encoded = encode_rows(samples, tokenizer, max_seq_len=max_seq_len, packing=False)
+    else:
+        dataset = load_raw_dataset(list(files))
+        column = guess_text_column(dataset.column_names, text_column, source=", ".join(map(str, files)))
+        encoded = encode_text_dataset(dataset, tokenizer, text_column=column, max_seq_len=max_seq_len, packing=False)
     encoded = encoded.select_columns(["input_ids", "labels", "attention_mask"])
     loader = DataLoader(encoded, batch_size=batch_size, collate_fn=GlmCollator(tokenizer.pad_token_id))
     total_loss, total_tokens = 0.0, 0
@@ -114,11 +126,19 @@ def evaluate_alpaca(
     files: Sequence[str],
     batch_size: int = 8,
     max_new_tokens: int = 256,
+    spec=None,
 ) -> dict:
-    """Answer every instruction of `files` greedily and score the answers against `output`: scores plus `samples`."""
+    """Answer every instruction of `files` greedily and score the answers against `output`: scores plus `samples`.
+
+    With `spec` (a run's data settings, any dialogue format) each row's last user turn is answered with the turns
+    before it as history, and scored against the answer that follows it in the row.
+    """
     require_scoring_packages()  # before minutes of generation, not after
     source = ", ".join(map(str, files))
-    rows = [prompt_row(row, source) for row in load_raw_dataset(list(files))]
+    if spec is not None:
+        rows = read_prompts_as(spec, list(files))
+    else:
+        rows = [prompt_row(row, source) for row in load_raw_dataset(list(files))]
     unscored = [index for index, row in enumerate(rows) if "reference" not in row]
     if unscored:
         raise DataError(f"{source}: rows {unscored[:5]} have no `output` to score the answers against")

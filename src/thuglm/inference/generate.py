@@ -40,7 +40,13 @@ def read_json_rows(path: Path) -> list[tuple[str, dict]]:
             lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
             rows = [(f"{path}:{n}", json.loads(line)) for n, line in lines]
         else:
-            rows = json.loads(text)
+            try:
+                rows = json.loads(text)
+            except json.JSONDecodeError as error:
+                if not error.msg.startswith("Extra data"):
+                    raise
+                lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+                rows = [json.loads(line) for _, line in lines]  # JSON lines in a .json file, as `datasets` reads them
             if not isinstance(rows, list):
                 raise DataError(f"{path} holds a JSON {type(rows).__name__}: a .json prompt file is a list of rows")
             rows = [(f"{path} row {n}", row) for n, row in enumerate(rows)]
@@ -63,6 +69,30 @@ def read_prompts(path: str | Path) -> list[dict]:
     if path.suffix in (".json", ".jsonl"):
         return [prompt_row(row, where) for where, row in read_json_rows(path)]
     raise DataError(f"{path}: prompts are read from .txt (one a line), .json (a list of rows) or .jsonl files")
+
+
+def read_prompts_as(spec, path: str | Path | Sequence[str | Path], bad_rows: str = "skip") -> list[dict]:
+    """Rows {"prompt", "reference"?} of `path` read with a run's data settings (`spec`, a `SourceSpec`: its format,
+    columns, tags, ...), as training read that run's files.
+
+    A dialogue's last user turn is asked with the turns before it as history (and the row's system text first);
+    `reference` is the answer that follows it in the row, where there is one (alpaca's response column, a
+    dialogue's last assistant turn). A text is a prompt by itself. A file of `prompt` rows is read as before.
+    """
+    import dataclasses
+
+    from ..data.formats import get_format
+    from ..data.loading import load_raw_dataset
+    from ..data.sources import load_source, prompt_rows
+
+    paths = [path] if isinstance(path, (str, Path)) else list(path)
+    if len(paths) == 1 and Path(paths[0]).suffix == ".txt" and spec.format != "text":
+        return read_prompts(paths[0])
+    if len(paths) == 1 and "prompt" in (load_raw_dataset(str(paths[0])).column_names or []) and spec.format != "text":
+        return read_prompts(paths[0])
+    spec = dataclasses.replace(spec, files=tuple(str(p) for p in paths))
+    canonical = load_source(spec, training=False, bad_rows=bad_rows)
+    return prompt_rows(canonical, get_format(spec.format).kind)
 
 
 @torch.no_grad()

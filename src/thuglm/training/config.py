@@ -555,3 +555,49 @@ def data_spec(data: DataConfig, files):
         tags=data.tags.given(), text_column=data.text_column, field=data.field, txt_unit=data.txt_unit,
         encoding=data.encoding, max_samples=data.max_samples,
     )
+
+
+RUN_CONFIG_NAME = "thuglm_train.yaml"
+
+
+def run_data_spec(run_dir: str | Path, files, overrides: list[str] | tuple[str, ...] = ()):
+    """How `thuglm generate` / `thuglm eval` read `files`: as the run in `run_dir` read its data (the `data` section
+    of its thuglm_train.yaml), with `data.KEY=value` overrides; None for a folder without that file and no override.
+
+    A run that mixed `data.sources` reads a file with the settings of the source whose files include it, else with
+    its `data.` settings.
+    """
+    from ..data import resolve_data_files
+
+    path = Path(run_dir) / RUN_CONFIG_NAME
+    if not path.is_file() and not overrides:
+        return None
+    raw: dict[str, Any] = {}
+    if path.is_file():
+        saved = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = dict(saved.get("data") or {}) if isinstance(saved, dict) else {}
+    if any(parse_override(override)[0] == "data.format" for override in overrides):
+        for key in ("columns", "tags", "text_column"):  # the run's mapping belongs to the run's format
+            raw.pop(key, None)
+    for override in overrides:
+        key, value = parse_override(override)
+        if not key.startswith("data."):
+            raise ConfigError(f"override `{override}`: only data keys apply here (as in `thuglm train`), e.g. "
+                              "data.format=sharegpt or data.columns.prompt=content")
+        set_dotted(raw, key[len("data."):], value)
+    raw["files"] = [str(file) for file in ([files] if isinstance(files, (str, Path)) else files)]
+    sources = raw.pop("sources", None) or []
+    data = build_dataclass(DataConfig, raw, prefix="data.")
+    _check_columns(data.format, data.columns, data.tags, "data")
+    wanted = {Path(file).absolute() for file in data.files if Path(file).is_file()}
+    if sources and wanted and not any(key.startswith(("data.format", "data.columns", "data.tags"))
+                                      for key in (parse_override(o)[0] for o in overrides)):
+        mixed = build_dataclass(DataConfig, {**raw, "files": [], "sources": sources}, prefix="data.")
+        for spec in source_specs(mixed):
+            try:
+                trained = set(resolve_data_files(list(spec.files)))
+            except ThuglmError:  # the run's files moved or were relative to another folder
+                continue
+            if wanted <= trained:
+                return dataclasses.replace(spec, files=tuple(data.files), weight=None, max_samples=None)
+    return dataclasses.replace(data_spec(data, data.files), max_samples=None)

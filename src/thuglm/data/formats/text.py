@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 from ..loading import guess_text_column
 from .base import BadRow, DataFormat, FormatBinding, SourceSpec, cell_text
@@ -16,11 +17,15 @@ class TextFormat(DataFormat):
     def bind(self, spec: SourceSpec, column_names: Sequence[str], source: str, *, training: bool = True) -> FormatBinding:
         requested = spec.text_column or spec.columns.get("prompt")
         column = guess_text_column(column_names, requested, source=source)
-        return FormatBinding(self.name, {"prompt": column}, {}, training)
+        # A paragraph or document of a .txt file keeps its inner line breaks, not the blank lines around it.
+        whole = spec.txt_unit != "line" and ".txt" in Path(source).suffixes
+        return FormatBinding(self.name, {"prompt": column}, {"strip_newlines": "yes"} if whole else {}, training)
 
     def convert(self, row: dict, binding: FormatBinding) -> dict:
         column = binding.columns["prompt"]
         text = cell_text(row.get(column), f"`{column}`")
+        if binding.tags.get("strip_newlines"):
+            text = text.strip("\r\n")
         if not text.strip():
             raise BadRow(f"`{column}` is empty")
         return {"text": text}
