@@ -95,6 +95,11 @@ def test_system_text_goes_before_the_first_round(served, client):
     prompt = build_prompt("介绍一下长城。", [("你好", "你好！")], system="你是一个诗人。")
     assert prompt.startswith("你是一个诗人。\n[Round 0]")
     assert completion.usage.prompt_tokens == len(tokenizer([prompt])["input_ids"][0])
+    # The same conversation in content parts, with OpenAI's newer "developer" role for the system text.
+    parts = [{"role": "developer", "content": [{"type": "text", "text": "你是一个诗人。"}]},
+             *({"role": m["role"], "content": [{"type": "text", "text": m["content"]}]} for m in MESSAGES)]
+    same = client.chat.completions.create(model="m", messages=parts, temperature=0, max_tokens=MAX_TOKENS)
+    assert same.usage == completion.usage and same.choices[0].message.content == completion.choices[0].message.content
 
 
 def test_stop_string_cuts_the_answer_before_it(served, client):

@@ -77,9 +77,22 @@ class ApiError(Exception):
 
 
 # ---- request bodies --------------------------------------------------------------------------------------------
+class TextPart(BaseModel):
+    type: Literal["text"]  # ChatGLM-6B reads text only
+    text: str
+
+
 class ChatMessage(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: str
+    role: Literal["system", "developer", "user", "assistant"]  # "developer": OpenAI's newer name for system
+    content: str | list[TextPart]
+
+    @property
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+
+    @property
+    def is_system(self) -> bool:
+        return self.role in ("system", "developer")
 
 
 class StreamOptions(BaseModel):
@@ -112,7 +125,7 @@ class OfficialRequest(BaseModel):
 
 # What a malformed field should look like, added to the validation message.
 FIELD_SHAPES = {
-    "messages": "a non-empty list of {role: system | user | assistant, content: string} objects",
+    "messages": "a non-empty list of {role: system | user | assistant, content: text} objects",
     "history": "a list of [query, response] pairs of strings",
     "stop": "a string or a list of strings",
 }
@@ -122,18 +135,18 @@ def conversation(messages: list[ChatMessage]) -> tuple[str, list[tuple[str, str]
     """(query, history, system text) from OpenAI messages: the last user message is the query."""
     if messages[-1].role != "user":
         raise ApiError(400, "`messages` must end with a `user` message: it is the question to answer", param="messages")
-    system = "\n".join(m.content for m in messages if m.role == "system") or None
-    dialogue = [m for m in messages[:-1] if m.role != "system"]
+    system = "\n".join(m.text for m in messages if m.is_system) or None
+    dialogue = [m for m in messages[:-1] if not m.is_system]
     history: list[tuple[str, str]] = []
     index = 0
     while index < len(dialogue):
         if index + 1 < len(dialogue) and dialogue[index].role == "user" and dialogue[index + 1].role == "assistant":
-            history.append((dialogue[index].content, dialogue[index + 1].content))
+            history.append((dialogue[index].text, dialogue[index + 1].text))
             index += 2
         else:
             raise ApiError(400, "earlier `messages` must alternate user, assistant (ChatGLM's rounds); message "
                                 f"{index} of the dialogue is a `{dialogue[index].role}` out of turn", param="messages")
-    return messages[-1].content, history, system
+    return messages[-1].text, history, system
 
 
 # ---- turning tokens into text -----------------------------------------------------------------------------------
