@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
+import warnings
 
 import datasets
 import pandas as pd
@@ -220,3 +222,18 @@ def test_messages_name_the_options_as_the_running_command_does(tmp_path, caplog)
     # Outside the block the messages are `thuglm train`'s again: its config keys.
     with pytest.raises(DataError, match=r"Remove it from data\.files, or name its encoding with `data\.encoding=NAME`"):
         load(str(binary), tmp_path)
+
+
+def test_a_streamed_csv_leaves_no_file_open(tmp_path):
+    """Streaming learns a CSV's columns from its first rows; the file must not stay open behind that read."""
+    path = tmp_path / "a.csv"
+    texts = ROWS * 20  # more rows than the head that is read to learn the columns
+    pd.DataFrame({"content": texts, "n": range(len(texts))}).to_csv(path, index=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        streamed = load(str(path), tmp_path, streaming=True)
+        assert streamed.column_names == ["content", "n"]
+        assert [row["n"] for row in streamed] == list(range(len(texts)))
+        del streamed
+        gc.collect()  # an unclosed file warns when it is collected
+    assert [str(warning.message) for warning in caught if warning.category is ResourceWarning] == []

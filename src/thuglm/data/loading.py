@@ -318,6 +318,8 @@ def _load_file(builder, kwargs, file, streaming, cache_dir):
 
 
 def _load(builder, kwargs, files, *, streaming, cache_dir):
+    if streaming and builder == "csv":
+        kwargs = {**kwargs, "features": _csv_features(files[0], kwargs)}
     verbosity = datasets.logging.get_verbosity()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # a failing file is reported once, by DataError
     try:
@@ -335,6 +337,25 @@ def _load(builder, kwargs, files, *, streaming, cache_dir):
         # `column_names` works (for choosing columns and the text column) as it does without streaming.
         dataset = dataset._resolve_features()
     return dataset
+
+
+def _csv_features(file: Path, kwargs: dict, head_rows: int = 100) -> datasets.Features | None:
+    """The columns and types of a CSV file from its first rows, read by pandas as the csv builder reads them.
+
+    Streamed without features, the csv builder learns its columns only by reading a row, and a stream dropped after
+    its first rows leaves its file open until garbage collection: datasets' streaming `read_csv` opens the file
+    itself and closes it only at the end (a ResourceWarning, and one open file per load). pandas opens and closes
+    this read. None where the head does not parse: the builder then reads the file and reports what is wrong.
+    """
+    import pandas as pd
+    import pyarrow as pa
+
+    options = {**kwargs, "on_bad_lines": "skip"}  # skipped rows are reported once, by the builder's own read
+    try:
+        head = pd.read_csv(file, nrows=head_rows, **options)
+    except (ValueError, UnicodeDecodeError):  # pandas' ParserError is a ValueError
+        return None
+    return datasets.Features.from_arrow_schema(pa.Schema.from_pandas(head, preserve_index=False))
 
 
 _SKIPPED_LINE = re.compile(r"Skipping line (\d+): (.*)")
