@@ -87,12 +87,18 @@ def test_globs_recurse_and_repeats_are_dropped(tmp_path):
     assert [f.relative_to(folder).as_posix() for f in files] == ["b.json", "c.jsonl", "sub/e.json"]
 
 
-def test_unsupported_files_in_a_folder_are_skipped_with_a_debug_line(tmp_path, caplog):
+def test_unsupported_files_in_a_folder_are_skipped_with_a_warning_naming_them(tmp_path, caplog):
     write_all_formats(tmp_path / "data")
     (tmp_path / "data" / "notes.md").write_text("x")
-    with caplog.at_level(logging.DEBUG, logger="thuglm.data"):
-        resolve_data_files(str(tmp_path / "data"))
-    assert "skipping" in caplog.text and "notes.md" in caplog.text
+    (tmp_path / "data" / "more").mkdir()
+    (tmp_path / "data" / "more" / "sales.xlsx").write_bytes(b"PK\x03\x04")
+    with caplog.at_level(logging.WARNING, logger="thuglm.data"):
+        files = resolve_data_files(str(tmp_path / "data"))
+    assert [file.name for file in files] == ["a.csv", "b.json", "c.jsonl", "d.parquet"]
+    (record,) = caplog.records
+    assert record.levelno == logging.WARNING
+    assert "skipping 2 file(s) of a type thuglm does not read: more/sales.xlsx, notes.md" in record.getMessage()
+    assert "save a spreadsheet as CSV" in record.getMessage()
 
 
 @pytest.mark.parametrize(

@@ -95,10 +95,10 @@ class DataError(ThuglmError, ValueError):
 def resolve_data_files(patterns: str | Sequence[str]) -> list[Path]:
     """The data files that `patterns` name, sorted and de-duplicated, as absolute paths.
 
-    A pattern is a file, a folder (searched recursively: hidden files and files of other formats, such as a
-    README.md, are skipped) or a glob (`data/*.csv`, `corpus/**/*.json`). A pattern that matches nothing, or a file
-    named explicitly whose format is not supported, is an error: training on fewer files than meant should not
-    pass silently.
+    A pattern is a file, a folder (searched recursively: hidden files are skipped, and files of other formats, such
+    as a README.md or an .xlsx, are skipped with a warning naming them) or a glob (`data/*.csv`,
+    `corpus/**/*.json`). A pattern that matches nothing, or a file named explicitly whose format is not supported,
+    is an error: training on fewer files than meant should not pass silently.
     """
     if isinstance(patterns, (str, os.PathLike)):
         patterns = [patterns]
@@ -127,14 +127,30 @@ def _resolve_pattern(pattern: str) -> list[Path]:
         raise DataError(f"{pattern}: no such file or folder. Check the path (relative paths start at {os.getcwd()}).")
     files = [file.absolute() for file in candidates if file.is_file()]
     supported = [file for file in files if _is_supported(file)]
-    for file in sorted(set(files) - set(supported)):
-        logger.debug("%s: skipping %s (not one of %s)", pattern, file, ", ".join(SUPPORTED_EXTENSIONS))
+    skipped = sorted(set(files) - set(supported))
+    if skipped and supported:  # with nothing supported, the error below names them instead
+        _warn_skipped(pattern, skipped, root=path.absolute() if what == "folder" else None)
     if not supported:
         found = f"only unsupported files such as {files[0].name}" if files else "no files"
         raise DataError(
             f"{pattern}: the {what} matches {found}; thuglm reads {', '.join(SUPPORTED_EXTENSIONS)} files."
         )
     return supported
+
+
+SPREADSHEET_EXTENSIONS = (".xlsx", ".xlsm", ".xls", ".ods")
+
+
+def _warn_skipped(pattern: str, skipped: list[Path], root: Path | None, shown: int = 10) -> None:
+    """Name the files of a folder or glob that are left out: a spreadsheet among the data would otherwise be
+    missing from training without a word."""
+    names = [str(file.relative_to(root)) if root else str(file) for file in skipped]
+    listed = ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+    spreadsheet = any(file.suffix.lower() in SPREADSHEET_EXTENSIONS for file in skipped)
+    logger.warning(
+        "%s: skipping %d file(s) of a type thuglm does not read: %s (it reads %s)%s", pattern, len(skipped), listed,
+        ", ".join(SUPPORTED_EXTENSIONS), "; save a spreadsheet as CSV (UTF-8) to use its rows" if spreadsheet else "",
+    )
 
 
 def _is_supported(path: Path) -> bool:
