@@ -243,3 +243,18 @@ def test_a_streamed_csv_leaves_no_file_open(tmp_path):
         del streamed
         gc.collect()  # an unclosed file warns when it is collected
     assert [str(warning.message) for warning in caught if warning.category is ResourceWarning] == []
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "where"),
+    [
+        # The comma is the mistake, not the bracket that Python's parser stops at (a line further down here).
+        ("array.json", '[\n  {"text": "春眠"},\n  {"text": "不觉晓"}, \n]\n',
+         r"line 3, column 18: a trailing comma before '\]'"),
+        ("rows.jsonl", '{"text": "春眠"}\n{"text": "不觉晓",}\n', r"line 2, column 15: a trailing comma before '\}'"),
+    ],
+)
+def test_a_trailing_comma_is_named_at_its_place(tmp_path, name, content, where):
+    (tmp_path / name).write_text(content, encoding="utf-8")
+    with pytest.raises(DataError, match=rf"{name}: invalid JSON at {where} \(JSON allows no comma after the last item"):
+        load(str(tmp_path / name), tmp_path)

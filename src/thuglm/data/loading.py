@@ -437,13 +437,30 @@ def _json_syntax_error(file: Path) -> str | None:
             try:
                 json.loads(line)
             except json.JSONDecodeError as error:
-                return f"line {number}, column {error.colno}: {error.msg}"
+                return _json_error_location(line, error, first_line=number)
         return None
     try:
         json.loads(text)
     except json.JSONDecodeError as error:
-        return f"line {error.lineno}, column {error.colno}: {error.msg}"
+        return _json_error_location(text, error)
     return None
+
+
+def _json_error_location(document: str, error: json.JSONDecodeError, first_line: int = 1) -> str:
+    """`line L, column C: what` of a JSON syntax error, where a trailing comma is called what it is.
+
+    Python's parser reports `[{...},]` or `{"a": 1,}` as "Expecting value" (or "Expecting property name") at the
+    closing bracket, often on the line after the comma that is the mistake; the comma's own place is given instead.
+    """
+    before = document[: error.pos].rstrip()
+    closing = document[error.pos : error.pos + 1]
+    if before.endswith(",") and closing in ("]", "}"):
+        comma = len(before) - 1
+        line = document.count("\n", 0, comma) + first_line
+        column = comma - document.rfind("\n", 0, comma)
+        return (f"line {line}, column {column}: a trailing comma before '{closing}' (JSON allows no comma after the "
+                "last item): remove it")
+    return f"line {error.lineno + first_line - 1}, column {error.colno}: {error.msg}"
 
 
 def _select(dataset, files: Sequence[Path], columns: Sequence[str] | None):
