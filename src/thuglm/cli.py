@@ -118,12 +118,14 @@ def cmd_merge(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    from .data.loading import DataSettingNames, data_settings_named
     from .inference.generate import generate_responses, read_prompts, read_prompts_as, write_jsonl
     from .training.config import run_data_spec
 
     # The input is read as the run read its data (its thuglm_train.yaml), with data.KEY=value overrides on top.
     spec = run_data_spec(args.adapter or args.model, args.input, args.overrides)
-    rows = read_prompts(args.input) if spec is None else read_prompts_as(spec, args.input)
+    with data_settings_named(DataSettingNames(files=None)):  # one --input file: not a list to remove it from
+        rows = read_prompts(args.input) if spec is None else read_prompts_as(spec, args.input)
     tokenizer, model = _load_model(args)
     responses = generate_responses(
         model,
@@ -151,10 +153,8 @@ def cmd_eval(args) -> int:
     given += [f"data.text_column={args.text_column}"] if args.text_column else []
     spec = run_data_spec(args.adapter or args.model, args.data, [*given, *args.overrides])
     tokenizer, model = _load_model(args)
-    # Data messages name eval's flags; it has none for the encoding or bad rows, so they do not offer those.
-    with data_settings_named(
-        DataSettingNames(files="--data", encoding=None, on_bad_row=None, text_column="--text-column NAME")
-    ):
+    # Data messages name eval's flags where it has one; the encoding and bad rows are data.KEY=value overrides.
+    with data_settings_named(DataSettingNames(files="--data", text_column="--text-column NAME")):
         if spec is None and args.format in (None, "text") or spec is not None and spec.format == "text":
             metrics = perplexity(
                 model, tokenizer, args.data, text_column=args.text_column, max_seq_len=args.max_seq_len,

@@ -100,3 +100,15 @@ def test_bad_prompt_files_say_what_is_wrong(tmp_path, name, content, message):
 def test_write_jsonl_keeps_chinese_readable(tmp_path):
     path = write_jsonl([{"prompt": "你好", "response": "您好"}], tmp_path / "out" / "answers.jsonl")
     assert path.read_text(encoding="utf-8") == '{"prompt": "你好", "response": "您好"}\n'
+
+
+def test_generate_does_not_name_train_config_keys_for_its_input(base_dir, tmp_path, capsys):
+    from thuglm.cli import main
+
+    empty = tmp_path / "prompts.csv"
+    empty.write_bytes(b"")
+    output = tmp_path / "answers.jsonl"
+    assert main(["generate", str(base_dir), "--input", str(empty), "--output", str(output), "data.format=alpaca"]) == 2
+    refusal = capsys.readouterr().err
+    assert "prompts.csv: the file is empty (0 bytes). Export the data again." in refusal
+    assert "data.files" not in refusal  # generate reads one --input file, not a data.files list
