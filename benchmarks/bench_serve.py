@@ -16,7 +16,11 @@ reads. Rows, one per concurrency level (`batch` = concurrent requests):
 
     tokens_per_s  completion tokens of all requests / wall time from the first request sent to the last answer
     ttft_p50_s    the median time to first token over the requests
-    speedup_vs_one  tokens_per_s / the one-request row's (the issue's goal: >= 8 at 16, with ttft_p50_s <= 0.5)
+    speedup_vs_one  tokens_per_s / the same variant's one-request row's (the goal: >= 8 at 16, ttft_p50_s <= 0.5)
+
+for each decode step (`variant`): `dynamic`, the server's default, whose shapes follow the load, and `static`,
+`thuglm serve --cuda-graphs`: every slot over the whole --max-seq-len, captured once as a CUDA graph (`cuda_graph`
+says whether the capture worked; with --smoke it runs eagerly on the CPU).
 
 A warm-up request of each concurrency runs first (CUDA kernels, allocator), untimed.
 """
@@ -26,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import gc
 import http.client
 import json
 import socket
@@ -43,10 +48,9 @@ QUESTIONS = ["介绍一下长城。", "春天适合做什么？", "写一首关�
              "推荐几本好书。", "北京有哪些名胜古迹？", "怎样保持健康？"]
 
 
-def build_service(smoke: bool, slots: int, max_seq_len: int):
-    """A ChatService over the random-weight model (see the module's docstring) and the tiny demo tokenizer."""
+def build_model(smoke: bool):
+    """The random-weight model (see the module's docstring) and the tiny demo tokenizer."""
     import thuglm  # noqa: F401  (registers ChatGLM with the Auto classes)
-    from thuglm.inference.serve import ChatService
     from thuglm.models import ChatGLMTokenizer
     from thuglm.models.tiny import cached_tiny_chatglm, tiny_config
 
@@ -57,7 +61,7 @@ def build_service(smoke: bool, slots: int, max_seq_len: int):
     with torch.no_grad():
         model.get_input_embeddings().weight[len(tokenizer):] = 0
     model.generation_config.eos_token_id = -1  # no id is -1: every answer runs to max_tokens
-    return ChatService(model, tokenizer, slots=slots, max_seq_len=max_seq_len, model_name="6b-shape-random")
+    return model, tokenizer
 
 
 @contextlib.contextmanager
@@ -141,34 +145,18 @@ def concurrent_requests(port: int, count: int, new_tokens: int) -> dict:
             "full_length": all(r["completion_tokens"] == new_tokens for r in results)}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--smoke", action="store_true", help="tiny model on CPU: the script runs end to end")
-    parser.add_argument("--record", help="append result rows (JSON lines) to this file")
-    parser.add_argument("--commit", help="the commit measured (a copy without .git cannot tell)")
-    parser.add_argument("--concurrency", default=None, help="comma-separated request counts (default 1,16; smoke 1,3)")
-    parser.add_argument("--new-tokens", type=int, default=None, help="tokens a request generates (default 128; smoke 8)")
-    parser.add_argument("--max-seq-len", type=int, default=512, help="tokens a KV-cache slot holds")
-    args = parser.parse_args()
+def measure_variant(variant: str, model, tokenizer, levels: list[int], new_tokens: int, args, common: dict) -> list[dict]:
+    """One server with this decode step; a row per concurrency level, each with its speedup over one request."""
+    from thuglm.inference.serve import ChatService
 
-    levels = [int(n) for n in (args.concurrency or ("1,3" if args.smoke else "1,16")).split(",")]
-    new_tokens = args.new_tokens or (8 if args.smoke else 128)
-    if not args.smoke and not torch.cuda.is_available():
-        raise SystemExit("no CUDA device: run on a GPU, or pass --smoke for the tiny model on the CPU")
-    device_name = "cpu" if args.smoke else torch.cuda.get_device_name()
-    print(f"device {device_name}, torch {torch.__version__}", flush=True)
-    started = time.perf_counter()
-    service = build_service(args.smoke, slots=max(levels), max_seq_len=args.max_seq_len)
-    run_id = f"serve-{datetime.datetime.now(datetime.timezone.utc):%Y%m%dT%H%M%S}"
-    common = {"run_id": run_id, "date": f"{datetime.date.today()}", "commit": args.commit or commit_id(),
-              "device": device_name, "impl": "thuglm-serve", "mode": "serve", "dtype": "fp32" if args.smoke else "bf16",
-              "model": "tiny" if args.smoke else "6b-shape", "grad_ckpt": False, "new_tokens": new_tokens,
-              "slots": max(levels), "torch": torch.__version__,
-              "command": "python benchmarks/bench_serve.py " + " ".join(sys.argv[1:])}
+    if variant not in ("dynamic", "static"):
+        raise SystemExit(f"unknown variant {variant!r}: dynamic or static")
+    service = ChatService(model, tokenizer, slots=max(levels), max_seq_len=args.max_seq_len,
+                          model_name="6b-shape-random", static_decode=variant == "static")
     rows = []
     with serving(service) as port:
         for count in levels:
-            if torch.cuda.is_available() and not args.smoke:
+            if not args.smoke:
                 torch.cuda.reset_peak_memory_stats()
             try:
                 concurrent_requests(port, count, min(new_tokens, 16))  # warm-up, untimed
@@ -178,18 +166,59 @@ def main() -> None:
                 traceback.print_exc()
                 measured, status = {"tokens_per_s": None, "ttft_p50_s": None, "error": repr(error)[:300]}, "error"
             peak = torch.cuda.max_memory_allocated() / 2**30 if not args.smoke else None
-            row = {**common, "batch": count, "status": status, **measured,
+            # Captured by the scheduler thread before its first request; None if capturing failed (eager fallback).
+            graph = service.batcher.static_step is not None and service.batcher.static_step.graph is not None
+            row = {**common, "variant": variant, "cuda_graph": graph, "batch": count, "status": status, **measured,
                    "seq": round(measured.get("prompt_len", 0) + new_tokens), "peak_gib": peak and round(peak, 3)}
             rows.append(row)
             print(json.dumps(row, ensure_ascii=False), flush=True)
+    del service
+    gc.collect()
+    if not args.smoke:
+        torch.cuda.empty_cache()
     alone = next((r["tokens_per_s"] for r in rows if r["batch"] == 1 and r["tokens_per_s"]), None)
     for row in rows:
         if alone and row["tokens_per_s"]:
             row["speedup_vs_one"] = round(row["tokens_per_s"] / alone, 2)
-    print(f"\n{'batch':>5s} {'status':>6s} {'tokens/s':>9s} {'x one':>6s} {'ttft p50':>9s} {'peak GiB':>8s}")
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny model on CPU: the script runs end to end")
+    parser.add_argument("--record", help="append result rows (JSON lines) to this file")
+    parser.add_argument("--commit", help="the commit measured (a copy without .git cannot tell)")
+    parser.add_argument("--concurrency", default=None, help="comma-separated request counts (default 1,16; smoke 1,3)")
+    parser.add_argument("--new-tokens", type=int, default=None, help="tokens a request generates (default 128; smoke 8)")
+    parser.add_argument("--max-seq-len", type=int, default=512, help="tokens a KV-cache slot holds")
+    parser.add_argument("--variants", default="dynamic,static", help="decode steps to measure, comma-separated: "
+                        "dynamic (the default step, shapes follow the load), static (`thuglm serve --cuda-graphs`: "
+                        "fixed shapes, a CUDA graph on a GPU; run eagerly with --smoke)")
+    args = parser.parse_args()
+
+    levels = [int(n) for n in (args.concurrency or ("1,3" if args.smoke else "1,16")).split(",")]
+    new_tokens = args.new_tokens or (8 if args.smoke else 128)
+    if not args.smoke and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: run on a GPU, or pass --smoke for the tiny model on the CPU")
+    device_name = "cpu" if args.smoke else torch.cuda.get_device_name()
+    print(f"device {device_name}, torch {torch.__version__}", flush=True)
+    started = time.perf_counter()
+    model, tokenizer = build_model(args.smoke)
+    run_id = f"serve-{datetime.datetime.now(datetime.timezone.utc):%Y%m%dT%H%M%S}"
+    common = {"run_id": run_id, "date": f"{datetime.date.today()}", "commit": args.commit or commit_id(),
+              "device": device_name, "impl": "thuglm-serve", "mode": "serve", "dtype": "fp32" if args.smoke else "bf16",
+              "model": "tiny" if args.smoke else "6b-shape", "grad_ckpt": False, "new_tokens": new_tokens,
+              "slots": max(levels), "torch": torch.__version__,
+              "command": "python benchmarks/bench_serve.py " + " ".join(sys.argv[1:])}
+    rows = []
+    for variant in args.variants.split(","):
+        rows += measure_variant(variant, model, tokenizer, levels, new_tokens, args, common)
+    print(f"\n{'variant':8s} {'graph':>5s} {'batch':>5s} {'status':>6s} {'tokens/s':>9s} {'x one':>6s} {'ttft p50':>9s} "
+          f"{'peak GiB':>8s}")
     for row in rows:
-        print(f"{row['batch']:5d} {row['status']:>6s} {row['tokens_per_s'] or 0:9.1f} {row.get('speedup_vs_one', 0):6.2f} "
-              f"{row['ttft_p50_s'] or 0:9.3f} {row['peak_gib'] or 0:8.2f}")
+        print(f"{row['variant']:8s} {row['cuda_graph']!s:>5s} {row['batch']:5d} {row['status']:>6s} "
+              f"{row['tokens_per_s'] or 0:9.1f} {row.get('speedup_vs_one', 0):6.2f} {row['ttft_p50_s'] or 0:9.3f} "
+              f"{row['peak_gib'] or 0:8.2f}")
     if args.record:
         Path(args.record).parent.mkdir(parents=True, exist_ok=True)
         with open(args.record, "a") as handle:

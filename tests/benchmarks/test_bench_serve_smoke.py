@@ -1,4 +1,5 @@
-"""benchmarks/bench_serve.py runs end to end on the CPU (--smoke: tiny model, 1 then 3 concurrent requests)."""
+"""benchmarks/bench_serve.py runs end to end on the CPU (--smoke: tiny model, 1 then 3 concurrent requests, both
+decode steps)."""
 
 import json
 import os
@@ -17,10 +18,13 @@ def test_bench_serve_smoke_records_a_row_per_concurrency(tmp_path):
                             check=False)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     rows = [json.loads(line) for line in record.read_text().splitlines()]
-    assert [row["batch"] for row in rows] == [1, 3]
+    assert [(row["variant"], row["batch"]) for row in rows] == [("dynamic", 1), ("dynamic", 3), ("static", 1),
+                                                                  ("static", 3)]
     for row in rows:
         assert row["impl"] == "thuglm-serve" and row["mode"] == "serve" and row["status"] == "ok"
         assert row["commit"] == "test" and row["tokens_per_s"] > 0 and 0 < row["ttft_p50_s"] < 60
         assert row["completion_tokens"] == row["batch"] * row["new_tokens"] and row["full_length"]
         assert {"run_id", "date", "device", "dtype", "seq", "peak_gib"} <= row.keys()
-    assert rows[1]["speedup_vs_one"] == round(rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"], 2)
+    for alone, together in (rows[0:2], rows[2:4]):
+        assert together["speedup_vs_one"] == round(together["tokens_per_s"] / alone["tokens_per_s"], 2)
+    assert not any(row["cuda_graph"] for row in rows)  # no CUDA on the CPU: the fixed-shape step runs eagerly

@@ -51,6 +51,13 @@ def test_listens_on_loopback_by_default_and_reads_the_key_from_the_environment()
     assert resolve_api_key(None, {}) is None
 
 
+def test_cuda_graphs_are_refused_without_a_gpu(tiny_dir, capsys):
+    from thuglm.cli import main
+
+    assert main(["serve", str(tiny_dir), "--cuda-graphs"]) == 2
+    assert "--cuda-graphs captures the decode step on a CUDA device" in capsys.readouterr().err
+
+
 def test_another_host_without_a_key_is_warned_about(caplog):
     with caplog.at_level("WARNING", logger="thuglm.serve"):
         warn_if_exposed("127.0.0.1", None)

@@ -46,6 +46,18 @@ def test_concurrent_requests_equal_each_one_alone(served):
     assert len(set(alone)) > 1, "every question got one answer: the test could not tell rows apart"
 
 
+def test_fixed_shape_decode_step_gives_the_same_answers(served, output_dir):
+    """The step a CUDA graph captures (every slot a row, the whole cache as the span), run eagerly on the CPU."""
+    url, _ = served
+    jobs = [(question, 6 + 3 * i) for i, question in enumerate(QUESTIONS)]
+    alone = [ask(url, question, max_tokens) for question, max_tokens in jobs]
+    tokenizer, model = load_for_inference(output_dir)
+    service = ChatService(model, tokenizer, max_new_tokens=16, slots=4, max_seq_len=256, static_decode=True)
+    with running_server(service) as static_url, ThreadPoolExecutor(len(jobs)) as pool:
+        together = list(pool.map(lambda job: ask(static_url, *job), jobs))
+    assert together == alone
+
+
 def test_an_unread_stream_stalls_no_one_and_a_closed_one_frees_its_slot(served):
     url, service = served
     body = {"messages": [{"role": "user", "content": "写一首关于月亮的诗"}], "stream": True, "max_tokens": 200,

@@ -366,3 +366,22 @@ def test_config_keys_of_the_data_formats_are_checked(tmp_path, tiny_dir, capsys)
     refused(capsys, main(["train", str(config), f"data.sources=[{{files: [{path}]}}]"]), tmp_path / "out",
             "not both")
     refused(capsys, main(["train", str(config), "data.colums.prompt=q"]), tmp_path / "out", "data.columns")
+
+
+def test_advertisegen_as_alpaca_without_columns_names_both_keys(tmp_path, tiny_dir, capsys):
+    advertise = write_json(tmp_path / "train.json", [{"content": "类型#裙", "summary": "裙子"}], lines=True)
+    config = write_config(tmp_path, tiny_dir, {"files": [str(advertise)], "format": "alpaca"})
+    refused(capsys, main(["train", str(config)]), tmp_path / "out", "train.json", "content, summary",
+            "data.columns.prompt=NAME data.columns.response=NAME")
+
+
+def test_chat_generate_and_training_put_the_system_text_in_one_place(model, tokenizer):
+    from thuglm.inference.generate import generate_responses
+
+    history = [("你好", "春天")]
+    answer, _ = model.chat(tokenizer, "然后呢", history, system="你是助手", do_sample=False, max_length=None,
+                           max_new_tokens=6)
+    (batched,) = generate_responses(model, tokenizer, [build_prompt("然后呢", history, "你是助手")], max_new_tokens=6)
+    assert answer == batched
+    inputs = tokenizer([build_prompt("然后呢", history, "你是助手")])["input_ids"][0]
+    assert tokenizer.decode(inputs).startswith("你是助手\n[Round 0]")

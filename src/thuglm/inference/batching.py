@@ -19,8 +19,9 @@ its sample, so the decode mask is "this row's keys up to its length" and nothing
 Under greedy decoding every request's tokens are those it gets decoded alone (`tests/inference/test_serve_batching.py`):
 rows never see each other, and the arithmetic differs only by the batch size of the matrix products.
 
-The decode step runs eagerly; its shapes vary with the number of active slots and the longest row (rounded up to
-`SPAN_BUCKET`), so it is not captured as a CUDA graph.
+By default the decode step runs eagerly in shapes that follow the load: rows up to the last active slot, keys up to
+the longest row (rounded up to `SPAN_BUCKET`). With `static_decode` it runs in fixed shapes (every slot, the whole
+cache), which on CUDA is captured once as a CUDA graph and replayed (`StaticDecodeStep`).
 """
 
 from __future__ import annotations
@@ -140,11 +141,78 @@ def _language_model(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def decode_logits(model, cache: SlotCache, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                  lengths: torch.Tensor, span: int, dtype: torch.dtype) -> torch.Tensor:
+    """Next-token logits [rows, vocab] of one decoded token a row; row i's token goes to cache position lengths[i].
+
+    A decoded token comes after its context, so it sees exactly its row's keys up to and including its own.
+    """
+    visible = torch.arange(span, device=lengths.device)[None, :] <= lengths[:, None]
+    mask = torch.zeros(visible.shape, dtype=dtype, device=lengths.device)
+    mask = mask.masked_fill_(~visible, torch.finfo(dtype).min)[:, None, None, :]
+    cache.decode(lengths, span)
+    return model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask, past_key_values=cache,
+                 use_cache=True).logits[:, -1]
+
+
+class StaticDecodeStep:
+    """The decode step in fixed shapes: every slot a row, the whole cache as the span, inputs in fixed buffers.
+
+    Fixed shapes and addresses let CUDA capture the step once as a graph (`capture`) and replay it for every later
+    step, one launch instead of the step's hundreds of kernel launches, each of which costs host time. The price is
+    computing free slots' rows and attending over the whole capacity. Without `capture` (on a CPU) the same forward
+    runs eagerly, which is how the tests check that these shapes give the tokens of the variable-shape step.
+    """
+
+    def __init__(self, model, cache: SlotCache, slots: int, dtype: torch.dtype, device: torch.device):
+        self.model, self.cache, self.dtype = model, cache, dtype
+        self.input_ids = torch.zeros(slots, 1, dtype=torch.long, device=device)
+        self.position_ids = torch.zeros(slots, 2, 1, dtype=torch.long, device=device)
+        self.lengths = torch.zeros(slots, dtype=torch.long, device=device)
+        self.graph = None
+        self.logits: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def _forward(self) -> torch.Tensor:
+        return decode_logits(self.model, self.cache, self.input_ids, self.position_ids, self.lengths,
+                             self.cache.capacity, self.dtype)
+
+    @torch.no_grad()
+    def capture(self) -> None:
+        """Record the step as a CUDA graph, while every slot is free (the warm-up runs write only their position 0)."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside the capture, as torch.cuda.graphs asks
+            for _ in range(3):
+                self._forward()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._forward()
+
+    def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        rows = input_ids.shape[0]
+        self.input_ids.zero_()
+        self.position_ids.zero_()
+        self.lengths.zero_()  # free slots decode a dummy token at their position 0
+        self.input_ids[:rows].copy_(input_ids)
+        self.position_ids[:rows].copy_(position_ids)
+        self.lengths[:rows].copy_(lengths)
+        if self.graph is None:
+            return self._forward()[:rows]
+        self.graph.replay()
+        return self.logits[:rows]
+
+
 class ContinuousBatcher:
-    """The scheduler thread. `submit` from any thread; `start` once; `stop` cancels what is left and joins."""
+    """The scheduler thread. `submit` from any thread; `start` once; `stop` cancels what is left and joins.
+
+    `static_decode`: decode with `StaticDecodeStep`, captured as a CUDA graph when the model is on a CUDA device
+    (at `start`, before the first request is admitted).
+    """
 
     def __init__(self, model, end_token_ids: int | list[int], slots: int = 16, capacity: int | None = None,
-                 max_queued: int = 64):
+                 max_queued: int = 64, static_decode: bool = False):
         base = _language_model(model)
         config = base.config
         self.model = model
@@ -162,6 +230,7 @@ class ContinuousBatcher:
         self.wakeup = threading.Condition()
         self.running = False
         self.thread: threading.Thread | None = None
+        self.static_step = StaticDecodeStep(model, self.cache, slots, self.dtype, self.device) if static_decode else None
 
     # ---- the public side ---------------------------------------------------------------------------------------
     def submit(self, request: GenerationRequest) -> None:
@@ -204,6 +273,15 @@ class ContinuousBatcher:
 
     # ---- the scheduler thread ----------------------------------------------------------------------------------
     def _run(self) -> None:
+        if self.static_step is not None and self.device.type == "cuda":
+            started = time.perf_counter()
+            try:
+                self.static_step.capture()
+                logger.info("decode step captured as a CUDA graph (%d slots of %d tokens) in %.1fs", len(self.slots),
+                            self.capacity, time.perf_counter() - started)
+            except Exception:  # the server still serves, with the variable-shape eager step
+                logger.exception("capturing the decode step as a CUDA graph failed; decoding eagerly instead")
+                self.static_step = None
         while True:
             with self.wakeup:
                 while self.running and not self.waiting and not self.active:
@@ -275,17 +353,15 @@ class ContinuousBatcher:
         # A generated token keeps the [gMASK] position; its block position is 1 for <sop>, then 2, 3, ...
         positions = [[slot.request.mask_position if slot else 0] for slot in live]
         blocks = [[slot.request.generated + 1 if slot else 0] for slot in live]
-        span = min(self.capacity, -(-(max(lengths_list) + 1) // SPAN_BUCKET) * SPAN_BUCKET)
         device = self.device
         lengths = torch.tensor(lengths_list, device=device)
         input_ids = torch.tensor(tokens, device=device)[:, None]
         position_ids = torch.tensor([positions, blocks], device=device).permute(1, 0, 2)  # [rows, 2, 1]
-        visible = torch.arange(span, device=device)[None, :] <= lengths[:, None]
-        mask = torch.zeros(visible.shape, dtype=self.dtype, device=device)
-        mask = mask.masked_fill_(~visible, torch.finfo(self.dtype).min)[:, None, None, :]
-        self.cache.decode(lengths, span)
-        logits = self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask,
-                            past_key_values=self.cache, use_cache=True).logits[:, -1]
+        if self.static_step is not None:
+            logits = self.static_step(input_ids, position_ids, lengths)
+        else:
+            span = min(self.capacity, -(-(max(lengths_list) + 1) // SPAN_BUCKET) * SPAN_BUCKET)
+            logits = decode_logits(self.model, self.cache, input_ids, position_ids, lengths, span, self.dtype)
         active = [i for i, slot in enumerate(live) if slot is not None]
         for slot in live:
             if slot is not None:

@@ -41,6 +41,7 @@ from pydantic import BaseModel, Field
 from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..errors import ThuglmError
 from .batching import ContinuousBatcher, GenerationRequest, PromptTooLongError, QueueFullError, Sampling
 from .chat import build_prompt, process_response
 
@@ -61,6 +62,10 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+class ServeError(ThuglmError, ValueError):
+    """A `thuglm serve` setting that cannot work here; the message says which and what to do."""
 
 
 class ApiError(Exception):
@@ -217,7 +222,7 @@ class ChatService:
     """Prompts to token streams: a tokenizer and a continuous batcher around whatever model `load_for_inference` gave."""
 
     def __init__(self, model, tokenizer, max_new_tokens: int = 512, slots: int = 16, max_seq_len: int | None = None,
-                 max_queued: int = 64, model_name: str = "chatglm-6b"):
+                 max_queued: int = 64, model_name: str = "chatglm-6b", static_decode: bool = False):
         self.model = model
         self.tokenizer = tokenizer
         self.max_new_tokens = max_new_tokens
@@ -226,7 +231,8 @@ class ChatService:
         self.open_generations: set[Generation] = set()  # submitted and not yet closed (logged)
         end_ids = model.generation_config.eos_token_id if getattr(model, "generation_config", None) else None
         self.batcher = ContinuousBatcher(model, end_ids if end_ids is not None else tokenizer.eos_token_id,
-                                         slots=slots, capacity=max_seq_len, max_queued=max_queued)
+                                         slots=slots, capacity=max_seq_len, max_queued=max_queued,
+                                         static_decode=static_decode)
 
     def start(self) -> None:
         self.batcher.start()

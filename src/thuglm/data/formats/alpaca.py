@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from ..loading import DataError
 from .base import BadRow, DataFormat, FormatBinding, SourceSpec, cell_text, find_column
 
 DEFAULT_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output", "history": "history",
@@ -20,6 +21,13 @@ class AlpacaFormat(DataFormat):
     column_keys = tuple(DEFAULT_COLUMNS)
 
     def bind(self, spec: SourceSpec, column_names: Sequence[str], source: str, *, training: bool = True) -> FormatBinding:
+        required = ["prompt", "response"] if training else ["prompt"]
+        missing = [role for role in required if spec.columns.get(role) is None and DEFAULT_COLUMNS[role] not in column_names]
+        if len(missing) > 1:  # all at once: AdvertiseGen's content / summary need both keys
+            needs = " and ".join(f"`{role}` ({DEFAULT_COLUMNS[role]} by default)" for role in missing)
+            keys = " ".join(f"data.columns.{role}=NAME" for role in missing)
+            raise DataError(f"{source}: alpaca data needs columns for {needs}, and the file's columns are "
+                            f"{', '.join(column_names) or 'none'}. Name them with {keys}.")
         columns = {
             role: find_column(column_names, role, spec.columns.get(role), [default], fmt="alpaca", source=source,
                               required=role == "prompt" or (role == "response" and training))
