@@ -1,6 +1,8 @@
 import csv
 import json
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -111,8 +113,11 @@ def test_scoring_without_the_eval_extra_says_how_to_install_it(monkeypatch):
 
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "jieba" else real_find_spec(name, *a))
-    with pytest.raises(MissingScoringPackagesError, match=r"needs jieba: pip install 'thuglm\[eval\]'"):
+    with pytest.raises(MissingScoringPackagesError, match=r"needs jieba: install the eval extra") as error:
         generation_scores(["你好"], ["你好"])
+    command = re.search(r"`(pip install [^`]+)`", str(error.value)).group(1)
+    assert command == 'pip install -e ".[eval]"'
+    assert f"`{command}`" in (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")  # the same words
 
 
 def test_eval_names_its_own_flags_for_the_text_column(base_dir, tmp_path, capsys):

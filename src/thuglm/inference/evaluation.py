@@ -77,6 +77,10 @@ def perplexity(
     return {"eval_loss": eval_loss, "perplexity": math.exp(eval_loss), "tokens": total_tokens}
 
 
+EVAL_EXTRA_INSTALL = 'pip install -e ".[eval]"'
+"""The README's command: thuglm is installed from its repository, and `thuglm[eval]` would look for it on PyPI."""
+
+
 class MissingScoringPackagesError(ThuglmError, ImportError):
     """BLEU / ROUGE need the `eval` extra (jieba, nltk, rouge-chinese), which the base install leaves out."""
 
@@ -85,7 +89,8 @@ def require_scoring_packages() -> None:
     missing = [name for name in ("jieba", "nltk", "rouge_chinese") if importlib.util.find_spec(name) is None]
     if missing:
         raise MissingScoringPackagesError(
-            f"BLEU / ROUGE scoring needs {', '.join(missing)}: pip install 'thuglm[eval]'"
+            f"BLEU / ROUGE scoring needs {', '.join(missing)}: install the eval extra with `{EVAL_EXTRA_INSTALL}` "
+            "in the thuglm repository"
         )
 
 
