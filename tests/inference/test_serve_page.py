@@ -13,7 +13,7 @@ import pytest
 from thuglm.inference.loading import load_for_inference
 from thuglm.inference.serve import ChatService
 
-from .serve_helpers import running_server
+from .serve_helpers import running_server, wait_until
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="pip install -e '.[test]' installs playwright")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -35,13 +35,14 @@ def page(output_dir):
         page.on("dialog", lambda dialog: (page.problems.append("dialog: " + dialog.message), dialog.dismiss()))
         page.goto(url + "/")
         page.answers_url = url
+        page.service = service
         yield page
         browser.close()
 
 
 def test_typed_question_is_answered_as_a_stream(page):
     page.locator("#temperature").fill("0")  # greedy, so the page's answer can be compared with the API's
-    page.locator("#max-tokens").fill("16")
+    page.locator("#max-tokens").fill("128")  # long enough to arrive in many pieces
     sizes: list[int] = []  # the answer's length at every change of the page: several sizes means it streamed in
     page.expose_function("recordSize", lambda size: sizes.append(size))
     page.evaluate("""() => new MutationObserver(() => {
@@ -53,11 +54,39 @@ def test_typed_question_is_answered_as_a_stream(page):
     page.wait_for_selector(".message.assistant:not(.streaming)", timeout=20000)
     shown = page.locator(".message.assistant .body").inner_text().strip()
     api = httpx.post(page.answers_url + "/v1/chat/completions", timeout=60, json={
-        "messages": [{"role": "user", "content": "介绍一下长城。"}], "temperature": 0, "max_tokens": 16,
+        "messages": [{"role": "user", "content": "介绍一下长城。"}], "temperature": 0, "max_tokens": 128,
         "top_p": 0.7}).json()["choices"][0]["message"]["content"]
     assert shown and " ".join(shown.split()) == " ".join(api.split())
     assert len({size for size in sizes if size}) > 1, f"the answer appeared at once, sizes {sizes}"
     assert page.locator(".message.user .body").inner_text() == "介绍一下长城。"
+    assert page.problems == []
+
+
+def test_stop_keeps_the_partial_answer_and_regenerate_and_clear_work(page):
+    page.locator("#clear").click()
+    page.locator("#temperature").fill("0")
+    page.locator("#max-tokens").fill("2048")  # longer than the slot: the answer runs until Stop
+    page.locator("#input").fill("写一首关于月亮的诗")
+    page.locator("#input").press("Enter")
+    page.wait_for_function("document.querySelector('.streaming .body')?.textContent.length > 0", timeout=20000)
+    page.locator("#stop").click()
+    page.wait_for_selector(".message.assistant:not(.streaming)")
+    assert page.locator("#status").inner_text() == "Stopped."
+    assert page.locator(".message.assistant .body").inner_text().strip()  # the partial answer stays
+    # The closed connection freed the request's slot on the server.
+    assert wait_until(lambda: page.service.batcher.active == 0, timeout=10)
+
+    page.locator("#max-tokens").fill("16")
+    page.locator("#regenerate").click()
+    page.wait_for_selector(".message.assistant:not(.streaming)", timeout=20000)
+    assert page.locator(".message").count() == 2  # the stopped answer was replaced, not kept beside the new one
+    api = httpx.post(page.answers_url + "/v1/chat/completions", timeout=60, json={
+        "messages": [{"role": "user", "content": "写一首关于月亮的诗"}], "temperature": 0, "max_tokens": 16,
+        "top_p": 0.7}).json()["choices"][0]["message"]["content"]
+    assert " ".join(page.locator(".message.assistant .body").inner_text().split()) == " ".join(api.split())
+
+    page.locator("#clear").click()
+    assert page.locator(".message").count() == 0
     assert page.problems == []
 
 
