@@ -25,7 +25,7 @@ def start_server(model_dir, drain_seconds: float) -> tuple[subprocess.Popen, str
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "thuglm", "serve", str(model_dir), "--port", str(port), "--max-batch", "2",
-         "--max-seq-len", "512", "--drain-seconds", str(drain_seconds)],
+         "--max-seq-len", "2048", "--drain-seconds", str(drain_seconds)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"),
     )
     url = f"http://127.0.0.1:{port}"
@@ -65,7 +65,7 @@ def stream_then_terminate(process, url: str, max_tokens: int) -> list[dict]:
 def test_sigterm_drains_or_cancels_and_logs_each_request(base_dir, drain_seconds):
     process, url = start_server(base_dir, drain_seconds)
     try:
-        events = stream_then_terminate(process, url, max_tokens=300 if drain_seconds < 1 else 60)
+        events = stream_then_terminate(process, url, max_tokens=2000 if drain_seconds < 1 else 60)
         output = process.communicate(timeout=60)[0]
     finally:
         if process.poll() is None:
