@@ -385,3 +385,27 @@ def test_chat_generate_and_training_put_the_system_text_in_one_place(model, toke
     assert answer == batched
     inputs = tokenizer([build_prompt("然后呢", history, "你是助手")])["input_ids"][0]
     assert tokenizer.decode(inputs).startswith("你是助手\n[Round 0]")
+
+
+def test_sharegpt_variants_and_tool_messages(tmp_path, tiny_dir, tokenizer_of, caplog):
+    rows = [
+        {"conversations": [{"from": "user", "value": "问"}, {"from": "assistant", "value": "答"}]},
+        {"conversations": [{"from": "human", "value": "查天气"}, {"from": "function_call", "value": "{}"},
+                           {"from": "observation", "value": "晴"}, {"from": "gpt", "value": "晴天"}]},
+        {"dialogue": [{"speaker": "客户", "text": "你好"}, {"speaker": "客服", "text": "您好"}]},
+    ]
+    path = write_json(tmp_path / "variants.json", rows[:2])
+    config = write_config(tmp_path, tiny_dir, {"files": [str(path)], "format": "sharegpt"}, packing=False)
+    with caplog.at_level(logging.WARNING, logger="thuglm.data"):
+        built, _ = recipe.build_datasets(recipe.load_config(str(config), []), tokenizer_of)
+    assert [row["input_ids"] for row in built] == [s["input_ids"] for s in
+                                                   expected_samples(tokenizer_of, [("", [("问", "答")])], "sharegpt")]
+    assert "skipped 1 row(s) whose `conversations` has a tool call or tool output" in caplog.text
+
+    custom = write_json(tmp_path / "custom.json", rows[2:])
+    tags = {"role_tag": "speaker", "content_tag": "text", "user_tag": "客户", "assistant_tag": "客服"}
+    config = write_config(tmp_path, tiny_dir, {"files": [str(custom)], "format": "sharegpt",
+                                               "columns": {"messages": "dialogue"}, "tags": tags}, packing=False)
+    built, _ = recipe.build_datasets(recipe.load_config(str(config), []), tokenizer_of)
+    assert [row["input_ids"] for row in built] == [s["input_ids"] for s in
+                                                   expected_samples(tokenizer_of, [("", [("你好", "您好")])], "sharegpt")]

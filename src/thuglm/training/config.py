@@ -63,6 +63,10 @@ class TagsConfig:
     user_tag: str | None = None
     assistant_tag: str | None = None
     system_tag: str | None = None
+    observation_tag: str | None = None
+    """A tool's output (LLaMA-Factory's `observation`): a row with one is skipped and counted, not trained."""
+    function_tag: str | None = None
+    """A tool call (LLaMA-Factory's `function_call`): a row with one is skipped and counted, not trained."""
 
     def given(self) -> dict[str, str]:
         return {name: value for name, value in dataclasses.asdict(self).items() if value is not None}
@@ -124,6 +128,7 @@ class DataConfig:
     tags_column: str | None = None
     """`task: token_cls`: one BIO tag a token (B-PER, I-PER, O; default `tags` or `ner_tags`)."""
     eval_files: list[str] = field(default_factory=list)
+    """Read with the `data.` settings (format, columns, tags), or with the first source's under `data.sources`."""
     validation_split: float = 0.0
     """Fraction of the training rows held out for evaluation when `eval_files` is empty."""
     streaming: bool = False

@@ -188,7 +188,8 @@ def build_datasets(config: TrainConfig, tokenizer):
                                           source=spec.describe(), **encode))
     samples = mix_samples(train_parts, [spec.weight for spec in specs], config.seed, [spec.describe() for spec in specs])
     if data.eval_files:
-        eval_spec = data_spec(data, data.eval_files)
+        eval_spec = data_spec(data, data.eval_files) if not data.sources else \
+            specs[0].reading(data.eval_files)
         eval_parts = [encode_samples(load_source(eval_spec, **read), tokenizer, kind=get_format(eval_spec.format).kind,
                                      source=eval_spec.describe(), **encode)]
     if data.streaming:

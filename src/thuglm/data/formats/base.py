@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -41,6 +43,11 @@ class SourceSpec:
 
     def describe(self) -> str:
         return ", ".join(self.files)
+
+    def reading(self, files) -> SourceSpec:
+        """These settings for other files, whole: no weight, no max_samples (eval files, a prompt file)."""
+        files = [files] if isinstance(files, (str, os.PathLike)) else files
+        return dataclasses.replace(self, files=tuple(map(str, files)), weight=None, max_samples=None)
 
 
 class BadRow(ValueError):  # noqa: N818  (not an error of the program: a row the user's data gets wrong)

@@ -25,6 +25,9 @@ DEFAULT_TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human",
 OPENAI_TAGS = {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant",
                "system_tag": "system"}
 MESSAGE_COLUMNS = ("conversations", "messages", "conversation")
+SYNONYMS = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "chatgpt": "assistant"}
+"""Role names read without `tags` besides the defaults (sharegpt variants that write user / assistant)."""
+TOOL_ROLES = ("observation", "function_call", "function", "tool")
 
 
 class ShareGptFormat(DataFormat):
@@ -95,6 +98,12 @@ def _role_and_content(message, tags: dict, column: str) -> tuple[str, str]:
         chosen = OPENAI_TAGS
     role = message.get(chosen["role_tag"])
     names = {chosen["user_tag"]: "user", chosen["assistant_tag"]: "assistant", chosen["system_tag"]: "system"}
+    if "user_tag" not in tags and "assistant_tag" not in tags:  # sharegpt files that write OpenAI's role names
+        names = {**SYNONYMS, **names}
+    if role is not None and role in (tags.get("observation_tag"), tags.get("function_tag"), *TOOL_ROLES):
+        raise BadRow(f"`{column}` has a tool call or tool output (role {role!r})",
+                     f"a message of `{column}` has the role {role!r}: tool calls and their outputs are not trained "
+                     "(ChatGLM-6B has no slot for them); remove such rows or their tool messages")
     if role not in names:
         raise BadRow(f"`{column}` has a message of the role {role!r}",
                      f"a message of `{column}` has the role {role!r} under {chosen['role_tag']!r}; known roles: "
