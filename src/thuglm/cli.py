@@ -368,7 +368,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .errors import ThuglmError
+    from .errors import INTERRUPTED_STATUS, ThuglmError
 
     args = parse_arguments(argv)
     try:
@@ -377,7 +377,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"thuglm: {error}", file=sys.stderr)
-        return 2
+        return error.exit_status
+    except KeyboardInterrupt:  # Ctrl-C outside a training run (loading, chat, a data pass): no traceback either
+        if args.debug:
+            raise
+        print("\nthuglm: interrupted", file=sys.stderr)
+        return INTERRUPTED_STATUS
 
 
 if __name__ == "__main__":

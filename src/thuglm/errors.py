@@ -7,6 +7,11 @@ file (and row, column or key) and says what to do. `thuglm --debug ...` shows th
 
 from __future__ import annotations
 
+INTERRUPTED_STATUS = 130  # 128 + SIGINT: what a shell reports for a command stopped by Ctrl-C
+
 
 class ThuglmError(Exception):
-    """An error whose message is meant for the user: the CLI prints `thuglm: <message>` and exits with 2."""
+    """An error whose message is meant for the user: the CLI prints `thuglm: <message>` and exits with
+    `exit_status` (2: bad input; a run stopped by Ctrl-C says 130, as a shell does)."""
+
+    exit_status = 2

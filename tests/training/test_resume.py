@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -11,6 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from thuglm.cli import main
 
 from .test_train_e2e import base_settings, write_config
 
@@ -88,3 +91,55 @@ def test_resume_skips_a_checkpoint_that_was_not_completely_written(tmp_path, cap
     assert latest_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-10")
     assert "checkpoint-15" in caplog.text
     assert latest_complete_checkpoint(tmp_path / "missing") is None
+
+
+def run_files(output_dir: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(output_dir)): path.read_bytes()
+            for path in sorted(output_dir.rglob("*")) if path.is_file()}
+
+
+@pytest.mark.parametrize("length", ["max_steps", "epochs"])
+def test_resuming_a_finished_run_says_so_and_changes_nothing(tmp_path, caplog, length):
+    """The Trainer would train one step past max_steps (checkpoint-11, metrics.json overwritten), or at an exact
+    epoch end train nothing and write train_loss 0.0."""
+    settings = base_settings(tmp_path, method="lora", eval_steps=1000, report_to=[], save_steps=5, max_steps=10)
+    settings["data"]["validation_split"] = 0.0
+    if length == "epochs":  # 8 rows of 512 tokens, 2 a step: 4 steps an epoch, 2 epochs, checkpoints 5 and 8
+        settings.update(max_steps=-1, epochs=2, max_seq_len=512, batch_size=2)
+        settings["data"]["files"] = [str(Path(settings["data"]["files"][0]) / "classical_prose.csv")]
+    config = write_config(tmp_path, **settings)
+    out = Path(settings["output_dir"])
+    assert main(["train", str(config)]) == 0
+    state = json.loads((out / "trainer_state.json").read_text())
+    before = run_files(out)
+
+    caplog.clear()
+    caplog.set_level(logging.INFO, logger="thuglm.train")
+    assert main(["train", str(config), "resume_from_checkpoint=true"]) == 0
+    assert run_files(out) == before
+    step = state["global_step"]
+    assert f"finished at step {step} of {state['max_steps']} (checkpoint-{step}): nothing to resume" in caplog.text
+
+
+def test_train_loss_after_a_resume_is_the_mean_of_every_step(tmp_path, caplog):
+    """A run stopped at step 4 and resumed to step 8 reports the train_loss of the 8 steps, as an uninterrupted run
+    does (with a constant learning rate both take the same steps); the log names the checkpoint it resumes from."""
+    settings = base_settings(tmp_path, method="lora", eval_steps=1000, report_to=[], save_steps=4, max_steps=8,
+                             lr_scheduler="constant", warmup_ratio=0.0)
+    settings["data"]["validation_split"] = 0.0
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    config = write_config(tmp_path, **settings)
+    assert main(["train", str(config), f"output_dir={straight}"]) == 0
+    assert main(["train", str(config), f"output_dir={resumed}", "max_steps=4"]) == 0
+    caplog.clear()
+    caplog.set_level(logging.INFO, logger="thuglm.train")
+    assert main(["train", str(config), f"output_dir={resumed}", "resume_from_checkpoint=true"]) == 0
+    assert f"resuming from {resumed / 'checkpoint-4'} (step 4 of 8)" in caplog.text
+
+    losses = loss_history(straight)
+    assert loss_history(resumed) == pytest.approx(losses, rel=1e-5)
+    mean = sum(losses.values()) / len(losses)
+    for run in (straight, resumed):
+        metrics = json.loads((run / "metrics.json").read_text())
+        assert metrics["steps"] == 8
+        assert metrics["train_loss"] == pytest.approx(mean, rel=1e-4)

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 
 import torch
 
-from ..errors import ThuglmError
+from ..errors import INTERRUPTED_STATUS, ThuglmError
 from .config import ConfigError, check_optimizer_placement, load_config
 
 logger = logging.getLogger("thuglm.train")
@@ -129,6 +129,7 @@ def launch(nproc: int, config_path: str, overrides: list[str]) -> int:
     A config error (a batch the processes cannot share, an unknown key) stops here with one line, before any
     process starts; the exit status of a failed run is the first non-zero status of its processes.
     """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
@@ -150,4 +151,8 @@ def launch(nproc: int, config_path: str, overrides: list[str]) -> int:
     except ChildFailedError as error:
         codes = [failure.exitcode for failure in error.failures.values()]
         return next((code for code in codes if code > 0), 1)
+    except (SignalException, KeyboardInterrupt):
+        # Ctrl-C (or SIGTERM) reached the launcher: torchrun has passed it to the processes and waited for them;
+        # the first one has said where the run stopped (see interrupts.py).
+        return INTERRUPTED_STATUS
     return 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +27,15 @@ from ..data.processing import encode_rows, encode_samples
 from ..data.sources import load_source, mix_samples
 from ..inference.loading import check_model_folder, check_tokenizer_fits, tokenizer_folder
 from . import classification
-from .checkpoints import check_output_dir, latest_complete_checkpoint, remove_stale_staging, start_afresh
+from .checkpoints import (
+    check_output_dir,
+    latest_complete_checkpoint,
+    remove_stale_staging,
+    staging_root,
+    start_afresh,
+)
 from .config import ConfigError, TrainConfig, check_optimizer_placement, data_spec, load_config, source_specs
+from .interrupts import TrainingInterrupted, interrupted_message, stop_on_signals
 from .distributed import (
     data_parallel_size,
     fsdp_checkpoints_layers,
@@ -61,8 +69,9 @@ def train_from_cli(config_path: str, overrides: list[str]) -> int:
     return 0
 
 
-def train(config: TrainConfig) -> dict[str, Any]:
-    """Train as `config` says and return the metrics written to metrics.json."""
+def train(config: TrainConfig) -> dict[str, Any] | None:
+    """Train as `config` says and return the metrics written to metrics.json (None: the run to resume had already
+    finished, and nothing was done)."""
     from transformers import AutoTokenizer, set_seed
 
     import thuglm  # noqa: F401  (registers ChatGLM with the Auto classes)
@@ -93,6 +102,14 @@ def train(config: TrainConfig) -> dict[str, Any]:
             train_dataset, eval_dataset = build_datasets(config, tokenizer)
         else:  # seq_cls / token_cls: the labels found in the data size the head
             train_dataset, eval_dataset, labels = classification.build_classification_datasets(config, tokenizer)
+    if resume:
+        done, planned = checkpoint_step(resume), planned_steps(config, train_dataset, processes)
+        if done >= planned:  # the Trainer would train one step more (or none) and overwrite metrics.json
+            logger.info("%s finished at step %d of %d (%s): nothing to resume, nothing changed; to train longer, "
+                        "raise max_steps or epochs and resume again", config.output_dir, done, planned,
+                        Path(resume).name)
+            return None
+        logger.info("resuming from %s (step %d of %d)", resume, done, planned)
     # Before the model: under `accelerate launch` with DeepSpeed ZeRO-3 this makes from_pretrained load into shards.
     args = training_arguments(config, precision, has_eval=eval_dataset is not None, processes=processes)
 
@@ -114,13 +131,6 @@ def train(config: TrainConfig) -> dict[str, Any]:
                     "Adafactor caps the RMS of each weight's update instead)")
 
     output_dir = Path(config.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    if state.is_main_process:
-        remove_stale_staging(output_dir)  # a save that a killed run did not finish
-        if config.overwrite_output_dir and not resume:
-            start_afresh(output_dir)
-        write_resolved_config(config, model_dir, precision, output_dir / "thuglm_train.yaml")
-
     trainer = GlmTrainer(
         model=model,
         args=args,
@@ -134,18 +144,29 @@ def train(config: TrainConfig) -> dict[str, Any]:
         optimizer_in_backward=config.optimizer_in_backward,
         on_nan=config.on_nan,
     )
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if state.is_main_process:
+        remove_stale_staging(output_dir)  # a save that a killed run did not finish
+        if config.overwrite_output_dir and not resume:
+            start_afresh(output_dir)
+        write_resolved_config(config, model_dir, precision, output_dir / "thuglm_train.yaml")
+
     # No KV cache while training: FSDP's activation checkpointing recomputes each ChatGLMBlock in the backward pass,
     # and a cache filled in the forward pass would grow a second time there. The saved model keeps its setting.
     use_cache, model.config.use_cache = model.config.use_cache, False
-    result = trainer.train(resume_from_checkpoint=resume)
-    model.config.use_cache = use_cache
-    if trainer.is_fsdp_enabled:  # sharded checkpoints are for resuming; the trained model is gathered into one file
-        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
-    trainer.save_final_model(output_dir)
-    if config.task != "causal_lm" and trainer.is_world_process_zero():
-        classification.save_classifier_config(model, output_dir)  # the labels, next to a LoRA adapter too
-    if eval_dataset is not None and not _evaluated_at(trainer.state.log_history, trainer.state.global_step):
-        trainer.evaluate()
+    with stop_on_signals():
+        try:
+            result = trainer.train(resume_from_checkpoint=resume)
+            model.config.use_cache = use_cache
+            if trainer.is_fsdp_enabled:  # sharded checkpoints are for resuming; the trained model is one file
+                trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+            trainer.save_final_model(output_dir)
+            if config.task != "causal_lm" and trainer.is_world_process_zero():
+                classification.save_classifier_config(model, output_dir)  # the labels, next to a LoRA adapter too
+            if eval_dataset is not None and not _evaluated_at(trainer.state.log_history, trainer.state.global_step):
+                trainer.evaluate()
+        except KeyboardInterrupt:
+            raise interrupted(trainer, output_dir, state.is_main_process) from None
     trainer.save_state()
 
     metrics = run_metrics(trainer, result, trainable, total, config, precision)
@@ -160,6 +181,34 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
 
 SUMMARY_KEYS = ("final_train_loss", "eval_loss", "perplexity", "tokens_per_s")
+
+
+def checkpoint_step(checkpoint: str) -> int:
+    """The optimizer steps a checkpoint was saved after."""
+    from transformers import TrainerState
+
+    return TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json")).global_step
+
+
+def planned_steps(config: TrainConfig, train_dataset, processes: int) -> int:
+    """The optimizer steps the run takes in all: max_steps, or the epochs over the training rows counted as the
+    Trainer counts them (`Trainer.set_initial_training_values`: each process takes ceil(rows / (batch x processes))
+    batches an epoch, the last accumulation of an epoch may be short). Streaming needs max_steps."""
+    if config.max_steps > 0:
+        return config.max_steps
+    batches = math.ceil(len(train_dataset) / (config.batch_size * processes))
+    steps_per_epoch = max(math.ceil(batches / config.resolved_gradient_accumulation_steps(processes)), 1)
+    return math.ceil(config.epochs * steps_per_epoch)
+
+
+def interrupted(trainer: GlmTrainer, output_dir: Path, is_main_process: bool) -> BaseException:
+    """What a Ctrl-C (or SIGTERM) ends the run with: the half-written save, if any, removed; on the main process one
+    line naming the checkpoint to resume from; the other processes leave quietly with the same status."""
+    if not is_main_process:
+        return SystemExit(TrainingInterrupted.exit_status)
+    trainer.close_progress_bar()
+    shutil.rmtree(staging_root(output_dir), ignore_errors=True)  # never a checkpoint: those appear by a rename
+    return TrainingInterrupted(interrupted_message(trainer.state.global_step, latest_complete_checkpoint(output_dir)))
 
 
 def build_datasets(config: TrainConfig, tokenizer):
@@ -318,7 +367,7 @@ def run_metrics(trainer, result, trainable: int, total: int, config: TrainConfig
     elapsed = max(result.metrics["train_runtime"], 1e-9)  # this session's training, without the final evaluation
     memory_gib, memory_kind = peak_memory()
     metrics = {
-        "train_loss": result.training_loss,
+        "train_loss": trainer.run_train_loss(),  # every step of the run; the Trainer's forgets those before a resume
         "final_train_loss": train_losses[-1] if train_losses else None,
         "eval_loss": eval_losses[-1] if eval_losses else None,
         "perplexity": perplexity(eval_losses[-1]) if eval_losses else None,

@@ -15,7 +15,7 @@ from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 from transformers import AutoConfig, Trainer
-from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_callback import ExportableState, ProgressCallback, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from ..errors import ThuglmError
@@ -42,6 +42,8 @@ class GlmTrainer(Trainer):
     * Packed rows carry sample numbers (1, 2, 3, ...) in `attention_mask`, so the Trainer's own "non_padding" count
       (the mask's sum) would overstate them; here a token is any position whose mask is non-zero. The running total
       lives in `state.num_input_tokens_seen`, so it is saved in checkpoints and survives a resume.
+    * `train_loss` is the mean loss of every step of the run, those before a resume included (`RunLoss` keeps the
+      sum in each checkpoint); the Trainer's divides this session's losses by all the run's steps.
     * Every evaluation also logs `eval_perplexity` = exp(eval_loss); every training log the tokens/s since the
       previous one.
 
@@ -77,6 +79,9 @@ class GlmTrainer(Trainer):
         # Tokens of this process since the last flush, counted on the device: reading the count every micro-batch
         # (and, under several processes, gathering it) stopped the host until the GPU had drained, each time.
         self._unflushed_tokens = torch.zeros((), dtype=torch.int64, device=self.args.device)
+        self._unflushed_loss = torch.zeros((), dtype=torch.float64, device=self.args.device)  # of this process
+        self.run_loss = RunLoss()
+        self.add_callback(self.run_loss)
         self._last_log = (time.perf_counter(), 0)  # (time, session tokens) at the previous training log
         self.on_nan = on_nan
         self.skipped_nonfinite_steps = 0
@@ -186,24 +191,34 @@ class GlmTrainer(Trainer):
         with self.adapter_casting_off():
             loss = super().training_step(model, inputs, num_items_in_batch)
         loss_value = loss.detach().float()
-        self._nonfinite_loss = torch.where(torch.isfinite(loss_value), self._nonfinite_loss, loss_value)
+        finite = torch.isfinite(loss_value)
+        self._nonfinite_loss = torch.where(finite, self._nonfinite_loss, loss_value)
+        self._unflushed_loss += torch.where(finite, loss_value, 0).double()  # the Trainer's tr_loss, without NaNs
         return loss
 
-    def flush_token_count(self) -> None:
+    def flush_counts(self) -> None:
         """Add the tokens counted on the devices since the last flush to `session_tokens` and
-        `state.num_input_tokens_seen`: summed over the processes, so every process must call it (at each training
-        log, before each checkpoint, at the end of training)."""
-        tokens = int(self.accelerator.gather(self._unflushed_tokens.reshape(1)).sum())
+        `state.num_input_tokens_seen` (summed over the processes), and their losses to `run_loss` (the mean over the
+        processes, as the Trainer logs them). A collective: every process calls it, at each training log, before each
+        checkpoint and at the end of training."""
+        local = torch.stack([self._unflushed_tokens.double(), self._unflushed_loss])
+        tokens, loss = self.accelerator.gather(local.reshape(1, 2)).sum(dim=0).tolist()
         self._unflushed_tokens.zero_()
-        self.session_tokens += tokens
-        self.state.num_input_tokens_seen = int(self.state.num_input_tokens_seen or 0) + tokens
+        self._unflushed_loss.zero_()
+        self.session_tokens += int(tokens)
+        self.state.num_input_tokens_seen = int(self.state.num_input_tokens_seen or 0) + int(tokens)
+        self.run_loss.loss_sum += loss / self.accelerator.num_processes
+
+    def run_train_loss(self) -> float:
+        """The mean loss of the run's steps so far, those trained before a resume included."""
+        return self.run_loss.loss_sum / max(self.state.global_step, 1)
 
     def train(self, *args, **kwargs):
         try:
             result = super().train(*args, **kwargs)
         finally:  # the model leaves the loop as it came, also when the run stops with an error
             self._drop_walk_shortcuts()
-        self.flush_token_count()
+        self.flush_counts()
         return result
 
     # ---- NaN / inf: checked after the backward and the clipping, before the optimizer step (in-backward: after) --
@@ -234,7 +249,7 @@ class GlmTrainer(Trainer):
             logger.warning("step %d: %s; skipped this optimizer step (%d skipped so far)", step, what,
                            self.skipped_nonfinite_steps)
             return
-        self._close_progress_bar()
+        self.close_progress_bar()
         last = latest_complete_checkpoint(Path(self.args.output_dir))
         kept = (f"{last} is the last good checkpoint: resume from it with resume_from_checkpoint=true after the fix"
                 if last else "no checkpoint had been written yet")
@@ -249,7 +264,7 @@ class GlmTrainer(Trainer):
             "use bf16 instead of fp16, or look for broken rows in the data; or set on_nan=skip to skip such steps."
         )
 
-    def _close_progress_bar(self) -> None:
+    def close_progress_bar(self) -> None:
         """End the progress bar's line, so that the error message that follows starts on a line of its own."""
         for callback in self.callback_handler.callbacks:
             bar = getattr(callback, "training_bar", None)
@@ -265,7 +280,7 @@ class GlmTrainer(Trainer):
     def _save_checkpoint(self, model, trial) -> None:
         run_dir = Path(self._get_output_dir(trial))
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        self.flush_token_count()  # the count saved with the checkpoint, for a resumed run to go on from
+        self.flush_counts()  # the counts saved with the checkpoint, for a resumed run to go on from
         self._staging = staging_root(run_dir)
         try:
             super()._save_checkpoint(model, trial)
@@ -274,7 +289,7 @@ class GlmTrainer(Trainer):
                 raise
             if self.args.should_save:
                 shutil.rmtree(self._staging, ignore_errors=True)
-            self._close_progress_bar()
+            self.close_progress_bar()
             raise write_error(name, failure, run_dir, latest_complete_checkpoint(run_dir)) from error
         finally:
             self._staging = None
@@ -324,13 +339,32 @@ class GlmTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "eval_loss" in logs and self.compute_metrics is None:  # a language model's loss; classifiers have metrics
             logs["eval_perplexity"] = perplexity(logs["eval_loss"])
+        if "train_loss" in logs:  # the Trainer's summary at the end of training, on every process
+            self.flush_counts()
+            logs["train_loss"] = self.run_train_loss()
         if "loss" in logs:
-            self.flush_token_count()  # every process logs the training loss at the same steps
+            self.flush_counts()  # every process logs the training loss at the same steps
             # Throughput since the previous log, so the number shows the speed now rather than a run-long average.
             now, tokens = time.perf_counter(), self.session_tokens
             logs["tokens_per_s"] = round((tokens - self._last_log[1]) / max(now - self._last_log[0], 1e-9), 1)
             self._last_log = (now, tokens)
         super().log(logs, start_time)
+
+
+class RunLoss(TrainerCallback, ExportableState):
+    """The sum of the run's step losses, saved in each checkpoint's trainer_state.json (`stateful_callbacks`) and
+    taken back from it when a run resumes: the Trainer's own sum starts again at 0 in every session."""
+
+    def __init__(self, loss_sum: float = 0.0):
+        self.loss_sum = loss_sum
+
+    def state(self) -> dict:
+        return {"args": {}, "attributes": {"loss_sum": self.loss_sum}}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # The state is the checkpoint's when the run resumes; a fresh run's holds this callback's own (0).
+        saved = state.stateful_callbacks.get(type(self).__name__)
+        self.loss_sum = float(saved["attributes"]["loss_sum"]) if isinstance(saved, dict) else 0.0
 
 
 class WalkShortcuts:
