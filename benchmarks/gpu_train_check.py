@@ -10,6 +10,9 @@
    (the Trainer's runtime: first-step warm-up included, loading and saving not), the steady per-step tokens/s (median
    of the logged steps after the third) and the peak of torch.cuda memory.
    This is the end-to-end baseline of the recipe; issue #4 optimises the model under it.
+3. `--lora-matrix`: LoRA on the 6B shape in every combination users are told to run: bf16 / fp16 x gradient
+   checkpointing off / on x `compile` off / on, b1 s512, through the same recipe: each trains (no CheckpointError,
+   no dtype error), its loss, tokens/s and peak memory. Rows: mode "train-lora-matrix".
 """
 
 from __future__ import annotations
@@ -98,6 +101,23 @@ def six_b_runs(root: Path, only: str | None = None, probe: bool = False) -> list
     return rows
 
 
+def lora_matrix(root: Path) -> list[dict]:
+    """LoRA x precision x checkpointing x compile on the 6B shape; the eager runs first (compiling takes a minute)."""
+    folder = build_6b_folder(root / "glm6b", tokenizer_cache=root / "cache")
+    rows = []
+    for compiled in ("false", "true"):
+        for precision in ("bf16", "fp16"):
+            for ckpt in ("false", "true"):
+                out = root / f"6b-matrix-{precision}-{ckpt}-{compiled}"
+                row = run(str(folder), out, method="lora", precision=precision, gradient_checkpointing=ckpt,
+                          compile=compiled, max_seq_len=512, batch_size=1, max_steps=12)
+                row.update(model="6b-shape", matrix=True)
+                rows.append(row)
+                print(summary(row), flush=True)
+                print("ROW " + json.dumps(row, default=str), flush=True)  # kept if the time limit ends the run
+    return rows
+
+
 def probe_full_step(folder: Path, steps: int = 4) -> None:
     """Times forward, backward and AdamW of full fine-tuning outside the Trainer, to tell the model from the loop."""
     from transformers import AutoModelForCausalLM
@@ -130,7 +150,8 @@ def summary(row: dict) -> str:
     peak = f"{row['peak_memory_gib']:8.2f}" if "peak_memory_gib" in row else f"{'-':>8s}"
     loss = f"{row['final_train_loss']:8.3f}" if row.get("final_train_loss") is not None else f"{'-':>8s}"
     return (f"{row.get('model', ''):9s} {row['method']:7s} {row['precision']:5s} {row.get('max_seq_len', ''):>5} "
-            f"{row.get('batch_size', ''):>3} ckpt={row['gradient_checkpointing']:5s} {row['status']:6s} {loss} {tps} {steady} "
+            f"{row.get('batch_size', ''):>3} ckpt={row['gradient_checkpointing']:5s} compile={row.get('compile', 'false'):5s} "
+            f"{row['status']:6s} {loss} {tps} {steady} "
             f"{peak} {row.get('error', '')}")
 
 
@@ -142,15 +163,20 @@ def main() -> None:
     parser.add_argument("--skip-6b", action="store_true")
     parser.add_argument("--only", help="run only the 6B plans of this method (lora or full), no tiny matrix")
     parser.add_argument("--probe-full", action="store_true", help="time a hand-written full fine-tuning step too")
+    parser.add_argument("--lora-matrix", action="store_true",
+                        help="only LoRA x bf16/fp16 x checkpointing x compile on the 6B shape")
     args = parser.parse_args()
     root = Path(args.root)
     device = torch.cuda.get_device_name()
     print(f"device {device}, torch {torch.__version__}")
     header = f"{'model':9s} {'method':7s} {'prec':5s} {'seq':>5s} {'bs':>3s} {'ckpt':10s} {'status':6s} {'loss':>8s} " \
              f"{'tokens/s':>9s} {'steady':>9s} {'peak GiB':>8s}"
-    rows = [] if args.only else tiny_matrix(root)
-    if not args.skip_6b:
-        rows += six_b_runs(root, args.only, args.probe_full)
+    if args.lora_matrix:
+        rows = lora_matrix(root)
+    else:
+        rows = [] if args.only else tiny_matrix(root)
+        if not args.skip_6b:
+            rows += six_b_runs(root, args.only, args.probe_full)
     print("\n" + header)
     for row in rows:
         print(summary(row))
@@ -163,7 +189,8 @@ def main() -> None:
             for row in rows:
                 handle.write(json.dumps({
                     "run_id": run_id, "date": datetime.date.today().isoformat(), "commit": commit, "device": device,
-                    "impl": "thuglm", "mode": f"train-{row['method']}", "dtype": row["precision"],
+                    "impl": "thuglm-train", "mode": "train-lora-matrix" if row.get("matrix") else f"train-{row['method']}",
+                    "dtype": row["precision"],
                     "seq": row.get("max_seq_len"), "batch": row.get("batch_size"),
                     "grad_ckpt": row["gradient_checkpointing"] == "true", "peak_gib": row.get("peak_memory_gib"),
                     "command": "PYTHONPATH=src python benchmarks/gpu_train_check.py", **row,
