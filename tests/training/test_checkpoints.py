@@ -12,6 +12,7 @@ import math
 import os
 import resource
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -163,3 +164,20 @@ def test_on_nan_skip_skips_the_step_and_counts_it(tmp_path, nan_at_step_7, caplo
     weights = load_file(out / "model.safetensors")
     assert all(torch.isfinite(tensor).all() for tensor in weights.values())
     assert math.isfinite(metrics["final_train_loss"])
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_trained_files_follow_the_umask(tmp_path, umask):
+    """safetensors writes 0600 whatever the umask: the adapter, in the output and in each checkpoint, would be
+    unreadable to the other users and services the trained model is for."""
+    settings = base_settings(tmp_path, method="lora", max_steps=2, save_steps=2, eval_steps=1000, report_to=[])
+    settings["data"]["validation_split"] = 0.0
+    previous = os.umask(umask)
+    try:
+        assert main(["train", str(write_config(tmp_path, **settings))]) == 0
+    finally:
+        os.umask(previous)
+    out = Path(settings["output_dir"])
+    for weights in (out / "adapter_model.safetensors", out / "checkpoint-2" / "adapter_model.safetensors"):
+        assert stat.S_IMODE(weights.stat().st_mode) == 0o666 & ~umask, weights
+    assert stat.S_IMODE((out / "checkpoint-2").stat().st_mode) == 0o777 & ~umask

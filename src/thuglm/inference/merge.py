@@ -7,10 +7,10 @@ neither peft nor the base folder, and runs as fast as the base model (no adapter
 from __future__ import annotations
 
 import shutil
-import stat
 import uuid
 from pathlib import Path
 
+from ..files import give_files_the_folder_mode
 from .loading import ModelLoadError, check_adapter_folder, load_for_inference
 
 
@@ -45,19 +45,6 @@ def make_staging_folder(out_dir: Path) -> Path:
     staging = out_dir.parent / f".{out_dir.name}.{uuid.uuid4().hex[:12]}.partial"
     staging.mkdir()
     return staging
-
-
-def give_files_the_folder_mode(folder: Path) -> None:
-    """Every file in `folder` gets the mode the umask gives new files, read off the folder's own mode.
-
-    safetensors writes its files 0600 whatever the umask, which would again keep the weights from other users.
-    The folder was made by `mkdir` (0777 less the umask), so its mode without the execute bits is what `open`
-    gives a new file, without changing the process's umask to read it.
-    """
-    file_mode = stat.S_IMODE(folder.stat().st_mode) & 0o666
-    for path in folder.rglob("*"):
-        if path.is_file() and not path.is_symlink():
-            path.chmod(file_mode)
 
 
 def merge_adapter(

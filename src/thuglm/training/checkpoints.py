@@ -20,6 +20,7 @@ import shutil
 from pathlib import Path
 
 from ..errors import ThuglmError
+from ..files import give_files_the_folder_mode
 
 logger = logging.getLogger("thuglm.train")
 
@@ -111,6 +112,7 @@ def remove_stale_staging(output_dir: str | os.PathLike) -> None:
 
 def publish(staged: Path, final: Path) -> None:
     """Flush the files of `staged` to disk, then rename it to `final` in one step (replacing an older `final`)."""
+    give_files_the_folder_mode(staged)
     for path in staged.rglob("*"):
         if path.is_file():
             _fsync(path)
@@ -128,6 +130,7 @@ def publish(staged: Path, final: Path) -> None:
 def publish_files(staged: Path, final_dir: Path) -> None:
     """Move every file of `staged` into `final_dir`, each replaced in one step (for the final model's files)."""
     final_dir.mkdir(parents=True, exist_ok=True)
+    give_files_the_folder_mode(staged)
     for path in sorted(staged.rglob("*")):
         target = final_dir / path.relative_to(staged)
         if path.is_dir():
