@@ -255,6 +255,16 @@ def test_mixed_sources_are_memorised_and_read_back_from_the_same_file(mixed_run,
     assert [row["response"] for row in rows] == [row["reference"] for row in rows]
 
 
+def test_eval_scores_the_dialogues_with_the_run_settings(mixed_run, tmp_path):
+    pytest.importorskip("rouge_chinese")
+    run, files = mixed_run
+    out = tmp_path / "scores.json"
+    assert main(["eval", str(run), "--data", str(files["openai"][0]), "--max-new-tokens", "8", "--output",
+                 str(out)]) == 0
+    scores = json.loads(out.read_text())
+    assert scores["samples"] == 2 and scores["bleu-4"] == pytest.approx(100.0)
+
+
 def test_mixed_text_source_is_memorised(mixed_run, tmp_path):
     run, files = mixed_run
     out = tmp_path / "metrics.json"
@@ -343,6 +353,16 @@ def test_bad_dialogues_are_skipped_counted_and_named_or_stop_the_run(tmp_path, t
     capsys.readouterr()
     refused(capsys, main(["train", str(config), "data.on_bad_row=error", f"output_dir={tmp_path / 'out2'}"]),
             tmp_path / "out2", "dialogues.json", "row 2", "two user turns in a row")
+
+
+def test_streaming_mixes_sources_by_weight(tmp_path, tiny_dir):
+    text = write_json(tmp_path / "data" / "text.jsonl", [{"text": "春天来了", "url": "u"}] * 8, lines=True)
+    chat = write_json(tmp_path / "data" / "chat.jsonl", [{"messages": [
+        {"role": "user", "content": "问"}, {"role": "assistant", "content": "答"}]}] * 8, lines=True)
+    sources = [{"files": [str(text)], "format": "text", "weight": 1, "max_samples": 4},
+               {"files": [str(chat)], "format": "sharegpt", "weight": 3}]
+    config = write_config(tmp_path, tiny_dir, {"sources": sources, "streaming": True}, max_steps=3, batch_size=8)
+    assert main(["train", str(config)]) == 0
 
 
 @pytest.mark.parametrize("fmt", ["text", "alpaca", "sharegpt"])
