@@ -25,12 +25,12 @@ from .inference.loading import load_for_inference
 DTYPE_CHOICES = ["auto", "fp32", "bf16", "fp16"]
 
 
-def _fit_history(model, tokenizer, query, history, max_new_tokens):
+def _fit_history(model, tokenizer, query, history, max_new_tokens, system=None):
     """Forget the oldest rounds until the prompt and the answer fit the model's context."""
     from .inference import build_prompt
 
     limit = model.config.max_sequence_length - max_new_tokens
-    while history and len(tokenizer(build_prompt(query, history))["input_ids"]) > limit:
+    while history and len(tokenizer(build_prompt(query, history, system))["input_ids"]) > limit:
         history = history[1:]
     return history
 
@@ -38,12 +38,14 @@ def _fit_history(model, tokenizer, query, history, max_new_tokens):
 def _chat_turn(model, tokenizer, query, history, args, out=None):
     """Stream one answer to `out` (default: the current sys.stdout); return the history with this round added."""
     out = out or sys.stdout
-    history = _fit_history(model, tokenizer, query, history, args.max_new_tokens)
+    system = getattr(args, "system", None)  # before the first query, as training lays it out (build_prompt)
+    history = _fit_history(model, tokenizer, query, history, args.max_new_tokens, system)
     shown = ""
     for response, _ in model.stream_chat(
         tokenizer,
         query,
         history,
+        system=system,
         max_length=None,
         max_new_tokens=args.max_new_tokens,
         do_sample=not args.greedy,
@@ -145,7 +147,6 @@ def cmd_generate(args) -> int:
 def cmd_eval(args) -> int:
     from .data.loading import DataSettingNames, data_settings_named
     from .inference.evaluation import evaluate_alpaca, perplexity
-
     from .training.config import run_data_spec
 
     # The files are read as the run read its data (its thuglm_train.yaml), with data.KEY=value overrides on top.
@@ -275,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat = commands.add_parser("chat", help="chat with a model in the terminal")
     _add_model_args(chat)
     _add_generation_args(chat)
+    chat.add_argument("--system", help="a system text for the whole conversation, put before the first query as "
+                      "training puts a data row's system text")
     chat.set_defaults(func=cmd_chat)
 
     merge = commands.add_parser("merge", help="fold a LoRA adapter into its base model and save a standalone model")

@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 
 from ..models.prompt import build_prompt
 from .loading import DataError, guess_text_column
-from .samples import IGNORE_INDEX, causal_lm_sample, prompt_response_sample
+from .samples import IGNORE_INDEX, causal_lm_sample
 
 logger = logging.getLogger("thuglm.data")
 

@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 import yaml
-
 from datasets import concatenate_datasets
 
 from ..data import DataError

@@ -50,7 +50,7 @@ class SourceSpec:
         return dataclasses.replace(self, files=tuple(map(str, files)), weight=None, max_samples=None)
 
 
-class BadRow(ValueError):  # noqa: N818  (not an error of the program: a row the user's data gets wrong)
+class BadRow(ValueError):
     """A row that cannot become a sample. `reason` completes "rows whose ..." (rows are counted by it); `detail`,
     shown for the first such row, may quote the row's value."""
 
