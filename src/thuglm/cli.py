@@ -127,6 +127,10 @@ def cmd_generate(args) -> int:
     # The input is read as the run read its data (its thuglm_train.yaml), with data.KEY=value overrides on top.
     spec = run_data_spec(args.adapter or args.model, args.input, args.overrides)
     with data_settings_named(DataSettingNames(files=None)):  # one --input file: not a list to remove it from
+        if spec is None and Path(args.input).suffix in (".json", ".jsonl"):  # a model without a run's settings
+            from .data.sources import guess_dialogue_spec
+
+            spec = guess_dialogue_spec(args.input)  # dialogue rows; else prompt or alpaca rows, as before
         rows = read_prompts(args.input) if spec is None else read_prompts_as(spec, args.input)
     tokenizer, model = _load_model(args)
     responses = generate_responses(

@@ -429,3 +429,17 @@ def test_sharegpt_variants_and_tool_messages(tmp_path, tiny_dir, tokenizer_of, c
     built, _ = recipe.build_datasets(recipe.load_config(str(config), []), tokenizer_of)
     assert [row["input_ids"] for row in built] == [s["input_ids"] for s in
                                                    expected_samples(tokenizer_of, [("", [("你好", "您好")])], "sharegpt")]
+
+
+def test_nested_json_without_field_names_the_key(tmp_path, tiny_dir, capsys):
+    nested = write_json(tmp_path / "nested.json", {"version": 1, "data": [{"text": "山和水"}, {"text": "风和月"}]})
+    config = write_config(tmp_path, tiny_dir, {"files": [str(nested)]})
+    refused(capsys, main(["train", str(config)]), tmp_path / "out", "nested.json", "data.field=data")
+
+
+def test_generate_reads_dialogues_for_a_model_without_run_settings(tmp_path, tiny_dir):
+    rows = [{"messages": [{"role": "system", "content": "简短"}, {"role": "user", "content": "你好"},
+                          {"role": "assistant", "content": "您好"}, {"role": "user", "content": "再见"}]}]
+    got = generate(tiny_dir, write_json(tmp_path / "chat.jsonl", rows, lines=True), tmp_path / "out.jsonl")
+    assert [row["prompt"] for row in got] == [build_prompt("再见", [("你好", "您好")], "简短")]
+    assert "reference" not in got[0]

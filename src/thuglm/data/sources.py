@@ -46,7 +46,14 @@ def load_source(
         raw = load_raw_dataset(str(file), streaming=streaming, cache_dir=cache_dir, encoding=spec.encoding,
                                bad_rows=bad_rows, field=spec.field, txt_unit=spec.txt_unit)
         names = _column_names(raw)
-        binding = fmt.bind(spec, names, str(file), training=training)
+        try:
+            binding = fmt.bind(spec, names, str(file), training=training)
+        except DataError as error:
+            nested = None if streaming or spec.field else _records_key(raw)
+            if nested is None:
+                raise
+            raise DataError(f"{error} The file holds its records under the key {nested!r}: set data.field={nested} "
+                            "to read them.") from None
         for column in names:
             if column not in binding.used:
                 unused.setdefault(column, []).append(file.name)
@@ -58,6 +65,26 @@ def load_source(
     if spec.max_samples is not None:
         canonical = _first_rows(canonical, spec.max_samples, spec, streaming)
     return canonical
+
+
+def _records_key(raw) -> str | None:
+    """The key of a JSON file that is one object holding a list of records (`{"data": [{...}, ...]}`), or None."""
+    if len(raw) != 1:
+        return None
+    row = raw[0]
+    for key, value in row.items():
+        if isinstance(value, list) and value and all(isinstance(item, dict) for item in value):
+            return key
+    return None
+
+
+def guess_dialogue_spec(path) -> SourceSpec | None:
+    """A sharegpt reading of a prompt file whose rows hold a list of messages (for a model without run settings)."""
+    raw = load_raw_dataset(str(path))
+    names = raw.column_names or []
+    if any(name in names for name in ("conversations", "messages", "conversation")) and "prompt" not in names:
+        return SourceSpec(files=(str(path),), format="sharegpt")
+    return None
 
 
 def _normalize(raw, binding: FormatBinding, source: str, names: list[str], *, bad_rows: str, streaming: bool,
