@@ -33,7 +33,7 @@ from .checkpoints import (
     staging_root,
     start_afresh,
 )
-from .config import ConfigError, TrainConfig, check_optimizer_placement, data_spec, load_config, source_specs
+from .config import ConfigError, TrainConfig, check_optimizer_placement, load_config, source_specs
 from .interrupts import TrainingInterrupted, interrupted_message, stop_on_signals
 from .distributed import (
     data_parallel_size,
@@ -236,8 +236,7 @@ def build_datasets(config: TrainConfig, tokenizer):
                                           source=spec.describe(), **encode))
     samples = mix_samples(train_parts, [spec.weight for spec in specs], config.seed, [spec.describe() for spec in specs])
     if data.eval_files:
-        eval_spec = data_spec(data, data.eval_files) if not data.sources else \
-            specs[0].reading(data.eval_files)
+        eval_spec = specs[0].reading(data.eval_files)  # data.files' settings, or the first source's; every row
         eval_parts = [encode_samples(load_source(eval_spec, **read), tokenizer, kind=get_format(eval_spec.format).kind,
                                      source=eval_spec.describe(), **encode)]
     if data.streaming:
