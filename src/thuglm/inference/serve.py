@@ -312,6 +312,17 @@ class Generation:
             if self.completion is not None:
                 return
 
+    async def complete(self, client: Request, route: str) -> Completion:
+        """The whole answer, for a request that is not streamed; the request's line is logged however it ends."""
+        try:
+            async for _ in self.stream(client):
+                pass
+        finally:
+            self.close(route, streamed=False)
+        if self.completion is None:  # the client left; nobody reads this answer
+            raise ApiError(499, "the client closed the connection", code="client_closed_request")
+        return self.completion
+
     def cancel(self) -> None:
         self.request.cancel()
 
@@ -419,14 +430,7 @@ def create_app(service: ChatService, api_key: str | None = None) -> FastAPI:
         generation = service.generate(prompt, sampling, stop)  # a full queue or a long prompt: an HTTP error
 
         if not body.stream:
-            try:
-                async for _ in generation.stream(request):
-                    pass
-            finally:
-                generation.close("/v1/chat/completions", streamed=False)
-            completion = generation.completion
-            if completion is None:  # the client left; nobody reads this answer
-                raise ApiError(499, "the client closed the connection", code="client_closed_request")
+            completion = await generation.complete(request, "/v1/chat/completions")
             return {
                 "id": completion_id, "object": "chat.completion", "created": created, "model": model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": completion.text},
@@ -472,15 +476,7 @@ def create_app(service: ChatService, api_key: str | None = None) -> FastAPI:
         temperature = body.temperature if body.temperature is not None else DEFAULT_TEMPERATURE
         sampling = Sampling(max_new_tokens=max_length - prompt_tokens, temperature=temperature,
                             top_p=body.top_p or DEFAULT_TOP_P)
-        generation = service.generate(prompt, sampling, [])
-        try:
-            async for _ in generation.stream(request):
-                pass
-        finally:
-            generation.close("/", streamed=False)
-        completion = generation.completion
-        if completion is None:
-            raise ApiError(499, "the client closed the connection", code="client_closed_request")
+        completion = await service.generate(prompt, sampling, []).complete(request, "/")
         now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
         turns = [list(turn) for turn in history] + [[body.prompt, completion.text]]
         return {"response": completion.text, "history": turns, "status": 200, "time": now}
