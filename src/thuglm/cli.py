@@ -110,12 +110,17 @@ def cmd_chat(args) -> int:
 
 def cmd_merge(args) -> int:
     from .inference.merge import merge_adapter
+    from .inference.quantized import trained_base_bits
 
     out = merge_adapter(
         args.base, args.adapter, args.out, dtype=args.dtype, overwrite=args.overwrite,
         how_to_overwrite="--overwrite", how_to_name_base="--base BASE_DIR",
     )
     print(f"merged model written to {out}")
+    bits = trained_base_bits(args.adapter)
+    if bits:  # QLoRA: the adapter learnt on a 4-/8-bit copy, and is folded into the unquantized weights
+        print(f"the adapter was trained on a {bits}-bit base (QLoRA) and is merged into the {args.dtype} base it names, "
+              f"as QLoRA intends; load the merged model with --quantize {bits} to run it in {bits} bits again")
     return 0
 
 

@@ -13,6 +13,8 @@ ones. Metrics (in the eval logs and metrics.json):
 
 from __future__ import annotations
 
+import copy
+
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -107,8 +109,10 @@ def classification_collator(task: str, tokenizer):
 
 
 # ---- model -------------------------------------------------------------------------------------------------------------
-def load_classifier(model_dir: Path, dtype: torch.dtype, attn_implementation: str, task: str, space: LabelSpace):
-    """The base model's weights under a head for `space`: fresh unless `model_dir` holds one of the same shape."""
+def load_classifier(model_dir: Path, dtype: torch.dtype, attn_implementation: str, task: str, space: LabelSpace,
+                    **load_kwargs):
+    """The base model's weights under a head for `space`: fresh unless `model_dir` holds one of the same shape.
+    `load_kwargs`: more `from_pretrained` arguments (a 4-/8-bit base)."""
     from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
 
     import thuglm  # noqa: F401  (registers ChatGLM with the Auto classes)
@@ -116,7 +120,7 @@ def load_classifier(model_dir: Path, dtype: torch.dtype, attn_implementation: st
     auto = AutoModelForSequenceClassification if task == "seq_cls" else AutoModelForTokenClassification
     model = auto.from_pretrained(
         model_dir, dtype=dtype, attn_implementation=attn_implementation, ignore_mismatched_sizes=True,
-        **space.config_kwargs(),
+        **space.config_kwargs(), **load_kwargs,
     )
     if dtype == torch.float16:
         # fp16 LoRA trains the head whole (peft's modules_to_save copies it as it is) and the fp16 gradient scaler
@@ -135,7 +139,10 @@ def save_classifier_config(model, output_dir: Path) -> None:
     if isinstance(model, PeftModel):
         base = model.get_base_model()
         base.config.architectures = [type(base).__name__]
-        base.config.save_pretrained(output_dir)
+        config = copy.deepcopy(base.config)
+        # A QLoRA run's base was loaded in 4/8 bits: that is a way of loading (`--quantize`), not the base's config.
+        config.__dict__.pop("quantization_config", None)
+        config.save_pretrained(output_dir)
 
 
 # ---- metrics -----------------------------------------------------------------------------------------------------------

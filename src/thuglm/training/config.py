@@ -161,6 +161,20 @@ class FreezeSettings:
 
 
 @dataclass
+class QuantizationSettings:
+    """QLoRA: `method: lora` on a base loaded in 4 or 8 bits by bitsandbytes (`pip install "thuglm[quant]"`)."""
+
+    bits: Literal[4, 8] | None = None
+    """4 or 8: quantize the base's linear layers on loading; unset: no quantization."""
+    type: Literal["nf4", "fp4"] = "nf4"
+    """The 4-bit data type (QLoRA's NormalFloat4, or plain FP4)."""
+    double_quant: bool = True
+    """4 bits: quantize the per-block scales too (~0.4 bit a weight less)."""
+    compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """The dtype the dequantized weights multiply in; `auto`: the run's precision."""
+
+
+@dataclass
 class TrainConfig:
     model: str = ""
     """A model folder (official ChatGLM-6B layout or saved by thuglm), or `tiny`."""
@@ -231,6 +245,7 @@ class TrainConfig:
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     lora: LoraSettings = field(default_factory=LoraSettings)
     freeze: FreezeSettings = field(default_factory=FreezeSettings)
+    quantization: QuantizationSettings = field(default_factory=QuantizationSettings)
 
     def resolved_learning_rate(self) -> float:
         if self.learning_rate is not None:
@@ -424,6 +439,10 @@ def check_config(config: TrainConfig) -> None:
                           "second from batch_size and the number of processes")
     if config.method == "lora" and not config.lora.target_modules:
         raise ConfigError("config key `lora.target_modules` is empty: name the linear layers LoRA adapts")
+    if config.quantization.bits is not None and config.method != "lora":
+        raise ConfigError(f"`quantization.bits: {config.quantization.bits}` freezes the base in {config.quantization.bits}"
+                          f" bits, which `method: {config.method}` would have to train: use `method: lora` (QLoRA), "
+                          "or remove the quantization section to fine-tune the base itself")
     if config.task != "causal_lm":
         check_classification_config(config)
     if config.optimizer_in_backward:

@@ -51,12 +51,14 @@ def weights_dtype(method: str, precision: str) -> torch.dtype:
     return DTYPES[precision]
 
 
-def load_base_model(model_dir: Path, dtype: torch.dtype, attn_implementation: str) -> torch.nn.Module:
+def load_base_model(model_dir: Path, dtype: torch.dtype, attn_implementation: str, **load_kwargs) -> torch.nn.Module:
+    """`load_kwargs`: more `from_pretrained` arguments (a 4-/8-bit base: `quantization.quantized_load_kwargs`)."""
     from transformers import AutoModelForCausalLM
 
     import thuglm  # noqa: F401  (registers ChatGLM with the Auto classes)
 
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=attn_implementation)
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=attn_implementation,
+                                                **load_kwargs)
 
 
 def prepare_for_method(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:

@@ -53,6 +53,8 @@ from .methods import (
     weights_dtype,
 )
 from .optim import Adafactor
+from .quantization import describe as describe_quantization
+from .quantization import quantized_load_kwargs
 from .reporting import plot_losses, write_json
 from .trainer import GlmTrainer, peak_memory, perplexity
 
@@ -84,6 +86,8 @@ def train(config: TrainConfig) -> dict[str, Any] | None:
     choose_attention_kernels(config.attn_implementation)
     sharding = sharding_plugin()
     check_optimizer_placement(config, processes, precision, sharding)
+    # QLoRA: the 4-/8-bit base's loading arguments; a missing bitsandbytes stops here (training/quantization.py)
+    load_kwargs = quantized_load_kwargs(config, precision)
     if config.compile and sharding:
         raise ConfigError(f"`compile: true` compiles whole layers, and under {sharding} each process holds "
                           "shards of them; it is measured on one GPU and with DDP only: set compile: false here")
@@ -113,10 +117,12 @@ def train(config: TrainConfig) -> dict[str, Any] | None:
     args = training_arguments(config, precision, has_eval=eval_dataset is not None, processes=processes)
 
     if config.task == "causal_lm":
-        model = load_base_model(model_dir, weights_dtype(config.method, precision), config.attn_implementation)
+        model = load_base_model(model_dir, weights_dtype(config.method, precision), config.attn_implementation,
+                                **load_kwargs)
     else:
         model = classification.load_classifier(
-            model_dir, weights_dtype(config.method, precision), config.attn_implementation, config.task, labels
+            model_dir, weights_dtype(config.method, precision), config.attn_implementation, config.task, labels,
+            **load_kwargs,
         )
     model = prepare_for_method(model, config)
     if config.compile:
@@ -125,6 +131,8 @@ def train(config: TrainConfig) -> dict[str, Any] | None:
     trainable, total = count_parameters(model)
     logger.info("%s: training %s of %s parameters (%s, %s, %s)", model_dir, f"{trainable:,}", f"{total:,}",
                 config.method, precision, describe_optimizer(config))
+    if load_kwargs:
+        logger.info("%s", describe_quantization(config, precision))
     if config.optimizer_in_backward and config.max_grad_norm is None:
         logger.info("max_grad_norm: off (optimizer_in_backward never holds all the gradients to clip their norm; "
                     "Adafactor caps the RMS of each weight's update instead)")
