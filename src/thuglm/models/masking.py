@@ -188,10 +188,22 @@ def glm_static_cache_mask(
     return torch.nn.functional.pad(mask, (0, cache_length - mask.shape[-1]), value=torch.finfo(dtype).min)
 
 
-def glm_block_mask(position_ids: torch.Tensor, attention_mask: torch.Tensor | None, past_length: int):
-    """`glm_mask_rule` as a FlexAttention BlockMask: blocks that no query sees are skipped, not computed."""
+def glm_block_mask(
+    position_ids: torch.Tensor, attention_mask: torch.Tensor | None, past_length: int, prefix_length: int = 0
+):
+    """`glm_mask_rule` as a FlexAttention BlockMask: blocks that no query sees are skipped, not computed.
+
+    With `prefix_length` (P-Tuning), the keys are [prefix | text]: every query sees every prefix slot.
+    """
     from torch.nn.attention.flex_attention import create_block_mask
 
     batch, _, q_len = position_ids.shape
     rule = glm_mask_rule(position_ids, attention_mask, past_length)
-    return create_block_mask(rule, batch, None, q_len, past_length + q_len, device=position_ids.device)
+    if prefix_length:
+        text_rule = rule
+
+        def rule(b, h, q, k):
+            return (k < prefix_length) | text_rule(b, h, q, (k - prefix_length).clamp(min=0))
+
+    kv_len = prefix_length + past_length + q_len
+    return create_block_mask(rule, batch, None, q_len, kv_len, device=position_ids.device)

@@ -48,6 +48,7 @@ from .configuration_chatglm import ChatGLMConfig
 from .decoding import sample_without_host_sync
 from .losses import linear_cross_entropy
 from .masking import glm_attention_mask, glm_block_mask, glm_decode_mask, glm_position_ids, glm_static_cache_mask
+from .prefix import ChatGLMPrefixEncoder, widen_for_prefix
 
 # transformers renamed the `past_key_values` argument and output field to `cache` during 5.x (the old name is
 # deprecated until 5.40). thuglm supports 5.17 onwards, so it accepts both and returns the field of the installed one.
@@ -138,6 +139,7 @@ class ChatGLMAttention(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None,
         past_key_values: Cache | None = None,
+        prefix_key_value: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch, seq, _ = hidden_states.shape
@@ -148,6 +150,9 @@ class ChatGLMAttention(nn.Module):
         query, key = apply_glm_rotary(query, cos, sin), apply_glm_rotary(key, cos, sin)
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, self.layer_idx)
+        if prefix_key_value is not None:  # P-Tuning v2: the prefix's keys and values come first (see prefix.py)
+            key = torch.cat([prefix_key_value[0], key], dim=2)
+            value = torch.cat([prefix_key_value[1], value], dim=2)
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, glm_eager_attention_forward
@@ -187,15 +192,19 @@ class ChatGLMBlock(GradientCheckpointingLayer):
         self,
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        prefix_key_value: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         past_key_values: Cache | None = None,
         use_cache: bool | None = False,
         **kwargs,
     ) -> torch.Tensor:
+        """prefix_key_value: this layer's P-Tuning keys and values [2, batch, heads, pre_seq_len, head_dim], or None.
+        Positional, so that reentrant gradient checkpointing passes its gradient on."""
         # GLM's residual is the *normalised* input, scaled up (DeepNorm-style), not the raw input.
         attention_input = self.input_layernorm(hidden_states)
         attention_output, _ = self.attention(
-            attention_input, position_embeddings, attention_mask, past_key_values=past_key_values, **kwargs
+            attention_input, position_embeddings, attention_mask, past_key_values=past_key_values,
+            prefix_key_value=prefix_key_value, **kwargs
         )
         hidden_states = attention_input * self.residual_scale + attention_output
         mlp_input = self.post_attention_layernorm(hidden_states)
@@ -220,7 +229,16 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
-        if isinstance(module, nn.Linear):
+        if getattr(module, "official_torch_init", False):
+            # A new P-Tuning prefix starts as the official one does, from torch's defaults (the official model
+            # initialises nothing itself): N(0, 1) slots, and nn.Linear's own initialisation in `trans`.
+            if isinstance(module, nn.Embedding):
+                init.normal_(module.weight, mean=0.0, std=1.0)
+            elif isinstance(module, nn.Linear):
+                init.kaiming_uniform_(module.weight, a=5**0.5)
+                bound = module.in_features**-0.5
+                init.uniform_(module.bias, -bound, bound)
+        elif isinstance(module, nn.Linear):
             init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 init.zeros_(module.bias)
@@ -248,6 +266,8 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         self.layers = nn.ModuleList(ChatGLMBlock(config, i) for i in range(config.num_layers))
         self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
         self.rotary_emb = ChatGLMRotaryEmbedding(config)
+        # P-Tuning v2 (the official `ptuning/`): trained keys and values in front of every layer's (see prefix.py).
+        self.prefix_encoder = ChatGLMPrefixEncoder(config) if config.pre_seq_len else None
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -256,6 +276,11 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
 
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.word_embeddings = value
+
+    @property
+    def prefix_length(self) -> int:
+        """P-Tuning's pre_seq_len when this model has a prefix encoder, else 0."""
+        return self.prefix_encoder.pre_seq_len if self.prefix_encoder is not None else 0
 
     def derive_position_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """GLM position ids from the token ids, as the official code derives them (see `masking.py`)."""
@@ -323,19 +348,25 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
             cache_length, _ = past_key_values.get_mask_sizes(inputs_embeds.shape[1], 0)
             mask = glm_static_cache_mask(position_ids, attention_mask, cache_length, inputs_embeds.dtype)
         elif self.config._attn_implementation == "flex_attention":
-            mask = glm_block_mask(position_ids, attention_mask, past_length)
+            mask = glm_block_mask(position_ids, attention_mask, past_length, prefix_length=self.prefix_length)
         elif inputs_embeds.shape[1] == 1 and past_length:
             # One decoded token sees its whole sample: no [b, 1, s, s] rule to evaluate.
             mask = None if attention_mask is None else glm_decode_mask(attention_mask, inputs_embeds.dtype)
         else:
             mask = glm_attention_mask(position_ids, attention_mask, past_length, inputs_embeds.dtype)
 
+        prefix = None
+        if self.prefix_encoder is not None:
+            prefix = self.prefix_encoder(inputs_embeds.shape[0], inputs_embeds.dtype)
+            if self.config._attn_implementation != "flex_attention":
+                mask = widen_for_prefix(mask, self.prefix_length)
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
         hidden_states = inputs_embeds
-        for layer in self.layers:
+        for index, layer in enumerate(self.layers):
             hidden_states = layer(
                 hidden_states,
                 position_embeddings,
+                None if prefix is None else prefix[index],
                 attention_mask=mask,
                 past_key_values=past_key_values,
                 use_cache=use_cache,
