@@ -27,6 +27,7 @@ from transformers.utils import (
 from ..errors import ThuglmError
 
 # Importing anything under thuglm runs thuglm/__init__.py first, which registers ChatGLM with the Auto classes.
+from ..models.prefix import is_ptuning_folder, load_prefix_state_dict, ptuning_settings, recorded_base
 from ..models.tokenization_chatglm import ChatGLMTokenizer
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -123,7 +124,7 @@ def check_tokenizer_fits(tokenizer: PreTrainedTokenizerBase, model_dir: Path) ->
 def check_adapter_folder(path: Path) -> None:
     if not path.is_dir():
         raise ModelLoadError(f"adapter folder {path} does not exist: pass the output_dir of a LoRA training run")
-    if not is_adapter_folder(path):
+    if not is_adapter_folder(path) and not is_ptuning_folder(path):  # peft, or P-Tuning v2 (official layout)
         raise ModelLoadError(
             f"{path} is not a peft adapter folder (no {ADAPTER_CONFIG_NAME}). Pass the output_dir of a LoRA run of "
             "`thuglm train` (it holds adapter_config.json and adapter_model.safetensors); a full fine-tune's output "
@@ -154,6 +155,20 @@ def adapter_base_folder(adapter: Path, how_to_name_base: str | None = BASE_IN_PY
             f"the adapter in {adapter} was trained on {base}, which is not a folder here (moved, deleted, or a "
             f"hub name; nothing is downloaded): {fixes}."
         )
+    return Path(base)
+
+
+def ptuning_base_folder(folder: Path, how_to_name_base: str | None = BASE_IN_PYTHON) -> Path:
+    """The base a P-Tuning checkpoint goes on: the one thuglm recorded when it trained it (the official code
+    records none: the base is then named by the caller)."""
+    base = recorded_base(folder)
+    how = f" (`{how_to_name_base}`)" if how_to_name_base is not None else ""
+    if not base:
+        raise ModelLoadError(f"{folder} is a P-Tuning checkpoint: the prefix alone, with no record of its base model. "
+                             f"Pass the base model folder as the model and this folder as the adapter{how}.")
+    if not Path(base).is_dir():
+        raise ModelLoadError(f"the P-Tuning checkpoint {folder} was trained on {base}, which is not a folder here: "
+                             f"pass the base model folder as the model and this folder as the adapter{how}.")
     return Path(base)
 
 
@@ -189,6 +204,11 @@ def load_for_inference(
     """
     model_path = Path(model_path)
     adapter = Path(adapter) if adapter is not None else None
+    if is_ptuning_folder(model_path):  # a P-Tuning run's output: its prefix on the base it records
+        if adapter is not None:
+            raise ModelLoadError(f"{model_path} is a P-Tuning checkpoint (a prefix, not a model), and an adapter "
+                                 f"({adapter}) was given too: pass the base model folder as the model and one adapter.")
+        model_path, adapter = ptuning_base_folder(model_path, how_to_name_base), model_path
     if is_adapter_folder(model_path):
         if adapter is not None:
             raise ModelLoadError(
@@ -205,8 +225,13 @@ def load_for_inference(
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder(adapter, model_path))
     check_tokenizer_fits(tokenizer, model_path)
     device = device or default_device()
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=resolve_dtype(dtype), device_map=str(device))
-    if adapter is not None:
+    # A P-Tuning folder: the base built with its pre_seq_len / prefix_projection, then its prefix loaded.
+    prefix = ptuning_settings(adapter) if adapter is not None and is_ptuning_folder(adapter) else {}
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=resolve_dtype(dtype), device_map=str(device), **prefix)
+    if prefix:
+        load_prefix_state_dict(model, adapter)
+        model.transformer.prefix_encoder.float()  # as the official recipe runs it: fp32 prefix, any base dtype
+    elif adapter is not None:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, adapter)

@@ -155,6 +155,16 @@ class LoraSettings:
 
 
 @dataclass
+class PtuningSettings:
+    """`method: ptuning`: P-Tuning v2 as the official ptuning/main.py (its defaults)."""
+
+    pre_seq_len: int = 128
+    """Prefix slots: trained keys and values every layer attends to before the text."""
+    prefix_projection: bool = False
+    """Encode the prefix through a 2-layer MLP (hidden -> hidden -> 2 x layers x hidden) instead of one embedding."""
+
+
+@dataclass
 class FreezeSettings:
     trainable_layers: int = 2
     """`method: freeze` trains only the last N transformer layers."""
@@ -182,7 +192,8 @@ class TrainConfig:
     task: Literal["causal_lm", "seq_cls", "token_cls"] = "causal_lm"
     """`causal_lm`: language modelling (data.format text or alpaca). `seq_cls`: a label per text
     (data.text_column, data.label_column). `token_cls`: a BIO tag per token (data.tokens_column, data.tags_column)."""
-    method: Literal["lora", "full", "freeze"] = "lora"
+    method: Literal["lora", "full", "freeze", "ptuning"] = "lora"
+    """`ptuning`: P-Tuning v2 (the `ptuning` section); the output is in the official checkpoint layout."""
     output_dir: str = "outputs/run"
     max_seq_len: int = 512
     packing: bool | None = None
@@ -198,7 +209,7 @@ class TrainConfig:
     batch_size x processes x gradient_accumulation_steps rows; with this key set, gradient_accumulation_steps is
     derived from it instead (leave that one out), and the run takes the same steps on 1 GPU or several."""
     learning_rate: float | None = None
-    """Default: 2e-4 for lora, 2e-5 for full and freeze."""
+    """Default: 2e-4 for lora, 2e-2 for ptuning (the official recipe's), 2e-5 for full and freeze."""
     lr_scheduler: str = "cosine"
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
@@ -244,13 +255,14 @@ class TrainConfig:
     b16, benchmarks/bench_train.py); the first steps compile (~a minute on a GPU, many on a CPU). One GPU or DDP."""
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     lora: LoraSettings = field(default_factory=LoraSettings)
+    ptuning: PtuningSettings = field(default_factory=PtuningSettings)
     freeze: FreezeSettings = field(default_factory=FreezeSettings)
     quantization: QuantizationSettings = field(default_factory=QuantizationSettings)
 
     def resolved_learning_rate(self) -> float:
         if self.learning_rate is not None:
             return self.learning_rate
-        return 2e-4 if self.method == "lora" else 2e-5
+        return {"lora": 2e-4, "ptuning": 2e-2}.get(self.method, 2e-5)
 
     def resolved_gradient_accumulation_steps(self, processes: int) -> int:
         """Micro-batches per optimizer step in each of `processes` processes."""
@@ -437,6 +449,9 @@ def check_config(config: TrainConfig) -> None:
     if config.global_batch_size is not None and config.gradient_accumulation_steps != 1:
         raise ConfigError("set `global_batch_size` or `gradient_accumulation_steps`, not both: the first derives the "
                           "second from batch_size and the number of processes")
+    if config.method == "ptuning" and config.task != "causal_lm":
+        raise ConfigError(f"`method: ptuning` trains a language model's prefix; `task: {config.task}` needs a new head "
+                          "trained too: use `method: lora` (it trains the head with the adapter) or full/freeze")
     if config.method == "lora" and not config.lora.target_modules:
         raise ConfigError("config key `lora.target_modules` is empty: name the linear layers LoRA adapts")
     if config.quantization.bits is not None and config.method != "lora":

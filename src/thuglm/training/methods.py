@@ -11,6 +11,7 @@ from peft import LoraConfig, TaskType, get_peft_model
 from ..inference.loading import DTYPES
 from ..models.modeling_chatglm import ChatGLMBlock
 from .config import ConfigError, TrainConfig
+from .ptuning import prepare_ptuning
 
 PEFT_TASK_TYPES = {"causal_lm": TaskType.CAUSAL_LM, "seq_cls": TaskType.SEQ_CLS, "token_cls": TaskType.TOKEN_CLS}
 CLASSIFICATION_HEAD = "score"  # ChatGLMForSequenceClassification.score / ChatGLMForTokenClassification.score
@@ -46,7 +47,7 @@ def weights_dtype(method: str, precision: str) -> torch.dtype:
     scaler refuses fp16 gradients), so full and freeze load fp32 and run under autocast; LoRA keeps a fp16 base and
     peft holds the adapter in fp32.
     """
-    if precision == "fp16" and method != "lora":
+    if precision == "fp16" and method not in ("lora", "ptuning"):  # ptuning: fp16 base, fp32 prefix
         return torch.float32
     return DTYPES[precision]
 
@@ -76,6 +77,8 @@ def prepare_for_method(model: torch.nn.Module, config: TrainConfig) -> torch.nn.
         )
         # peft keeps the adapter weights in fp32 under a bf16/fp16 base (autocast_adapter_dtype).
         model = get_peft_model(model, peft_config)
+    elif config.method == "ptuning":
+        model = prepare_ptuning(model, config)
     elif config.method == "freeze":
         layers = model.transformer.layers
         keep = config.freeze.trainable_layers

@@ -28,6 +28,7 @@ from .checkpoints import (
     write_failure,
 )
 from .optim import Adafactor, step_in_backward
+from .ptuning import saving_prefix_only
 
 logger = logging.getLogger("thuglm.train")
 
@@ -326,7 +327,7 @@ class GlmTrainer(Trainer):
         gathered = state_dict is not None  # under FSDP / DeepSpeed: the state dict gathered from the shards
         if gathered:
             state_dict = without_tied_copies(in_loaded_dtypes(state_dict, self._loaded_dtypes), self._tied_weights)
-        with without_checkpoint_wrappers(self.model):
+        with without_checkpoint_wrappers(self.model), saving_prefix_only(self.model):
             super()._save(output_dir, state_dict=state_dict)
         # save_pretrained records the dtype of the (upcast) weights it holds in config.json, not of those it wrote.
         config_file = Path(output_dir or self.args.output_dir) / "config.json"

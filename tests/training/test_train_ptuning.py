@@ -1,0 +1,101 @@
+"""`thuglm train` with `method: ptuning`: the official layout out, the official recipe reads it, resume, chat."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+import thuglm  # noqa: F401
+from thuglm.cli import main
+from thuglm.inference.loading import load_for_inference
+from thuglm.models.prefix import PREFIX_KEY, is_ptuning_folder
+
+from .test_resume import loss_history
+from .test_train_e2e import OFFICIAL_TINY, assert_common_outputs, assert_losses_fall, base_settings, write_config
+
+PRE_SEQ_LEN = 4
+
+
+@pytest.fixture(scope="module")
+def ptuning_run(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("ptuning")
+    settings = base_settings(tmp_path, method="ptuning", learning_rate=3e-2,
+                             ptuning={"pre_seq_len": PRE_SEQ_LEN, "prefix_projection": False})
+    assert main(["train", str(write_config(tmp_path, **settings))]) == 0
+    return tmp_path
+
+
+def official_recipe(checkpoint):
+    """ptuning/README.md's loading code, as written there (no trust_remote_code: thuglm registers ChatGLM)."""
+    config = AutoConfig.from_pretrained(OFFICIAL_TINY, pre_seq_len=PRE_SEQ_LEN)
+    model = AutoModel.from_pretrained(OFFICIAL_TINY, config=config)
+    prefix_state_dict = torch.load(checkpoint / "pytorch_model.bin")
+    new_prefix_state_dict = {}
+    for k, v in prefix_state_dict.items():
+        if k.startswith("transformer.prefix_encoder."):
+            new_prefix_state_dict[k[len("transformer.prefix_encoder."):]] = v
+    model.transformer.prefix_encoder.load_state_dict(new_prefix_state_dict)
+    return model.eval()
+
+
+def test_ptuning_run_writes_the_official_layout_and_the_loss_falls(ptuning_run):
+    output_dir = ptuning_run / "out"
+    for folder in (output_dir, output_dir / "checkpoint-4", output_dir / "checkpoint-8"):
+        assert is_ptuning_folder(folder), folder
+        state = torch.load(folder / "pytorch_model.bin", weights_only=True)
+        assert set(state) == {f"{PREFIX_KEY}embedding.weight"}
+        assert state[f"{PREFIX_KEY}embedding.weight"].dtype == torch.float32
+        config = json.loads((folder / "config.json").read_text())
+        assert config["pre_seq_len"] == PRE_SEQ_LEN and config["prefix_projection"] is False
+    assert not (output_dir / "model.safetensors").exists() and not (output_dir / "adapter_config.json").exists()
+    metrics = assert_common_outputs(output_dir, "ptuning")
+    trainable = 2 * 2 * 64 * PRE_SEQ_LEN  # 2 layers x key and value x hidden 64, per slot
+    assert metrics["trainable_parameters"] == trainable
+    assert_losses_fall(output_dir)
+
+
+def test_the_official_recipe_and_thuglm_load_the_same_trained_model(ptuning_run):
+    output_dir = ptuning_run / "out"
+    official = official_recipe(output_dir)
+    tokenizer = AutoTokenizer.from_pretrained(output_dir)
+    batch = tokenizer(["春天来了，", "长城是"], return_tensors="pt", padding=True)
+    _, loaded = load_for_inference(OFFICIAL_TINY, adapter=output_dir, dtype="fp32", device="cpu")
+    _, alone = load_for_inference(output_dir, dtype="fp32", device="cpu")  # the base recorded in config.json
+    base = AutoModel.from_pretrained(OFFICIAL_TINY).eval()
+    with torch.no_grad():
+        expected = official(**batch).logits
+        torch.testing.assert_close(loaded(**batch).logits, expected)
+        torch.testing.assert_close(alone(**batch).logits, expected)
+        assert (base(**batch).logits - expected).abs().max() > 1e-3  # the prefix changed the model
+
+
+def test_generate_command_takes_a_ptuning_folder(ptuning_run, tmp_path):
+    output_dir = ptuning_run / "out"
+    (tmp_path / "prompts.txt").write_text("你好\n长城是\n", encoding="utf-8")
+    out = tmp_path / "answers.jsonl"
+    assert main(["generate", str(OFFICIAL_TINY), "--adapter", str(output_dir), "--input", str(tmp_path / "prompts.txt"),
+                 "--output", str(out), "--max-new-tokens", "4", "--dtype", "fp32"]) == 0
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert [row["prompt"] for row in rows] == ["你好", "长城是"]
+
+
+def test_resume_continues_the_ptuning_run_exactly(ptuning_run, tmp_path):
+    """The run's checkpoint-4 (prefix, optimizer, data position), resumed elsewhere: the run's losses of steps 5-8."""
+    settings = base_settings(tmp_path, method="ptuning", learning_rate=3e-2,
+                             ptuning={"pre_seq_len": PRE_SEQ_LEN, "prefix_projection": False})
+    shutil.copytree(ptuning_run / "out" / "checkpoint-4", tmp_path / "out" / "checkpoint-4")
+    assert main(["train", str(write_config(tmp_path, **settings)), "resume_from_checkpoint=true"]) == 0
+    resumed, reference = loss_history(tmp_path / "out"), loss_history(ptuning_run / "out")
+    assert sorted(resumed) == sorted(reference) == list(range(1, 9))
+    for step in resumed:
+        assert resumed[step] == pytest.approx(reference[step], rel=1e-4), step
+
+
+def test_ptuning_refuses_a_classification_task(tmp_path, capsys):
+    settings = base_settings(tmp_path, method="ptuning", task="seq_cls")
+    assert main(["train", str(write_config(tmp_path, **settings))]) == 2
+    assert "method: ptuning" in capsys.readouterr().err
