@@ -65,7 +65,7 @@ def _load_model(args):
     """MODEL (and --adapter) of a command that takes them; a missing base is named in this command's own terms."""
     return load_for_inference(
         args.model, adapter=args.adapter, dtype=args.dtype,
-        how_to_name_base=f"thuglm {args.command} BASE_DIR --adapter {args.model}",
+        how_to_name_base=f"thuglm {args.command} BASE_DIR --adapter {args.model}", quantize=args.quantize,
     )
 
 
@@ -194,7 +194,7 @@ def cmd_predict(args) -> int:
     ):
         predict_file(
             args.model, args.file, args.output, batch_size=args.batch_size, max_seq_len=args.max_seq_len,
-            text_column=args.text_column, tokens_column=args.tokens_column, dtype=args.dtype,
+            text_column=args.text_column, tokens_column=args.tokens_column, dtype=args.dtype, quantize=args.quantize,
         )
     return 0
 
@@ -249,6 +249,13 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="a model folder (official layout or saved by thuglm), or a LoRA run's output_dir")
     parser.add_argument("--adapter", help="a peft adapter folder to apply on top of MODEL")
     parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="auto: bf16 on a GPU that has it, else fp32")
+    _add_quantize_arg(parser)
+
+
+def _add_quantize_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quantize", type=int, choices=[4, 8], metavar="{4,8}",
+                        help="load the model's linear layers in 4 bits (NF4) or 8 bits (LLM.int8) through bitsandbytes, "
+                             'computing in --dtype (pip install "thuglm[quant]")')
 
 
 def _add_generation_args(parser: argparse.ArgumentParser) -> None:
@@ -337,6 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "characters are the tokens, when there is no tokens column")
     predict.add_argument("--tokens-column", help="token_cls: the list of tokens (default: tokens)")
     predict.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="auto: bf16 on a GPU that has it, else fp32")
+    _add_quantize_arg(predict)
     predict.set_defaults(func=cmd_predict)
 
     serve = commands.add_parser("serve", help="a chat page and an OpenAI-compatible API (and the official api.py "

@@ -107,6 +107,9 @@ def test_qlora_trains_a_sequence_classifier_with_a_whole_head(tmp_path):
     assert main(["train", str(write_config(tmp_path, **settings))]) == 0
     assert main(["predict", str(tmp_path / "out"), str(data), "--output", str(tmp_path / "p.jsonl")]) == 0
     assert len((tmp_path / "p.jsonl").read_text().splitlines()) == 32
+    # and on a 4-bit base again, the trained head kept whole
+    assert main(["predict", str(tmp_path / "out"), str(data), "--output", str(tmp_path / "q.jsonl"), "--quantize", "4"]) == 0
+    assert len((tmp_path / "q.jsonl").read_text().splitlines()) == 32
 
 
 @pytest.mark.parametrize("method", ["full", "freeze"])

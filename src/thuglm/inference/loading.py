@@ -29,6 +29,7 @@ from ..errors import ThuglmError
 # Importing anything under thuglm runs thuglm/__init__.py first, which registers ChatGLM with the Auto classes.
 from ..models.prefix import is_ptuning_folder, load_prefix_state_dict, ptuning_settings, recorded_base
 from ..models.tokenization_chatglm import ChatGLMTokenizer
+from .quantized import quantize_kwargs
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 TOKENIZER_FILE = ChatGLMTokenizer.vocab_files_names["vocab_file"]  # ice_text.model
@@ -194,13 +195,15 @@ def load_for_inference(
     dtype: str | torch.dtype = "auto",
     device: str | torch.device | None = None,
     how_to_name_base: str | None = BASE_IN_PYTHON,
+    quantize: int | None = None,
 ) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
     """Tokenizer and model in eval mode, from a model folder, optionally with a peft adapter on top.
 
     `model_path` may also be a LoRA training's output folder (it holds adapter_config.json): the base then comes
     from the adapter's config. The result of an adapter is a `peft.PeftModel`; `model.chat` and `model.generate`
     reach the ChatGLM underneath. `how_to_name_base` is how the caller's user names the base folder, should the one
-    recorded in the adapter be missing (see `adapter_base_folder`).
+    recorded in the adapter be missing (see `adapter_base_folder`). `quantize` 4 or 8 loads the base's linears in
+    that many bits through bitsandbytes (`--quantize`; see `quantized.py`).
     """
     model_path = Path(model_path)
     adapter = Path(adapter) if adapter is not None else None
@@ -225,9 +228,12 @@ def load_for_inference(
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder(adapter, model_path))
     check_tokenizer_fits(tokenizer, model_path)
     device = device or default_device()
+    dtype = resolve_dtype(dtype)
     # A P-Tuning folder: the base built with its pre_seq_len / prefix_projection, then its prefix loaded.
     prefix = ptuning_settings(adapter) if adapter is not None and is_ptuning_folder(adapter) else {}
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=resolve_dtype(dtype), device_map=str(device), **prefix)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_path, dtype=dtype, device_map=str(device), **quantize_kwargs(quantize, dtype), **prefix
+    )
     if prefix:
         load_prefix_state_dict(model, adapter)
         model.transformer.prefix_encoder.float()  # as the official recipe runs it: fp32 prefix, any base dtype

@@ -49,11 +49,13 @@ from .loading import (
     resolve_dtype,
     tokenizer_folder,
 )
+from .quantized import quantize_kwargs
 
 AUTO_CLASSES = {"seq_cls": AutoModelForSequenceClassification, "token_cls": AutoModelForTokenClassification}
 
 
-def load_classifier_for_inference(model_path: str | Path, dtype: str | torch.dtype = "auto", device=None):
+def load_classifier_for_inference(model_path: str | Path, dtype: str | torch.dtype = "auto", device=None,
+                                  quantize: int | None = None):
     """(tokenizer, model in eval mode, task) from a full classifier folder or a LoRA classifier output folder."""
     model_path = Path(model_path)
     adapter = None
@@ -79,6 +81,7 @@ def load_classifier_for_inference(model_path: str | Path, dtype: str | torch.dty
     load = partial(
         AUTO_CLASSES[task].from_pretrained,
         base, config=config, dtype=resolve_dtype(dtype), device_map=str(device or default_device()),
+        **quantize_kwargs(quantize, resolve_dtype(dtype), skip_modules=["lm_head", "score"]),  # the head stays whole
     )
     if adapter is None:
         model = load()
@@ -192,6 +195,7 @@ def predict_file(
     tokens_column: str | None = None,
     dtype: str = "auto",
     log: Callable[[str], None] = print,
+    quantize: int | None = None,
 ) -> Path:
     """Predict every row of `data_file` and write them to `output` (default: next to it, `NAME.predictions.jsonl`)."""
     data_file = Path(data_file)
@@ -199,7 +203,7 @@ def predict_file(
     if not rows:
         raise DataError(f"{data_file} has no rows to predict")
     columns = list(rows[0])
-    tokenizer, model, task = load_classifier_for_inference(model_path, dtype=dtype)
+    tokenizer, model, task = load_classifier_for_inference(model_path, dtype=dtype, quantize=quantize)
     if task == "seq_cls":
         column = guess_text_column(columns, text_column, source=str(data_file))
         predictions = predict_sequences(

@@ -95,3 +95,17 @@ def trained_base_bits(run_dir: str | Path) -> int | None:
 
     settings = yaml.safe_load(resolved.read_text(encoding="utf-8")) or {}
     return ((settings.get("quantization") or {}).get("bits")) if isinstance(settings, dict) else None
+
+
+def quantize_kwargs(bits: int | None, dtype: torch.dtype, skip_modules: list[str] | None = None) -> dict[str, Any]:
+    """`from_pretrained` arguments of `--quantize BITS` (none for None): the linears of the transformer in 4 bits
+    (NF4, double quantization) or 8 bits (LLM.int8), computing in `dtype`; the tied lm_head (and a classifier's head)
+    stays in `dtype`."""
+    if bits is None:
+        return {}
+    if bits == 8 and dtype == torch.float32:
+        import warnings
+
+        # On the CPU in fp32, every 8-bit matmul warns that it casts its input to fp16 (as it must to quantize it).
+        warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+    return {"quantization_config": bitsandbytes_config(bits, compute_dtype=dtype, skip_modules=skip_modules)}
