@@ -52,6 +52,8 @@ def test_token_ids_equal_the_official_tokenizer(official_tokenizer, case):
     assert official_tokenizer.encode(text) == case["ids"]
     assert official_tokenizer.encode(text, add_special_tokens=False) == case["ids_no_special"]
     assert official_tokenizer.decode(case["ids"]) == case["decoded"]
+    no_cleanup = official_tokenizer.decode(case["ids"], clean_up_tokenization_spaces=False)
+    assert no_cleanup == case["decoded_no_cleanup"]
 
 
 def test_image_token_offset_equals_the_official_tokenizer():
@@ -121,3 +123,48 @@ def test_chat_answers_equal_the_official_chat(official_model, official_tokenizer
         )
         assert response == case["response"]
         assert new_history == history + [(case["query"], response)]
+
+
+# ---- P-Tuning v2 (golden/ptuning.*: the official model with pre_seq_len, its prefix encoder seeded) -------------------
+PTUNING_META = json.loads((FOLDER / "golden" / "ptuning.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def ptuning_golden():
+    return load_file(str(FOLDER / "golden" / "ptuning.safetensors"))
+
+
+@pytest.fixture(params=[("plain", "eager"), ("plain", "sdpa"), ("projection", "eager"), ("projection", "sdpa")],
+                ids=lambda p: "-".join(p))
+def ptuned_official(request, ptuning_golden):
+    """The official README's recipe: config with pre_seq_len, the base, the stripped prefix keys loaded."""
+    variant, attn = request.param
+    settings = PTUNING_META["variants"][variant]
+    config = AutoConfig.from_pretrained(FOLDER, pre_seq_len=PTUNING_META["pre_seq_len"],
+                                        prefix_projection=settings["prefix_projection"])
+    model = AutoModelForCausalLM.from_pretrained(FOLDER, config=config, attn_implementation=attn)
+    prefix = f"{variant}.prefix.transformer.prefix_encoder."
+    model.transformer.prefix_encoder.load_state_dict(
+        {key[len(prefix):]: value for key, value in ptuning_golden.items() if key.startswith(prefix)})
+    return variant, model.eval()
+
+
+def test_ptuning_logits_loss_and_generation_equal_the_official_model(ptuned_official, official_tokenizer,
+                                                                      ptuning_golden):
+    variant, model = ptuned_official
+    golden = {key[len(variant) + 1:]: value for key, value in ptuning_golden.items() if key.startswith(variant + ".")}
+    with torch.no_grad():
+        assert max_rel_err(model(input_ids=golden["single_input_ids"]).logits, golden["single_logits"]) <= 1e-4
+        batch = official_tokenizer(PTUNING_META["prompts"], padding=True, return_tensors="pt")
+        assert batch["input_ids"].tolist() == PTUNING_META["batch_input_ids"]
+        real = batch["attention_mask"].bool()
+        assert max_rel_err(model(**batch).logits[real], golden["batch_logits"][real]) <= 1e-4
+        settings = PTUNING_META["generate"]
+        assert model.generate(**batch, **settings).tolist() == golden["gen_batch"].tolist()
+        assert model.generate(**batch, use_cache=False, **settings).tolist() == golden["gen_batch_nocache"].tolist()
+    model.zero_grad()
+    loss = model(input_ids=golden["loss_input_ids"], labels=golden["loss_labels"]).loss
+    loss.backward()
+    assert abs(loss.item() - golden["loss"].item()) <= 1e-5 * abs(golden["loss"].item())
+    for name, param in model.transformer.prefix_encoder.named_parameters():
+        assert max_rel_err(param.grad, golden[f"grad.transformer.prefix_encoder.{name}"]) <= 1e-4, name

@@ -40,6 +40,15 @@ def preprocess_text(text: str) -> str:
     return _BLANK_RUN.sub(lambda run: f"<|blank_{len(run.group())}|>", text)
 
 
+def clean_up_tokenization(text: str) -> str:
+    """transformers' classic `clean_up_tokenization` (4.x), which the official tokenizer's decode applied by default
+    (`clean_up_tokenization_spaces` was True then): `don't , do it . right ?` -> `don't, do it. right?`."""
+    for spaced, joined in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                           (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+        text = text.replace(spaced, joined)
+    return text
+
+
 def postprocess_text(text: str) -> str:
     """Undo `preprocess_text` on decoded text."""
     text = text.replace(LINEBREAK_TOKEN, "\n").replace(TAB_TOKEN, "\t")
@@ -90,6 +99,8 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
         self.remove_space = remove_space
         self.end_token = end_token
         self.gmask_token = gmask_token
+        # The official tokenizer decoded with transformers 4.x's default, True (a caller may still pass False).
+        kwargs.setdefault("clean_up_tokenization_spaces", True)
         super().__init__(
             do_lower_case=do_lower_case,
             remove_space=remove_space,
@@ -158,12 +169,38 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
         return preprocess_text(text)
 
     def tokenize(self, text: str, **kwargs) -> list[str]:
-        # Like the official tokenizer, hand the whole text to sentencepiece: the GLM special tokens are pieces of
-        # ice_text.model and come out whole, with the spaces around them kept. Only tokens added on top of the
-        # vocabulary need the added-token splitting of the base class.
-        if self._added_tokens_are_pieces():
-            return self._tokenize(text)
-        return super().tokenize(text, **kwargs)
+        # As the official tokenizer under the transformers it was written for (4.27; 4.33 the same), loaded with
+        # from_pretrained: the text is split at the literal strings of its special tokens (<sop>, <eop>, [MASK],
+        # <pad>, <unk>), which become those tokens, the whitespace next to them is stripped, and each piece of text
+        # between them goes to sentencepiece on its own (with its own leading ▁). Other GLM tokens ([gMASK],
+        # [sMASK], ...) are pieces of ice_text.model and come out whole inside the text, spaces around them kept.
+        # Only tokens added on top of the vocabulary need the added-token splitting of the base class.
+        if not self._added_tokens_are_pieces():
+            return super().tokenize(text, **kwargs)
+        tokens: list[str] = []
+        for part, special in self._split_on_special_tokens(text):
+            tokens += [part] if special else self._tokenize(part)
+        return tokens
+
+    @property
+    def _official_split_tokens(self) -> tuple[str, ...]:
+        """The official tokenizer's `all_special_tokens`: its bos, eos, unk, pad and mask tokens ([gMASK] is not)."""
+        return tuple(str(t) for t in (self.bos_token, self.eos_token, self.unk_token, self.pad_token, self.mask_token)
+                     if t is not None)
+
+    def _split_on_special_tokens(self, text: str) -> list[tuple[str, bool]]:
+        """(part, is_special) in order, as transformers 4.27's `tokenize` splits: empty parts dropped, whitespace
+        stripped on both sides of each special token."""
+        key = self._official_split_tokens
+        if getattr(self, "_split_key", None) != key:
+            alternatives = "|".join(re.escape(token) for token in sorted(set(key), key=len, reverse=True))
+            self._split_pattern = re.compile(f"({alternatives})")
+            self._split_key = key
+        parts = self._split_pattern.split(text)  # text, special, text, special, ..., text
+        for i in range(1, len(parts), 2):
+            parts[i - 1] = parts[i - 1].rstrip()
+            parts[i + 1] = parts[i + 1].lstrip()
+        return [(part, i % 2 == 1) for i, part in enumerate(parts) if part]
 
     def _tokenize(self, text: str, **kwargs) -> list[str]:
         return self.sp_model.encode(self._normalize(text), out_type=str)
@@ -189,7 +226,11 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
                 pieces += [self.sp_model.decode(run), self._added_tokens_decoder[index].content]
                 run = []
         pieces.append(self.sp_model.decode(run))
-        return postprocess_text("".join(pieces))
+        text = postprocess_text("".join(pieces))
+        clean = kwargs.get("clean_up_tokenization_spaces")
+        if clean if clean is not None else self.clean_up_tokenization_spaces:
+            text = clean_up_tokenization(text)
+        return text
 
     def encode_text(self, texts: Sequence[str], num_threads: int = -1) -> list[list[int]]:
         """Ids of many plain texts at once (no special tokens), in sentencepiece's batched C++ encoder.
@@ -200,8 +241,16 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
         """
         pieces = self.sp_model.encode([self._normalize(text) for text in texts], num_threads=num_threads)
         if self.num_image_tokens:
-            return [[i + self.num_image_tokens for i in ids] for ids in pieces]
+            pieces = [[i + self.num_image_tokens for i in ids] for ids in pieces]
+        # A text holding a special token's literal string is split there (see `tokenize`): the slow path, exact.
+        for index, text in enumerate(texts):
+            if self._split_pattern_hits(text):
+                pieces[index] = self.convert_tokens_to_ids(self.tokenize(text))
         return pieces
+
+    def _split_pattern_hits(self, text: str) -> bool:
+        self._split_on_special_tokens("")  # builds the pattern for the current special tokens
+        return self._split_pattern.search(text) is not None
 
     # ---- special tokens and padding ---------------------------------------------------------------------------
     @property
