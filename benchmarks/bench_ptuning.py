@@ -1,0 +1,131 @@
+"""P-Tuning v2 next to LoRA on the ChatGLM-6B shape, through `thuglm train` (the recipe users run), one GPU.
+
+    PYTHONPATH=src python benchmarks/bench_ptuning.py [--record FILE.jsonl] [--commit HASH]
+    PYTHONPATH=src python benchmarks/bench_ptuning.py --smoke     # CPU: the tiny model, 2 steps a plan
+
+Plans, b1 s512, bf16 (the official recipe's pre_seq_len 128): ptuning without and with prefix_projection, and LoRA
+(r 8, the default targets), each with gradient checkpointing off and on. Each row: status, final loss, tokens/s of
+the whole loop, steady tokens/s (median of the logged steps after the third) and peak torch.cuda memory. Rows are
+mode "train-ptuning" / "train-lora" with `bench: ptuning` in --record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import math
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+import thuglm  # noqa: F401
+from thuglm.training.config import load_config
+from thuglm.training.demo import resource_path
+from thuglm.training.recipe import train
+
+PLANS = [
+    {"method": "ptuning", "ptuning.pre_seq_len": 128, "ptuning.prefix_projection": "false"},
+    {"method": "ptuning", "ptuning.pre_seq_len": 128, "ptuning.prefix_projection": "true"},
+    {"method": "lora"},
+]
+
+
+def steady_throughput(out: Path) -> float | None:
+    state = out / "trainer_state.json"
+    if not state.is_file():
+        return None
+    speeds = [e["tokens_per_s"] for e in json.loads(state.read_text())["log_history"] if "tokens_per_s" in e][3:]
+    return round(sorted(speeds)[len(speeds) // 2], 1) if speeds else None
+
+
+def run(model: str, out: Path, **settings) -> dict:
+    overrides = [f"model={model}", f"data.files={resource_path('corpus')}", f"output_dir={out}", "report_to=[]",
+                 "overwrite_output_dir=true", "save_steps=100000", "logging_steps=1"]
+    overrides += [f"{key}={value}" for key, value in settings.items()]
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    try:
+        metrics = train(load_config(None, overrides)) or {}
+        loss = metrics.get("final_train_loss")
+        status = "ok" if loss is not None and math.isfinite(loss) else "nan"
+    except torch.OutOfMemoryError:
+        metrics, status = {}, "oom"
+    except Exception as error:  # noqa: BLE001  (the benchmark reports every failure and goes on)
+        metrics, status = {"error": f"{type(error).__name__}: {error}"[:300]}, "error"
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return {"status": status, "wall_s": round(time.perf_counter() - start, 1), **settings, **metrics,
+            "steady_tokens_per_s": steady_throughput(out)}
+
+
+def summary(row: dict) -> str:
+    name = row["method"] + ("+proj" if row.get("ptuning.prefix_projection") == "true" else "")
+    tps = f"{row['tokens_per_s']:9.0f}" if row.get("tokens_per_s") else f"{'-':>9s}"
+    steady = f"{row['steady_tokens_per_s']:9.0f}" if row.get("steady_tokens_per_s") else f"{'-':>9s}"
+    peak = f"{row['peak_memory_gib']:8.2f}" if row.get("peak_memory_gib") is not None else f"{'-':>8s}"
+    loss = f"{row['final_train_loss']:8.3f}" if row.get("final_train_loss") is not None else f"{'-':>8s}"
+    return (f"{name:13s} ckpt={row['gradient_checkpointing']:5s} {row['status']:6s} {loss} {tps} {steady} {peak} "
+            f"trainable={row.get('trainable_parameters', '-')} {row.get('error', '')}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--root", default="/tmp/thuglm-bench-ptuning")
+    parser.add_argument("--record", help="append result rows (JSON lines) to this file")
+    parser.add_argument("--commit", help="the commit measured (the GPU machine's copy has no .git)")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--smoke", action="store_true", help="CPU: the tiny model, fp32, 2 steps a plan")
+    args = parser.parse_args()
+    root = Path(args.root)
+    if args.smoke:
+        from thuglm.models.tiny import cached_tiny_chatglm
+
+        model, precision, steps, seq, device = str(cached_tiny_chatglm(root / "cache")), "fp32", 2, 64, "cpu"
+        plans = [{**p, "ptuning.pre_seq_len": 4} if p["method"] == "ptuning" else p for p in PLANS]
+        checkpointing = ("false",)
+    else:
+        from common import build_6b_folder
+
+        model = str(build_6b_folder(root / "glm6b", tokenizer_cache=root / "cache"))
+        precision, steps, seq, device = "bf16", args.steps, 512, torch.cuda.get_device_name()
+        plans, checkpointing = PLANS, ("false", "true")
+    print(f"device {device}, torch {torch.__version__}")
+    rows = []
+    for plan in plans:
+        for ckpt in checkpointing:
+            tag = f"{plan['method']}-{plan.get('ptuning.prefix_projection', '')}-{ckpt}"
+            row = run(model, root / tag, **plan, precision=precision, gradient_checkpointing=ckpt,
+                      max_seq_len=seq, batch_size=1, max_steps=steps)
+            row["model"] = "tiny" if args.smoke else "6b-shape"
+            rows.append(row)
+            print(summary(row), flush=True)
+            print("ROW " + json.dumps(row, default=str), flush=True)  # kept if a time limit ends the run
+    print()
+    for row in rows:
+        print(summary(row))
+    if args.record:
+        commit = args.commit or subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+        ).stdout.strip()
+        run_id = f"bench-ptuning-{datetime.datetime.now(datetime.timezone.utc):%Y%m%dT%H%M%S}"
+        with open(args.record, "a") as handle:
+            for row in rows:
+                handle.write(json.dumps({
+                    "run_id": run_id, "date": datetime.date.today().isoformat(), "commit": commit, "device": device,
+                    "impl": "thuglm-train", "bench": "ptuning", "mode": f"train-{row['method']}",
+                    "dtype": row["precision"], "seq": row["max_seq_len"], "batch": row["batch_size"],
+                    "grad_ckpt": row["gradient_checkpointing"] == "true", "peak_gib": row.get("peak_memory_gib"),
+                    "command": "PYTHONPATH=src python benchmarks/bench_ptuning.py", **row,
+                }, default=str) + "\n")
+    if any(row["status"] != "ok" for row in rows):
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
