@@ -28,8 +28,9 @@ from ..errors import ThuglmError
 
 # Importing anything under thuglm runs thuglm/__init__.py first, which registers ChatGLM with the Auto classes.
 from ..models.prefix import is_ptuning_folder, load_prefix_state_dict, ptuning_settings, recorded_base
+from ..models.quantization import check_official_checkpoint
 from ..models.tokenization_chatglm import ChatGLMTokenizer
-from .quantized import quantize_kwargs
+from .quantized import check_official_quantized, quantize_kwargs
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 TOKENIZER_FILE = ChatGLMTokenizer.vocab_files_names["vocab_file"]  # ice_text.model
@@ -231,9 +232,12 @@ def load_for_inference(
     dtype = resolve_dtype(dtype)
     # A P-Tuning folder: the base built with its pre_seq_len / prefix_projection, then its prefix loaded.
     prefix = ptuning_settings(adapter) if adapter is not None and is_ptuning_folder(adapter) else {}
+    official_bits = check_official_quantized(model_path, quantize)
     model = AutoModelForCausalLM.from_pretrained(
         model_path, dtype=dtype, device_map=str(device), **quantize_kwargs(quantize, dtype), **prefix
     )
+    if official_bits:  # a missing or corrupt weight_scale is named now, not at the first answer
+        check_official_checkpoint(model)
     if prefix:
         load_prefix_state_dict(model, adapter)
         model.transformer.prefix_encoder.float()  # as the official recipe runs it: fp32 prefix, any base dtype

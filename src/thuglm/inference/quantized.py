@@ -109,3 +109,17 @@ def quantize_kwargs(bits: int | None, dtype: torch.dtype, skip_modules: list[str
         # On the CPU in fp32, every 8-bit matmul warns that it casts its input to fp16 (as it must to quantize it).
         warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
     return {"quantization_config": bitsandbytes_config(bits, compute_dtype=dtype, skip_modules=skip_modules)}
+
+
+def check_official_quantized(model_dir: str | Path, quantize: int | None) -> int:
+    """The `quantization_bit` of an official int4/int8 folder (0 for others); `--quantize` on one is refused."""
+    import json
+
+    config_file = Path(model_dir) / "config.json"
+    bits = json.loads(config_file.read_text(encoding="utf-8")).get("quantization_bit", 0) if config_file.is_file() else 0
+    if bits and quantize is not None:
+        raise QuantizationUnavailable(
+            f"{model_dir} is already an int{bits} checkpoint (quantization_bit {bits} in its config.json), which thuglm "
+            f"runs as it is: drop --quantize {quantize}, or pass the fp16 checkpoint (THUDM/chatglm-6b) to quantize it"
+        )
+    return bits or 0

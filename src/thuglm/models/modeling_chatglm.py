@@ -49,6 +49,7 @@ from .decoding import sample_without_host_sync
 from .losses import linear_cross_entropy
 from .masking import glm_attention_mask, glm_block_mask, glm_decode_mask, glm_position_ids, glm_static_cache_mask
 from .prefix import ChatGLMPrefixEncoder, widen_for_prefix
+from .quantization import OfficialQuantizedEmbedding, OfficialQuantizedLinear, use_official_quantized_layout
 
 # transformers renamed the `past_key_values` argument and output field to `cache` during 5.x (the old name is
 # deprecated until 5.40). thuglm supports 5.17 onwards, so it accepts both and returns the field of the installed one.
@@ -211,6 +212,9 @@ class ChatGLMBlock(GradientCheckpointingLayer):
         return mlp_input * self.residual_scale + self.mlp(mlp_input)
 
 
+OFFICIAL_QUANTIZED = (OfficialQuantizedLinear, OfficialQuantizedEmbedding)
+
+
 class ChatGLMPreTrainedModel(PreTrainedModel):
     config_class = ChatGLMConfig
     config: ChatGLMConfig
@@ -247,6 +251,13 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.LayerNorm):
             init.ones_(module.weight)
             init.zeros_(module.bias)
+        elif isinstance(module, OFFICIAL_QUANTIZED):  # an int4/int8 tensor the checkpoint lacks: named when used
+            module.mark_missing()
+
+    def post_init(self) -> None:
+        if self.config.quantization_bit:  # an official int4/int8 checkpoint: its packed layout (quantization.py)
+            use_official_quantized_layout(self, self.config)
+        super().post_init()
 
 
 class ChatGLMModel(ChatGLMPreTrainedModel):
@@ -256,11 +267,6 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
             raise NotImplementedError(
                 "position_encoding_2d=false is not a released ChatGLM-6B variant; thuglm implements the 2D positions "
                 "that every ChatGLM-6B checkpoint uses."
-            )
-        if config.quantization_bit:
-            raise NotImplementedError(
-                f"this config has quantization_bit={config.quantization_bit}: the int4/int8 ChatGLM-6B checkpoints "
-                "store custom packed weights. Load the fp16 checkpoint (THUDM/chatglm-6b) instead."
             )
         self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(ChatGLMBlock(config, i) for i in range(config.num_layers))
