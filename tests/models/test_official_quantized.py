@@ -165,3 +165,17 @@ def test_chat_runs_the_int4_folder_and_quantize_on_it_is_refused(folders, monkey
     assert main(["chat", str(folders["int4"]), "--quantize", "4"]) == 2
     err = capsys.readouterr().err
     assert "already an int4 checkpoint" in err and "drop --quantize 4" in err
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ([], "`method: lora` cannot train: use `method: ptuning`"),
+    (["quantization.bits=4"], "quantized already: remove the `quantization` section"),
+])
+def test_lora_on_an_official_int4_folder_is_refused_with_the_fix(folders, tmp_path, capsys, overrides, message):
+    config = tmp_path / "c.yaml"
+    config.write_text("{}\n")
+    args = ["train", str(config), f"model={folders['int4']}", f"data.files={OFFICIAL_TINY / 'config.json'}",
+            f"output_dir={tmp_path / 'out'}", *overrides]
+    assert main(args) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("thuglm:")]
+    assert len(errors) == 1 and message in errors[0], errors

@@ -58,3 +58,22 @@ def describe(config: TrainConfig, precision: str) -> str:
         return ""
     kind = f"{settings.type}{', double quant' if settings.double_quant else ''}" if settings.bits == 4 else "LLM.int8"
     return f"QLoRA on a {settings.bits}-bit base ({kind}, compute {compute_dtype(settings, precision)})"
+
+
+def check_official_quantized_base(model_dir, config: TrainConfig) -> None:
+    """An official int4/int8 folder (`quantization_bit` in its config.json) is already quantized, in a packed layout
+    neither peft's LoRA nor full fine-tuning can train: only a prefix (P-Tuning, as the official recipe trains int4)."""
+    from ..inference.quantized import check_official_quantized
+    from .config import ConfigError
+
+    bits = check_official_quantized(model_dir, None)
+    if not bits:
+        return
+    if config.quantization.bits is not None:
+        raise ConfigError(f"{model_dir} is the official int{bits} checkpoint, quantized already: remove the "
+                          "`quantization` section (or point `model` at the fp16 checkpoint, THUDM/chatglm-6b)")
+    if config.method != "ptuning":
+        raise ConfigError(f"{model_dir} is the official int{bits} checkpoint, whose packed weights `method: "
+                          f"{config.method}` cannot train: use `method: ptuning` on it (the official int4 recipe), or "
+                          f"QLoRA on the fp16 checkpoint (`model: <THUDM/chatglm-6b folder>`, `quantization: {{bits: "
+                          f"{bits}}}`)")

@@ -54,7 +54,7 @@ from .methods import (
 )
 from .optim import Adafactor
 from .quantization import describe as describe_quantization
-from .quantization import quantized_load_kwargs
+from .quantization import check_official_quantized_base, quantized_load_kwargs
 from .reporting import plot_losses, write_json
 from .trainer import GlmTrainer, peak_memory, perplexity
 
@@ -98,6 +98,7 @@ def train(config: TrainConfig) -> dict[str, Any] | None:
     with main_process_first(state):  # the tiny model and the datasets cache are built once, then read by the others
         model_dir = resolve_model_dir(config.model)
         check_model_folder(model_dir)  # config, weights and tokenizer, as `thuglm chat` checks them
+        check_official_quantized_base(model_dir, config)  # an official int4/int8 folder trains P-Tuning only
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder(model_dir))
         check_tokenizer_fits(tokenizer, model_dir)
 
