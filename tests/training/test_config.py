@@ -67,7 +67,7 @@ def test_learning_rate_written_as_yaml_1_1_string_is_a_number(tmp_path):
         ("lerning_rate=1e-4", "unknown config key `lerning_rate`. Did you mean `learning_rate`?"),
         ("data.text_colum=x", "Did you mean `data.text_column`?"),
         ("lora.rank=4", "unknown config key `lora.rank`"),
-        ("method=lorra", "must be one of lora, full, freeze; got 'lorra' (did you mean `lora`?)"),
+        ("method=lorra", "must be one of lora, full, freeze, ptuning; got 'lorra' (did you mean `lora`?)"),
         ("batch_size=four", "`batch_size` must be an integer; got 'four'"),
         ("gradient_checkpointing=maybe", "`gradient_checkpointing` must be true or false"),
         ("batch_size=0", "`batch_size` must be at least 1"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
@@ -99,3 +100,72 @@ def test_ptuning_refuses_a_classification_task(tmp_path, capsys):
     settings = base_settings(tmp_path, method="ptuning", task="seq_cls")
     assert main(["train", str(write_config(tmp_path, **settings))]) == 2
     assert "method: ptuning" in capsys.readouterr().err
+
+
+def test_ptuning_on_a_4bit_base_trains_the_prefix_and_loads_quantized_again(tmp_path):
+    """The official recipe's setting (quantization_bit=4 with P-Tuning v2), through bitsandbytes: the base in 4 bits,
+    the prefix in fp32 and saved in the official layout; it runs again on a 4-bit base."""
+    pytest.importorskip("bitsandbytes")
+    settings = base_settings(tmp_path, method="ptuning", learning_rate=3e-2, quantization={"bits": 4},
+                             gradient_checkpointing=True, max_steps=4, save_steps=2, report_to=[],
+                             ptuning={"pre_seq_len": PRE_SEQ_LEN, "prefix_projection": True})
+    # No evaluation between steps: on the CPU, bitsandbytes repacks 4-bit weights for inference the first time they
+    # run without gradients, and its repacked matmul then fails under autograd (CPU only; CUDA never repacks).
+    settings.pop("eval_steps")
+    settings["data"]["validation_split"] = 0.0
+    assert main(["train", str(write_config(tmp_path, **settings))]) == 0
+    output_dir = tmp_path / "out"
+    assert is_ptuning_folder(output_dir) and is_ptuning_folder(output_dir / "checkpoint-2")
+    state = torch.load(output_dir / "pytorch_model.bin", weights_only=True)
+    assert {key.split(".")[2] for key in state} == {"embedding", "trans"}
+    assert all(value.dtype == torch.float32 for value in state.values())
+    metrics = json.loads((output_dir / "metrics.json").read_text())
+    assert math.isfinite(metrics["final_train_loss"]) and metrics["steps"] == 4
+    _, model = load_for_inference(OFFICIAL_TINY, adapter=output_dir, dtype="fp32", device="cpu", quantize=4)
+    assert model.transformer.prefix_encoder.trans[0].weight.dtype == torch.float32  # not quantized
+    tokenizer = AutoTokenizer.from_pretrained(output_dir)
+    with torch.no_grad():
+        assert torch.isfinite(model(**tokenizer(["你好"], return_tensors="pt")).logits).all()
+
+
+def test_two_processes_train_the_prefix_like_one(tmp_path):
+    """DDP (torchrun, gloo on CPU): the prefix's run in 2 processes is the run of one with the same global batch."""
+    from .test_distributed import run_two_processes
+
+    values = base_settings(tmp_path, method="ptuning", learning_rate=3e-2, max_steps=4, batch_size=2,
+                           global_batch_size=4, save_steps=2, report_to=[],
+                           ptuning={"pre_seq_len": PRE_SEQ_LEN, "dropout": 0.0})
+    values["data"]["validation_split"] = 0.0
+    two = tmp_path / "two"
+    config = write_config(tmp_path, **{**values, "output_dir": str(two)})
+    launched = run_two_processes(config)
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    assert is_ptuning_folder(two) and is_ptuning_folder(two / "checkpoint-2")
+    one = tmp_path / "one"
+    assert main(["train", str(config), f"output_dir={one}"]) == 0
+    got, expected = loss_history(two), loss_history(one)
+    assert sorted(got) == sorted(expected) == [1, 2, 3, 4]
+    for step in got:
+        assert got[step] == pytest.approx(expected[step], rel=2e-2), step
+
+
+def test_merge_refuses_a_prefix_with_the_reason(ptuning_run, tmp_path, capsys):
+    assert main(["merge", "--base", str(OFFICIAL_TINY), "--adapter", str(ptuning_run / "out"),
+                 "--out", str(tmp_path / "merged")]) == 2
+    assert "nothing to merge" in capsys.readouterr().err
+
+
+def test_a_safetensors_prefix_folder_loads_too(ptuning_run, tmp_path):
+    """The official code under a transformers that saves safetensors writes model.safetensors instead."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "st"
+    folder.mkdir()
+    shutil.copy(ptuning_run / "out" / "config.json", folder / "config.json")
+    save_file(torch.load(ptuning_run / "out" / "pytorch_model.bin", weights_only=True), str(folder / "model.safetensors"))
+    assert is_ptuning_folder(folder)
+    _, from_bin = load_for_inference(OFFICIAL_TINY, adapter=ptuning_run / "out", dtype="fp32", device="cpu")
+    _, from_st = load_for_inference(OFFICIAL_TINY, adapter=folder, dtype="fp32", device="cpu")
+    ids = torch.tensor([[5, 6, 9]])
+    with torch.no_grad():
+        torch.testing.assert_close(from_st(input_ids=ids).logits, from_bin(input_ids=ids).logits)

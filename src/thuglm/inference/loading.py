@@ -27,7 +27,13 @@ from transformers.utils import (
 from ..errors import ThuglmError
 
 # Importing anything under thuglm runs thuglm/__init__.py first, which registers ChatGLM with the Auto classes.
-from ..models.prefix import is_ptuning_folder, load_prefix_state_dict, ptuning_settings, recorded_base
+from ..models.prefix import (
+    attach_prefix_encoder,
+    is_ptuning_folder,
+    load_prefix_state_dict,
+    ptuning_settings,
+    recorded_base,
+)
 from ..models.quantization import check_official_checkpoint
 from ..models.tokenization_chatglm import ChatGLMTokenizer
 from .quantized import check_official_quantized, quantize_kwargs
@@ -230,17 +236,17 @@ def load_for_inference(
     check_tokenizer_fits(tokenizer, model_path)
     device = device or default_device()
     dtype = resolve_dtype(dtype)
-    # A P-Tuning folder: the base built with its pre_seq_len / prefix_projection, then its prefix loaded.
+    # A P-Tuning folder: the base, then a prefix encoder of the folder's pre_seq_len / prefix_projection on it.
     prefix = ptuning_settings(adapter) if adapter is not None and is_ptuning_folder(adapter) else {}
     official_bits = check_official_quantized(model_path, quantize)
     model = AutoModelForCausalLM.from_pretrained(
-        model_path, dtype=dtype, device_map=str(device), **quantize_kwargs(quantize, dtype), **prefix
+        model_path, dtype=dtype, device_map=str(device), **quantize_kwargs(quantize, dtype)
     )
     if official_bits:  # a missing or corrupt weight_scale is named now, not at the first answer
         check_official_checkpoint(model)
-    if prefix:
+    if prefix:  # attached after loading (never quantized), fp32 as the official recipe runs it, then loaded
+        attach_prefix_encoder(model, **prefix)
         load_prefix_state_dict(model, adapter)
-        model.transformer.prefix_encoder.float()  # as the official recipe runs it: fp32 prefix, any base dtype
     elif adapter is not None:
         from peft import PeftModel
 

@@ -11,6 +11,7 @@ import uuid
 from pathlib import Path
 
 from ..files import give_files_the_folder_mode
+from ..models.prefix import is_ptuning_folder
 from .loading import ModelLoadError, check_adapter_folder, load_for_inference
 
 
@@ -66,6 +67,10 @@ def merge_adapter(
     adapter, out_dir = Path(adapter), Path(out_dir)
     sources = [adapter] if base is None else [Path(base), adapter]
     check_adapter_folder(adapter)
+    if is_ptuning_folder(adapter):
+        raise ModelLoadError(f"{adapter} is a P-Tuning v2 prefix: it adds keys and values in front of the text, not a "
+                             "change of the base's weights, so there is nothing to merge. Use it as it is: "
+                             f"`thuglm chat BASE_DIR --adapter {adapter}`.")
     check_out_dir(out_dir, sources, overwrite, how_to_overwrite)
     if base is None:
         tokenizer, model = load_for_inference(adapter, dtype=dtype, device="cpu", how_to_name_base=how_to_name_base)

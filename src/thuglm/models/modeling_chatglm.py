@@ -364,8 +364,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         prefix = None
         if self.prefix_encoder is not None:
             prefix = self.prefix_encoder(inputs_embeds.shape[0], inputs_embeds.dtype)
-            if self.config._attn_implementation != "flex_attention":
-                mask = widen_for_prefix(mask, self.prefix_length)
+            mask = widen_for_prefix(mask, self.prefix_length)  # a flex BlockMask was built with the prefix
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
         hidden_states = inputs_embeds
         for index, layer in enumerate(self.layers):

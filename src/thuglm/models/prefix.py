@@ -74,7 +74,7 @@ def widen_for_prefix(mask, prefix_length: int):
     `mask` is additive [batch, 1, q_len, k_len] (eager, sdpa, static cache), a FlexAttention BlockMask is built with
     `prefix_length` instead (`masking.glm_block_mask`), and None (everything visible) stays None.
     """
-    if mask is None or not prefix_length:
+    if not isinstance(mask, torch.Tensor) or not prefix_length:  # None, or a BlockMask built with the prefix
         return mask
     return nn.functional.pad(mask, (prefix_length, 0), value=0.0)
 
@@ -91,6 +91,8 @@ def prefix_parameter_names(state_dict_keys) -> list[str]:
 
 PREFIX_KEY = "transformer.prefix_encoder."
 PREFIX_WEIGHTS_NAME = "pytorch_model.bin"  # what the official loading recipe opens, by name
+# The official code run under a transformers that saves safetensors by default (4.35 on) writes this instead.
+PREFIX_SAFE_WEIGHTS_NAME = "model.safetensors"
 BASE_MODEL_KEY = "base_model_name_or_path"  # thuglm's record of the base in config.json (the official code ignores it)
 
 
@@ -99,14 +101,34 @@ def _read_config(folder) -> dict:
     return json.loads(config_file.read_text()) if config_file.is_file() else {}
 
 
+def _prefix_weights_file(folder) -> Path | None:
+    for name in (PREFIX_WEIGHTS_NAME, PREFIX_SAFE_WEIGHTS_NAME):
+        if (Path(folder) / name).is_file():
+            return Path(folder) / name
+    return None
+
+
+def _read_state_dict(weights: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
+    if weights.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(weights), device=device)
+    return torch.load(weights, map_location=device, weights_only=True, mmap=device == "meta")
+
+
 def is_ptuning_folder(folder) -> bool:
-    """A P-Tuning v2 checkpoint: config.json with `pre_seq_len` and a pytorch_model.bin of prefix keys only."""
-    weights = Path(folder) / PREFIX_WEIGHTS_NAME
-    if not _read_config(folder).get("pre_seq_len") or not weights.is_file():
+    """A P-Tuning v2 checkpoint: config.json with `pre_seq_len` and a pytorch_model.bin (or model.safetensors)
+    holding prefix keys only. A whole model saved with a prefix is a model folder, not this."""
+    weights = _prefix_weights_file(folder)
+    if not _read_config(folder).get("pre_seq_len") or weights is None or weights.stat().st_size > 2**31:
         return False
-    if weights.stat().st_size > 2**31:  # a whole model saved with a prefix: not a prefix checkpoint
-        return False
-    keys = torch.load(weights, map_location="meta", weights_only=True, mmap=True).keys()
+    if weights.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(weights), framework="pt") as handle:
+            keys = list(handle.keys())
+    else:
+        keys = list(_read_state_dict(weights, "meta"))
     return bool(keys) and all(key.startswith(PREFIX_KEY) for key in keys)
 
 
@@ -121,13 +143,28 @@ def recorded_base(folder) -> str | None:
     return _read_config(folder).get(BASE_MODEL_KEY)
 
 
+def attach_prefix_encoder(model, pre_seq_len: int, prefix_projection: bool) -> ChatGLMPrefixEncoder:
+    """Give a loaded ChatGLM a fresh prefix encoder (torch's initialisation, as the official one starts), in fp32 on
+    the word embeddings' device, and record its shape in the config. Added after loading, so a 4-/8-bit base's
+    quantization never touches it."""
+    transformer = getattr(model, model.base_model_prefix, model)
+    model.config.pre_seq_len = pre_seq_len
+    model.config.prefix_projection = prefix_projection
+    device = transformer.word_embeddings.weight.device
+    transformer.prefix_encoder = ChatGLMPrefixEncoder(model.config).to(device=device, dtype=torch.float32)
+    return transformer.prefix_encoder
+
+
 def load_prefix_state_dict(model, folder) -> None:
     """The official README's recipe: the checkpoint's `transformer.prefix_encoder.*`, stripped, into the encoder.
 
     `model` is a ChatGLM built with the checkpoint's pre_seq_len and prefix_projection (strict: a size or a key
     that does not fit raises). The encoder keeps its own dtype and device.
     """
-    state = torch.load(Path(folder) / PREFIX_WEIGHTS_NAME, map_location="cpu", weights_only=True)
+    weights = _prefix_weights_file(folder)
+    if weights is None:
+        raise FileNotFoundError(f"{folder} holds neither {PREFIX_WEIGHTS_NAME} nor {PREFIX_SAFE_WEIGHTS_NAME}")
+    state = _read_state_dict(weights)
     stripped = {key[len(PREFIX_KEY):]: value for key, value in state.items() if key.startswith(PREFIX_KEY)}
     base = getattr(model, "base_model_prefix", None) and getattr(model, model.base_model_prefix, None)
     transformer = base if base is not None else model

@@ -162,6 +162,8 @@ class PtuningSettings:
     """Prefix slots: trained keys and values every layer attends to before the text."""
     prefix_projection: bool = False
     """Encode the prefix through a 2-layer MLP (hidden -> hidden -> 2 x layers x hidden) instead of one embedding."""
+    dropout: float = 0.1
+    """Dropout on the prefix's keys and values while training (the official model's fixed 0.1)."""
 
 
 @dataclass
@@ -454,10 +456,10 @@ def check_config(config: TrainConfig) -> None:
                           "trained too: use `method: lora` (it trains the head with the adapter) or full/freeze")
     if config.method == "lora" and not config.lora.target_modules:
         raise ConfigError("config key `lora.target_modules` is empty: name the linear layers LoRA adapts")
-    if config.quantization.bits is not None and config.method != "lora":
+    if config.quantization.bits is not None and config.method not in ("lora", "ptuning"):
         raise ConfigError(f"`quantization.bits: {config.quantization.bits}` freezes the base in {config.quantization.bits}"
-                          f" bits, which `method: {config.method}` would have to train: use `method: lora` (QLoRA), "
-                          "or remove the quantization section to fine-tune the base itself")
+                          f" bits, which `method: {config.method}` would have to train: use `method: lora` (QLoRA) or "
+                          "`method: ptuning`, or remove the quantization section to fine-tune the base itself")
     if config.task != "causal_lm":
         check_classification_config(config)
     if config.optimizer_in_backward:

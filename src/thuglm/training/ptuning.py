@@ -1,7 +1,7 @@
 """`method: ptuning`: P-Tuning v2 as the official `ptuning/main.py` (THUDM/ChatGLM-6B) trains it.
 
     method: ptuning
-    ptuning: {pre_seq_len: 128, prefix_projection: false}   # the official defaults
+    ptuning: {pre_seq_len: 128, prefix_projection: false, dropout: 0.1}   # the official defaults
 
 The base is frozen; only the prefix encoder (`thuglm.models.prefix`) trains, in fp32 over a bf16/fp16 base (the
 official recipe: `model.half()`, `prefix_encoder.float()`), from torch's initialisation as the official one starts.
@@ -22,7 +22,7 @@ from functools import partial
 
 import torch
 
-from ..models.prefix import ChatGLMPrefixEncoder, save_prefix_checkpoint
+from ..models.prefix import attach_prefix_encoder, save_prefix_checkpoint
 from .config import ConfigError, TrainConfig
 
 logger = logging.getLogger("thuglm.train")
@@ -38,17 +38,16 @@ def prepare_ptuning(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Mod
     if settings.pre_seq_len < 1:
         raise ConfigError(f"config key `ptuning.pre_seq_len` must be at least 1; got {settings.pre_seq_len}")
     transformer = model.transformer
-    model.config.pre_seq_len = settings.pre_seq_len
-    model.config.prefix_projection = settings.prefix_projection
     existing = transformer.prefix_encoder
     if existing is None or (existing.pre_seq_len, existing.prefix_projection) != (
         settings.pre_seq_len, settings.prefix_projection
     ):
-        # Built outside from_pretrained: torch's own initialisation, as the official PrefixEncoder's.
-        device = transformer.word_embeddings.weight.device
-        transformer.prefix_encoder = ChatGLMPrefixEncoder(model.config).to(device)
+        attach_prefix_encoder(model, settings.pre_seq_len, settings.prefix_projection)
     else:
         logger.info("ptuning: the model's own prefix encoder (pre_seq_len %d) trains on", settings.pre_seq_len)
+    if not 0.0 <= settings.dropout < 1.0:
+        raise ConfigError(f"config key `ptuning.dropout` must be in [0, 1); got {settings.dropout}")
+    transformer.prefix_encoder.dropout.p = settings.dropout
     model.requires_grad_(False)
     transformer.prefix_encoder.float().requires_grad_(True)
     setattr(model, PREFIX_ONLY, True)
@@ -71,3 +70,20 @@ def saving_prefix_only(model: torch.nn.Module):
         yield
     finally:
         del model.save_pretrained
+
+
+@contextlib.contextmanager
+def prefix_counts_as_adapter(model: torch.nn.Module | None):
+    """transformers' Trainer refuses a 4-/8-bit model unless trainable adapters sit on it (it looks for peft's). A
+    P-Tuning prefix is such an adapter: the only trainable part, in fp32, on the frozen quantized base (the official
+    recipe's `quantization_bit=4` P-Tuning). Within, the Trainer's check sees it as one; the Trainer reads the flag
+    only while it is built."""
+    quantized_ptuning = getattr(model, PREFIX_ONLY, False) and getattr(model, "is_quantized", False)
+    if not quantized_ptuning or getattr(model, "_hf_peft_config_loaded", False):
+        yield
+        return
+    model._hf_peft_config_loaded = True
+    try:
+        yield
+    finally:
+        model._hf_peft_config_loaded = False

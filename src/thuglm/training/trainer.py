@@ -28,7 +28,7 @@ from .checkpoints import (
     write_failure,
 )
 from .optim import Adafactor, step_in_backward
-from .ptuning import saving_prefix_only
+from .ptuning import prefix_counts_as_adapter, saving_prefix_only
 
 logger = logging.getLogger("thuglm.train")
 
@@ -75,7 +75,8 @@ class GlmTrainer(Trainer):
     def __init__(self, *args, on_nan: str = "stop", optimizer_in_backward: bool = False, **kwargs):
         if optimizer_in_backward and on_nan == "skip":  # the config refuses it too, with the fix
             raise ValueError("on_nan='skip' cannot skip an update that optimizer_in_backward has already applied")
-        super().__init__(*args, **kwargs)
+        with prefix_counts_as_adapter(kwargs.get("model", args[0] if args else None)):  # P-Tuning on a k-bit base
+            super().__init__(*args, **kwargs)
         self.session_tokens = 0
         # Tokens of this process since the last flush, counted on the device: reading the count every micro-batch
         # (and, under several processes, gathering it) stopped the host until the GPU had drained, each time.
