@@ -278,7 +278,7 @@ def test_one_sharegpt_file_every_answer_memorised(tmp_path, tiny_dir):
                                {"from": "human", "value": f"再问{i}"}, {"from": "gpt", "value": answer()}]}
             for i in range(3)]
     path = write_json(tmp_path / "dialogues.json", rows)
-    run = memorise(tmp_path, tiny_dir, {"files": [str(path)], "format": "sharegpt"}, steps=150)
+    run = memorise(tmp_path, tiny_dir, {"files": [str(path)], "format": "sharegpt"}, steps=60)
     # The last answers, read back from the file with the run's settings
     got = generate(run, path, tmp_path / "last.jsonl")
     assert [row["response"] for row in got] == [row["conversations"][3]["value"] for row in rows]
