@@ -194,3 +194,38 @@ def test_the_official_loading_recipe(tiny_dir, tokenizer, tmp_path, projection):
         again.load_state_dict(trained.state_dict(), strict=False)
         load_prefix_state_dict(again, tmp_path / "ckpt")
         torch.testing.assert_close(again.eval()(**ids).logits, trained(**ids).logits)
+
+
+def test_fast_decoding_path_with_a_prefix_gives_the_plain_tokens(tiny_dir, tokenizer):
+    """What chat uses on a GPU: a static cache and the host-sync-free loop; the prefix comes with every step."""
+    from thuglm.models.decoding import sample_without_host_sync
+
+    model = ptuned(tiny_dir, attn="sdpa")
+    batch = tokenizer(PROMPTS, padding=True, return_tensors="pt")
+    kwargs = {"max_new_tokens": 8, "do_sample": False, "eos_token_id": None, "pad_token_id": tokenizer.pad_token_id}
+    fast = model.generate(**batch, cache_implementation="static", max_cache_len=256,
+                          custom_generate=sample_without_host_sync, **kwargs)
+    assert torch.equal(fast, model.generate(**batch, use_cache=False, **kwargs))
+
+
+def test_decode_step_with_a_prefix_compiles_without_graph_breaks(tiny_dir, tokenizer):
+    from transformers import StaticCache
+
+    from thuglm.models.masking import glm_static_cache_mask
+
+    model = ptuned(tiny_dir, projection=True, attn="sdpa")
+    batch = tokenizer(PROMPTS, padding=True, return_tensors="pt")
+    cache = StaticCache(config=model.config, max_cache_len=24)
+    prefill = model(**batch, past_key_values=cache, use_cache=True)
+    token = prefill.logits[:, -1:].argmax(-1)
+    attention_mask = torch.cat([batch["attention_mask"], torch.ones_like(token)], dim=1)
+    position_ids = batch["position_ids"][..., -1:] + torch.tensor([0, 1])[None, :, None]
+    step_mask = glm_static_cache_mask(position_ids, attention_mask, 24, model.dtype)
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        out = compiled(input_ids=token, attention_mask=step_mask, position_ids=position_ids, past_key_values=cache)
+        ids = torch.cat([batch["input_ids"], token], dim=1)
+        positions = torch.cat([batch["position_ids"], position_ids], dim=-1)
+        plain = model(input_ids=ids, attention_mask=attention_mask, position_ids=positions).logits[:, -1:]
+    assert int(cache.get_seq_length()) == batch["input_ids"].shape[1] + 1  # the prefix is never written there
+    torch.testing.assert_close(out.logits, plain, rtol=1e-5, atol=1e-5)

@@ -14,7 +14,10 @@ so a P-Tuning checkpoint (a `pytorch_model.bin` holding only `transformer.prefix
 The prefix is not written into the KV cache: each layer puts it in front of its keys and values on every forward
 (training, prefill, decoding with the dynamic or the static cache alike), and `widen_for_prefix` puts the matching
 columns in front of the attention mask. The cache, the 2D attention mask, position ids and generate's bookkeeping
-therefore stay those of the text alone, exactly as without a prefix.
+therefore stay those of the text alone, exactly as without a prefix. The price, when decoding: each step copies the
+layer's keys and values (cache and prefix) into one tensor, as a dynamic cache does anyway; with a static cache that
+is one extra pass over the cache per step, small next to reading the weights (~2-3% of a 6B decode step at 640
+cached tokens, by bytes moved).
 """
 
 from __future__ import annotations
