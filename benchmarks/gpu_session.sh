@@ -7,6 +7,7 @@
 #   bash benchmarks/gpu_session.sh profile-ddp  # 2 GPUs: the recipe's LoRA step on 1 and 2 processes, DDP variants
 #   bash benchmarks/gpu_session.sh profile  # 1 GPU: the recipe's LoRA step as is, with cuDNN attention, compiled
 #   bash benchmarks/gpu_session.sh single   # 1 GPU: decoding and training against the official code
+#   bash benchmarks/gpu_session.sh quant    # 1 GPU: QLoRA, 4-bit / 8-bit chat (benchmarks/bench_quant.py)
 # Wheels the machine lacks are carried in .whl (datasets), .whl_ds (DeepSpeed and its needs); the official code and
 # its transformers 4.34.1 wheels in .official and .whl_bench/official (git-ignored, never committed).
 # Logs and result rows go to $OUT (or ./gpu-out).
@@ -91,8 +92,22 @@ single)
     wait
     grep -hE "^profile of|^run:|Error" "$OUT/profile_full.log" "$OUT/profile_lora.log" | tail -8
     ;;
+quant)
+    # 1 GPU: the small-GPU goals (benchmarks/bench_quant.py): QLoRA against bf16 LoRA through thuglm train (b1, seq
+    # 2048, checkpointing), int4/int8/bf16 chat decoding against the official bf16 code, 4-/8-bit logits error.
+    # Needs the bitsandbytes wheel in .whl (pip download bitsandbytes==0.50.2 --no-deps -d .whl).
+    official=()
+    if [ -d .official ] && [ -d .whl_bench/official ]; then  # the official bf16 code to compare decoding with
+        mkdir -p /tmp/official_site && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+            --target /tmp/official_site .whl_bench/official/*.whl
+        official=(--official-code .official --official-site /tmp/official_site)
+    fi
+    python3 benchmarks/bench_quant.py --record "$OUT/rows_quant.jsonl" --commit "$commit" "${official[@]}" \
+        --work-dir /tmp/bench_quant ${QUANT_ARGS:-} > "$OUT/quant.log" 2>&1
+    grep '^{"run_id"' "$OUT/quant.log" | cut -c1-400
+    ;;
 *)
-    echo "usage: $0 multi|saves|profile|profile-ddp|single" >&2
+    echo "usage: $0 multi|saves|profile|profile-ddp|single|quant" >&2
     exit 2
     ;;
 esac
