@@ -606,7 +606,7 @@ def run_data_spec(run_dir: str | Path, files, overrides: list[str] | tuple[str, 
     of its thuglm_train.yaml), with `data.KEY=value` overrides; None for a folder without that file and no override.
 
     A run that mixed `data.sources` reads a file with the settings of the source whose files include it, else with
-    its `data.` settings.
+    the first source's.
     """
     from ..data import resolve_data_files
 
@@ -640,5 +640,6 @@ def run_data_spec(run_dir: str | Path, files, overrides: list[str] | tuple[str, 
             except ThuglmError:  # the run's files moved or were relative to another folder
                 continue
             if wanted <= trained:
-                return dataclasses.replace(spec, files=tuple(data.files), weight=None, max_samples=None)
-    return dataclasses.replace(data_spec(data, data.files), max_samples=None)
+                return spec.reading(data.files)
+        return source_specs(mixed)[0].reading(data.files)  # a file of no source: the first source's settings
+    return data_spec(data, data.files).reading(data.files)
