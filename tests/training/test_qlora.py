@@ -126,3 +126,22 @@ def test_missing_bitsandbytes_is_one_line_with_the_install_command(tmp_path, cap
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and 'pip install "thuglm[quant]"' in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_qlora_trains_in_two_processes(tmp_path):
+    # Each process loads its own 4-bit copy (on its GPU; here the CPU, gloo).
+    import os
+    import subprocess
+    import sys
+
+    settings = qlora_settings(tmp_path, max_steps=3, batch_size=2, save_steps=0, gradient_checkpointing=True)
+    settings.pop("eval_steps")
+    settings["data"]["validation_split"] = 0.0
+    config = write_config(tmp_path, **settings)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "thuglm", "train", "--nproc", "2", str(config)],
+                          capture_output=True, text=True, timeout=300, env=env, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["processes"] == 2 and metrics["steps"] == 3
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
