@@ -3,7 +3,8 @@
     PYTHONPATH=src python benchmarks/bench_ptuning.py [--record FILE.jsonl] [--commit HASH]
     PYTHONPATH=src python benchmarks/bench_ptuning.py --smoke     # CPU: the tiny model, 2 steps a plan
 
-Plans, b1 s512, bf16 (the official recipe's pre_seq_len 128): ptuning without and with prefix_projection, and LoRA
+First the tiny model trains with ptuning in bf16 and fp16, checkpointing off and on (no dtype error, a finite loss).
+Then the plans, b1 s512, bf16 (the official recipe's pre_seq_len 128): ptuning without and with prefix_projection, and LoRA
 (r 8, the default targets), each with gradient checkpointing off and on. Each row: status, final loss, tokens/s of
 the whole loop, steady tokens/s (median of the logged steps after the third) and peak torch.cuda memory. Rows are
 mode "train-ptuning" / "train-lora" with `bench: ptuning` in --record.
@@ -70,7 +71,7 @@ def summary(row: dict) -> str:
     steady = f"{row['steady_tokens_per_s']:9.0f}" if row.get("steady_tokens_per_s") else f"{'-':>9s}"
     peak = f"{row['peak_memory_gib']:8.2f}" if row.get("peak_memory_gib") is not None else f"{'-':>8s}"
     loss = f"{row['final_train_loss']:8.3f}" if row.get("final_train_loss") is not None else f"{'-':>8s}"
-    return (f"{name:13s} ckpt={row['gradient_checkpointing']:5s} {row['status']:6s} {loss} {tps} {steady} {peak} "
+    return (f"{row.get('model', ''):8s} {name:13s} {row['precision']:4s} ckpt={row['gradient_checkpointing']:5s} {row['status']:6s} {loss} {tps} {steady} {peak} "
             f"trainable={row.get('trainable_parameters', '-')} {row.get('error', '')}")
 
 
@@ -97,6 +98,17 @@ def main() -> None:
         plans, checkpointing = PLANS, ("false", "true")
     print(f"device {device}, torch {torch.__version__}")
     rows = []
+    if not args.smoke:  # first the dtypes: the tiny model, bf16 / fp16 x checkpointing (fp16: fp16 base, fp32 prefix)
+        from thuglm.models.tiny import cached_tiny_chatglm
+
+        tiny = str(cached_tiny_chatglm(root / "cache"))
+        for tiny_precision in ("bf16", "fp16"):
+            for ckpt in ("false", "true"):
+                row = run(tiny, root / f"tiny-{tiny_precision}-{ckpt}", method="ptuning", precision=tiny_precision,
+                          gradient_checkpointing=ckpt, max_seq_len=128, batch_size=4, max_steps=8)
+                row["model"] = "tiny"
+                rows.append(row)
+                print(summary(row), flush=True)
     for plan in plans:
         for ckpt in checkpointing:
             tag = f"{plan['method']}-{plan.get('ptuning.prefix_projection', '')}-{ckpt}"

@@ -169,3 +169,10 @@ def test_a_safetensors_prefix_folder_loads_too(ptuning_run, tmp_path):
     ids = torch.tensor([[5, 6, 9]])
     with torch.no_grad():
         torch.testing.assert_close(from_st(input_ids=ids).logits, from_bin(input_ids=ids).logits)
+
+
+def test_a_prefix_folder_is_refused_as_a_training_base(ptuning_run, tmp_path, capsys):
+    """Loaded as a model, a prefix folder would give a model of random base weights: named and refused."""
+    settings = base_settings(tmp_path, method="lora", model=str(ptuning_run / "out"))
+    assert main(["train", str(write_config(tmp_path, **settings))]) == 2
+    assert "P-Tuning v2 checkpoint" in capsys.readouterr().err

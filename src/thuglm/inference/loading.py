@@ -72,6 +72,11 @@ def check_model_folder(path: Path) -> None:
             f"{path} is not a model folder (no config.json). Pass the ChatGLM-6B checkpoint folder, a folder written "
             f"by `thuglm train` / `thuglm merge`, or build a tiny one with `thuglm tiny {path}`."
         )
+    if is_ptuning_folder(path):  # loaded as a model, its base weights would all be missing: random answers
+        raise ModelLoadError(
+            f"{path} is a P-Tuning v2 checkpoint (a prefix only, no base weights), not a model folder: pass the base "
+            f"model folder as the model and {path} as the adapter (`thuglm chat BASE_DIR --adapter {path}`)."
+        )
     if not any((path / name).is_file() for name in WEIGHT_FILES):
         raise ModelLoadError(
             f"{path} has a config.json but no weights (none of {', '.join(WEIGHT_FILES)}); the download or copy is "
