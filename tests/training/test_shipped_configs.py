@@ -74,7 +74,8 @@ def test_shipped_config_trains_as_shipped(config_path, tmp_path, classification_
     # As shipped: the precision and checkpointing the file asks for are the ones that ran.
     assert ran["precision"] == config.get("precision", "fp32")
     assert ran["gradient_checkpointing"] == config.get("gradient_checkpointing", False)
-    weights = "adapter_model.safetensors" if config.get("method", "lora") == "lora" else "model.safetensors"
+    weights = {"lora": "adapter_model.safetensors", "ptuning": "pytorch_model.bin"}.get(config.get("method", "lora"),
+                                                                                      "model.safetensors")
     assert (out / weights).is_file()
 
 
