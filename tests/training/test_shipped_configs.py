@@ -8,6 +8,7 @@ Only what a user must change is overridden: `model=tiny`, the data, a few steps,
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from pathlib import Path
@@ -26,31 +27,37 @@ CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
 
 
 @pytest.fixture(scope="module")
-def classification_data(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
-    """(train, dev) files for each classification task, in the columns the shipped configs name."""
-    folder = tmp_path_factory.mktemp("classification-data")
+def sample_data(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
+    """(train, dev) files for each task, and for each data format of causal_lm, in the columns the configs name."""
+    folder = tmp_path_factory.mktemp("shipped-config-data")
     rng = random.Random(0)
     topics = [write_jsonl(topic_rows(count, rng), folder / f"topics-{name}.jsonl")
               for name, count in (("train", 48), ("dev", 16))]
     names = [write_jsonl(name_rows(count, rng), folder / f"names-{name}.jsonl")
              for name, count in (("train", 48), ("dev", 16))]
-    return {"seq_cls": tuple(topics), "token_cls": tuple(names)}
+    instructions = json.loads(ALPACA.read_text(encoding="utf-8"))
+    dialogues = write_jsonl([{"conversations": [{"from": "human", "value": row["instruction"]},
+                                                {"from": "gpt", "value": row["output"]}] * 2}
+                             for row in instructions[:64]], folder / "dialogues.jsonl")
+    return {"seq_cls": tuple(topics), "token_cls": tuple(names), "text": (CORPUS, CORPUS),
+            "alpaca": (ALPACA, ALPACA), "sharegpt": (dialogues, dialogues)}
 
 
-def data_overrides(config: dict, classification_data, cache_dir: Path) -> list[str]:
-    """`data.*` overrides pointing the config at bundled or generated data of the kind it asks for."""
+def data_overrides(config: dict, sample_data, cache_dir: Path) -> list[str]:
+    """`data.*` overrides pointing the config at bundled or generated data of the kind it asks for: by its task,
+    else by its data format (each source's, for a config that mixes sources)."""
     data = config.get("data", {})
     task = config.get("task", "causal_lm")
-    if task == "causal_lm":
-        files = {"text": CORPUS, "alpaca": ALPACA}[data.get("format", "text")]
-        overrides = [f"data.files={files}"]
-        if "eval_files" in data:
-            overrides.append(f"data.eval_files={files}")
+    if "sources" in data:
+        sources = [{**source, "files": [str(sample_data[source.get("format", "text")][0])]}
+                   for source in data["sources"]]
+        overrides = [f"data.sources={json.dumps(sources, ensure_ascii=False)}"]
+        dev = sample_data["text"][1]
     else:
-        train, dev = classification_data[task]
+        train, dev = sample_data[task if task != "causal_lm" else data.get("format", "text")]
         overrides = [f"data.files={train}"]
-        if "eval_files" in data:
-            overrides.append(f"data.eval_files={dev}")
+    if "eval_files" in data:
+        overrides.append(f"data.eval_files={dev}")
     return overrides + [f"data.cache_dir={cache_dir}"]
 
 
@@ -61,12 +68,12 @@ def test_every_config_is_covered():
 
 
 @pytest.mark.parametrize("config_path", CONFIGS, ids=[path.stem for path in CONFIGS])
-def test_shipped_config_trains_as_shipped(config_path, tmp_path, classification_data, monkeypatch):
+def test_shipped_config_trains_as_shipped(config_path, tmp_path, sample_data, monkeypatch):
     monkeypatch.setenv("THUGLM_CACHE", str(tmp_path.parent / "thuglm-cache"))  # the tiny model, built once
     config = yaml.safe_load(config_path.read_text(encoding="utf-8"))
     out = tmp_path / "out"
     overrides = ["model=tiny", "max_steps=2", f"output_dir={out}",
-                 *data_overrides(config, classification_data, tmp_path / "hf-cache")]
+                 *data_overrides(config, sample_data, tmp_path / "hf-cache")]
     assert main(["train", str(config_path), *overrides]) == 0
     losses = loss_history(out)
     assert losses and all(math.isfinite(loss) for loss in losses.values())
