@@ -216,3 +216,12 @@ def test_streamed_text_is_final_text(tokenizer):
     pieces = [stream.add([token]) for token in ids]
     pieces.append(stream.finish())
     assert "".join(pieces) == stream.text() == "好，天气 hello，世界！"
+
+
+@pytest.mark.parametrize("text", ["I 'm here , he 's ok . right ?", "do n't stop ' em !"])
+def test_streamed_text_is_final_text_after_the_clean_up_of_spaces(tokenizer, text):
+    """decode joins `I '` + `m` into `I'm` (the official clean-up): the stream holds such a tail back until it is final."""
+    stream = TextStream(tokenizer, stop=[])
+    pieces = [stream.add([token]) for token in tokenizer.encode(text, add_special_tokens=False)]
+    pieces.append(stream.finish())
+    assert "".join(pieces) == stream.text() == tokenizer.decode(tokenizer.encode(text, add_special_tokens=False))

@@ -42,6 +42,7 @@ from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ThuglmError
+from ..models.tokenization_chatglm import CLEANUP_REPLACEMENTS
 from .batching import ContinuousBatcher, GenerationRequest, PromptTooLongError, QueueFullError, Sampling
 from .chat import build_prompt, process_response
 
@@ -175,6 +176,9 @@ class TextStream:
         self.token_ids: list[int] = []
         self.sent = ""
         self.stopped = False  # a stop string was found: the answer ends before it
+        # decode's clean-up joins `x '` + `m` into `x'm`: a tail that may still become one of these is held back.
+        cleans_up = getattr(tokenizer, "clean_up_tokenization_spaces", False)
+        self.cleanup = tuple(spaced for spaced, _ in CLEANUP_REPLACEMENTS) if cleans_up else ()
 
     def text(self) -> str:
         text = process_response(self.tokenizer.decode(self.token_ids))
@@ -191,7 +195,7 @@ class TextStream:
         if not self.stopped:
             text = text.rstrip("\ufffd")
             hold = 1 if text[-1:] in HALF_WIDTH_PUNCTUATION else 0
-            for pending in (*self.stop, TRAINING_TIME):
+            for pending in (*self.stop, TRAINING_TIME, *self.cleanup):
                 hold = max(hold, *(k for k in range(1, len(pending)) if text.endswith(pending[:k])), 0)
             text = text[: len(text) - hold]
         return self._delta(text)

@@ -40,11 +40,16 @@ def preprocess_text(text: str) -> str:
     return _BLANK_RUN.sub(lambda run: f"<|blank_{len(run.group())}|>", text)
 
 
+# transformers 4.x's `clean_up_tokenization`, in its order: what decode joins (a streamer must hold back a tail that
+# may still become one of these).
+CLEANUP_REPLACEMENTS = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                        (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
+
+
 def clean_up_tokenization(text: str) -> str:
     """transformers' classic `clean_up_tokenization` (4.x), which the official tokenizer's decode applied by default
     (`clean_up_tokenization_spaces` was True then): `don't , do it . right ?` -> `don't, do it. right?`."""
-    for spaced, joined in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
-                           (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+    for spaced, joined in CLEANUP_REPLACEMENTS:
         text = text.replace(spaced, joined)
     return text
 
