@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModel, DynamicCache
 
+from tests.conftest import random_weights
 from thuglm.models import ChatGLMForConditionalGeneration
 from thuglm.models.masking import glm_attention_mask, glm_block_mask
 from thuglm.models.prefix import (
@@ -14,7 +15,6 @@ from thuglm.models.prefix import (
     load_prefix_state_dict,
     save_prefix_checkpoint,
 )
-from tests.conftest import random_weights
 
 P = 3
 PROMPTS = ["你好", "请介绍一下北京的天气和历史"]
