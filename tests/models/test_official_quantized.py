@@ -179,3 +179,11 @@ def test_lora_on_an_official_int4_folder_is_refused_with_the_fix(folders, tmp_pa
     assert main(args) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("thuglm:")]
     assert len(errors) == 1 and message in errors[0], errors
+
+
+def test_int4_qe_follows_the_model_dtype(folders):
+    model = AutoModelForCausalLM.from_pretrained(folders["int4-qe"], dtype=torch.bfloat16).eval()
+    assert model.transformer.word_embeddings(IDS).dtype == torch.bfloat16
+    model = model.to(torch.float32)
+    with torch.no_grad():
+        assert model(IDS).logits.dtype == torch.float32

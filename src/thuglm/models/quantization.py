@@ -160,7 +160,8 @@ class OfficialQuantizedEmbedding(_MissingAware):
         self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim * bits // 8, dtype=torch.int8),
                                    requires_grad=False)
         self.weight_scale = nn.Parameter(torch.empty(num_embeddings), requires_grad=False)
-        self.compute_dtype = dtype or torch.get_default_dtype()
+        # Empty, and cast with the model (`model.to(torch.bfloat16)`): the dtype the looked-up rows come out in.
+        self.register_buffer("dtype_probe", torch.empty(0, dtype=dtype or torch.get_default_dtype()), persistent=False)
         self._missing: set[str] = set()
         self._checked = False
 
@@ -171,7 +172,7 @@ class OfficialQuantizedEmbedding(_MissingAware):
         if not self._checked:
             self.check(getattr(self, "_name", type(self).__name__))
         # Only the rows looked up are dequantized: the same values as the official whole-table extraction.
-        return dequantize_rows(self.weight[input_ids], self.weight_scale[input_ids], self.bits, self.compute_dtype)
+        return dequantize_rows(self.weight[input_ids], self.weight_scale[input_ids], self.bits, self.dtype_probe.dtype)
 
 
 class OfficialQuantizedHead(nn.Module):
