@@ -187,3 +187,19 @@ def test_int4_qe_follows_the_model_dtype(folders):
     model = model.to(torch.float32)
     with torch.no_grad():
         assert model(IDS).logits.dtype == torch.float32
+
+
+def test_serve_batches_an_int4_qe_model_in_its_dtype(folders):
+    from thuglm.inference.batching import ContinuousBatcher
+    from thuglm.inference.serve import ChatService
+
+    from ..inference.serve_helpers import running_server
+    from ..inference.test_serve_batching import ask
+
+    tokenizer, model = load_for_inference(folders["int4-qe"], device="cpu", dtype="bf16")
+    assert ContinuousBatcher(model, tokenizer.eos_token_id, slots=1, capacity=64).dtype == torch.bfloat16
+    tokenizer, model = load_for_inference(folders["int4-qe"], device="cpu")
+    expected = model.chat(tokenizer, "你好", do_sample=False, max_length=None, max_new_tokens=6)[0]
+    service = ChatService(model, tokenizer, max_new_tokens=6, slots=2, max_seq_len=128)
+    with running_server(service) as url:
+        assert ask(url, "你好", 6) == expected

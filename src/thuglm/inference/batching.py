@@ -219,7 +219,8 @@ class ContinuousBatcher:
         self.device = base.get_input_embeddings().weight.device
         self.dtype = base.get_input_embeddings().weight.dtype
         if not self.dtype.is_floating_point:  # a quantized embedding: the cache holds the compute dtype
-            self.dtype = torch.get_default_dtype()
+            probe = getattr(base.get_input_embeddings(), "dtype_probe", None)  # int4-qe: the dtype its rows come in
+            self.dtype = probe.dtype if probe is not None else torch.get_default_dtype()
         self.capacity = capacity or config.max_sequence_length
         self.end_ids = {end_token_ids} if isinstance(end_token_ids, int) else set(end_token_ids)
         self.cache = SlotCache(config.num_layers, slots, config.num_attention_heads, self.capacity,
