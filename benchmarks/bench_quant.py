@@ -35,7 +35,6 @@ import traceback
 from pathlib import Path
 
 import torch
-
 from common import build_6b_folder, commit_id
 
 ROOT = Path(__file__).resolve().parents[1]

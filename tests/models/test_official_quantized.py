@@ -28,7 +28,7 @@ from thuglm.models.quantization import (
 )
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "fixtures"))
-from make_official_quantized import OFFICIAL_TINY, official_dequantize, write_official_quantized  # noqa: E402
+from make_official_quantized import OFFICIAL_TINY, official_dequantize, write_official_quantized
 
 VARIANTS = {"int8": (8, False), "int4": (4, False), "int4-qe": (4, True)}
 IDS = torch.tensor([[20, 31, 47, 6, 9, 52, 88], [3, 3, 25, 99, 6, 9, 12]])

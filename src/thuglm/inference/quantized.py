@@ -37,7 +37,7 @@ def require_bitsandbytes() -> None:
         import bitsandbytes.functional as F
 
         F.quantize_4bit(torch.ones(64, dtype=torch.float16, device="cuda"))
-    except Exception as error:  # the library has no build for this card / CUDA, or the card lacks an instruction
+    except Exception as error:  # noqa: BLE001 -- no build for this card / CUDA, or the card lacks an instruction
         name = torch.cuda.get_device_name()
         capability = ".".join(map(str, torch.cuda.get_device_capability()))
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

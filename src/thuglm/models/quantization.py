@@ -86,7 +86,7 @@ class _MissingAware(nn.Module):
     def check(self, name: str) -> None:
         """Raise `OfficialCheckpointError` naming `name.weight_scale` (or `.weight`) if missing or corrupt."""
         if self._missing:
-            tensor = sorted(self._missing)[0]
+            tensor = min(self._missing)
             raise OfficialCheckpointError(
                 f"the int{self.bits} checkpoint has no {name}.{tensor}: the download is incomplete or the file is not "
                 "an official int4/int8 ChatGLM-6B checkpoint; fetch its pytorch_model.bin again"

@@ -53,8 +53,8 @@ from .methods import (
     weights_dtype,
 )
 from .optim import Adafactor
-from .quantization import describe as describe_quantization
 from .quantization import check_official_quantized_base, quantized_load_kwargs
+from .quantization import describe as describe_quantization
 from .reporting import plot_losses, write_json
 from .trainer import GlmTrainer, peak_memory, perplexity
 
