@@ -1,7 +1,8 @@
 """Using a trained ChatGLM: chat prompts and answers, loading with adapters, merging, batch generation, evaluation.
 
-The model module imports `build_prompt` / `process_response` from this package while `thuglm` is still being
-imported, so only `chat` is imported here eagerly; the other names load their module on first use.
+Only `chat` (the prompt and post-processing, which live in `thuglm.models.prompt`) is imported here eagerly; the
+other names load their module on first use, so that importing one of them does not import the server, the evaluation
+metrics and the rest.
 """
 
 from importlib import import_module

@@ -43,7 +43,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
-from ..inference.chat import answer_token_ids, build_prompt, process_response
+from .prompt import answer_token_ids, build_prompt, process_response
 from .configuration_chatglm import ChatGLMConfig
 from .decoding import sample_without_host_sync
 from .losses import linear_cross_entropy

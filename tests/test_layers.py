@@ -1,0 +1,49 @@
+"""The package's layers point one way: models/ imports nothing of thuglm above it, data/ nothing but models/.
+
+models/ -> data/ -> training/, inference/ -> cli.py. A cycle (models importing inference's prompt helpers, which
+imported the models) once only worked because a package loaded its modules lazily.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).parents[1] / "src" / "thuglm"
+ABOVE = {"models": {"data", "training", "inference", "cli"}, "data": {"training", "inference", "cli"}}
+
+
+def thuglm_imports(path: Path) -> set[str]:
+    """The first component under `thuglm` of every module `path` imports (relative imports resolved)."""
+    layer_depth = len(path.relative_to(PACKAGE).parts) - 1  # 1 for models/x.py, 2 for data/formats/x.py
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = list(path.relative_to(PACKAGE).parts[:-1])[: layer_depth - node.level + 1]
+                module = ".".join(["thuglm", *parts, *(node.module.split(".") if node.module else [])])
+            else:
+                module = node.module or ""
+            names = [module] if node.module or not node.level else [f"{module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        else:
+            continue
+        for name in names:
+            parts = name.split(".")
+            if parts[0] == "thuglm" and len(parts) > 1:
+                found.add(parts[1])
+    return found
+
+
+@pytest.mark.parametrize("layer", sorted(ABOVE))
+def test_a_layer_imports_nothing_above_it(layer):
+    offenders = {str(path.relative_to(PACKAGE)): sorted(thuglm_imports(path) & ABOVE[layer])
+                 for path in sorted((PACKAGE / layer).rglob("*.py"))}
+    assert not {name: bad for name, bad in offenders.items() if bad}
+
+
+def test_the_check_sees_relative_imports(tmp_path):
+    assert thuglm_imports(PACKAGE / "inference" / "chat.py") == {"models"}
