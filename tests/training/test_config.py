@@ -105,7 +105,7 @@ def test_unreadable_yaml_and_missing_file(tmp_path):
 @pytest.mark.parametrize("path", sorted(Path(__file__).parents[2].glob("configs/*.yaml")), ids=lambda p: p.name)
 def test_shipped_example_configs_load(path):
     config = load_config(path)
-    assert config.model and config.data.files
+    assert config.model and (config.data.files or config.data.sources)
 
 
 @pytest.mark.parametrize("name", ["demo_pretrain.yaml", "demo_lora.yaml"])
