@@ -13,56 +13,19 @@ mode "train-ptuning" / "train-lora" with `bench: ptuning` in --record.
 from __future__ import annotations
 
 import argparse
-import datetime
-import gc
 import json
-import math
-import subprocess
-import time
 from pathlib import Path
 
 import torch
+from gpu_train_check import record_rows, run
 
 import thuglm  # noqa: F401
-from thuglm.training.config import load_config
-from thuglm.training.demo import resource_path
-from thuglm.training.recipe import train
 
 PLANS = [
     {"method": "ptuning", "ptuning.pre_seq_len": 128, "ptuning.prefix_projection": "false"},
     {"method": "ptuning", "ptuning.pre_seq_len": 128, "ptuning.prefix_projection": "true"},
     {"method": "lora"},
 ]
-
-
-def steady_throughput(out: Path) -> float | None:
-    state = out / "trainer_state.json"
-    if not state.is_file():
-        return None
-    speeds = [e["tokens_per_s"] for e in json.loads(state.read_text())["log_history"] if "tokens_per_s" in e][3:]
-    return round(sorted(speeds)[len(speeds) // 2], 1) if speeds else None
-
-
-def run(model: str, out: Path, **settings) -> dict:
-    overrides = [f"model={model}", f"data.files={resource_path('corpus')}", f"output_dir={out}", "report_to=[]",
-                 "overwrite_output_dir=true", "save_steps=100000", "logging_steps=1"]
-    overrides += [f"{key}={value}" for key, value in settings.items()]
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    try:
-        metrics = train(load_config(None, overrides)) or {}
-        loss = metrics.get("final_train_loss")
-        status = "ok" if loss is not None and math.isfinite(loss) else "nan"
-    except torch.OutOfMemoryError:
-        metrics, status = {}, "oom"
-    except Exception as error:  # noqa: BLE001  (the benchmark reports every failure and goes on)
-        metrics, status = {"error": f"{type(error).__name__}: {error}"[:300]}, "error"
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    return {"status": status, "wall_s": round(time.perf_counter() - start, 1), **settings, **metrics,
-            "steady_tokens_per_s": steady_throughput(out)}
 
 
 def summary(row: dict) -> str:
@@ -122,19 +85,8 @@ def main() -> None:
     for row in rows:
         print(summary(row))
     if args.record:
-        commit = args.commit or subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-        ).stdout.strip()
-        run_id = f"bench-ptuning-{datetime.datetime.now(datetime.timezone.utc):%Y%m%dT%H%M%S}"
-        with open(args.record, "a") as handle:
-            for row in rows:
-                handle.write(json.dumps({
-                    "run_id": run_id, "date": datetime.date.today().isoformat(), "commit": commit, "device": device,
-                    "impl": "thuglm-train", "bench": "ptuning", "mode": f"train-{row['method']}",
-                    "dtype": row["precision"], "seq": row["max_seq_len"], "batch": row["batch_size"],
-                    "grad_ckpt": row["gradient_checkpointing"] == "true", "peak_gib": row.get("peak_memory_gib"),
-                    "command": "PYTHONPATH=src python benchmarks/bench_ptuning.py", **row,
-                }, default=str) + "\n")
+        record_rows(args.record, rows, "bench-ptuning", device, args.commit,
+                    "PYTHONPATH=src python benchmarks/bench_ptuning.py", bench="ptuning")
     if any(row["status"] != "ok" for row in rows):
         raise SystemExit(1)
 

@@ -40,17 +40,20 @@ def run(model: str, out: Path, **settings) -> dict:
     overrides = [f"model={model}", f"data.files={resource_path('corpus')}", f"output_dir={out}", "report_to=[]",
                  "overwrite_output_dir=true", "save_steps=100000", "logging_steps=1"]
     overrides += [f"{key}={value}" for key, value in settings.items()]
-    torch.cuda.reset_peak_memory_stats()
+    if torch.cuda.is_available():  # a --smoke run of a script that uses this one is on the CPU
+        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     try:
-        metrics = train(load_config(None, overrides))
-        status = "ok" if metrics["final_train_loss"] is not None and math.isfinite(metrics["final_train_loss"]) else "nan"
+        metrics = train(load_config(None, overrides)) or {}
+        loss = metrics.get("final_train_loss")
+        status = "ok" if loss is not None and math.isfinite(loss) else "nan"
     except torch.OutOfMemoryError:
         metrics, status = {}, "oom"
     except Exception as error:  # noqa: BLE001  (the check reports every failure and goes on)
         metrics, status = {"error": f"{type(error).__name__}: {error}"[:300]}, "error"
     gc.collect()
-    torch.cuda.empty_cache()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return {"status": status, "wall_s": round(time.perf_counter() - start, 1), **settings, **metrics,
             "steady_tokens_per_s": steady_throughput(out)}
 
@@ -181,20 +184,27 @@ def main() -> None:
     for row in rows:
         print(summary(row))
     if args.record:
-        commit = args.commit or subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-        ).stdout.strip()
-        run_id = f"gpu-train-{datetime.datetime.now(datetime.timezone.utc):%Y%m%dT%H%M%S}"
-        with open(args.record, "a") as handle:
-            for row in rows:
-                handle.write(json.dumps({
-                    "run_id": run_id, "date": datetime.date.today().isoformat(), "commit": commit, "device": device,
-                    "impl": "thuglm-train", "mode": "train-lora-matrix" if row.get("matrix") else f"train-{row['method']}",
-                    "dtype": row["precision"],
-                    "seq": row.get("max_seq_len"), "batch": row.get("batch_size"),
-                    "grad_ckpt": row["gradient_checkpointing"] == "true", "peak_gib": row.get("peak_memory_gib"),
-                    "command": "PYTHONPATH=src python benchmarks/gpu_train_check.py", **row,
-                }) + "\n")
+        record_rows(args.record, rows, "gpu-train", device, args.commit,
+                    "PYTHONPATH=src python benchmarks/gpu_train_check.py")
+
+
+def record_rows(path: str, rows: list[dict], run_name: str, device: str, commit: str | None, command: str,
+                **fields) -> None:
+    """Append `rows` (results of `run`) to the JSON-lines file `path`, under one run id, with the fields every row of
+    results.jsonl carries; `fields` are added to each."""
+    commit = commit or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    run_id = f"{run_name}-{datetime.datetime.now(datetime.timezone.utc):%Y%m%dT%H%M%S}"
+    with open(path, "a") as handle:
+        for row in rows:
+            handle.write(json.dumps({
+                "run_id": run_id, "date": datetime.date.today().isoformat(), "commit": commit, "device": device,
+                "impl": "thuglm-train", "mode": "train-lora-matrix" if row.get("matrix") else f"train-{row['method']}",
+                "dtype": row["precision"], "seq": row.get("max_seq_len"), "batch": row.get("batch_size"),
+                "grad_ckpt": row["gradient_checkpointing"] == "true", "peak_gib": row.get("peak_memory_gib"),
+                "command": command, **fields, **row,
+            }, default=str) + "\n")
 
 
 if __name__ == "__main__":

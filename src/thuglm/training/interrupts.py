@@ -21,6 +21,7 @@ import threading
 import time
 
 from ..errors import INTERRUPTED_STATUS, ThuglmError
+
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 SAME_INTERRUPT_S = 0.5  # a person's second Ctrl-C comes later than torchrun's copy of the first
 

@@ -34,7 +34,6 @@ from .checkpoints import (
     start_afresh,
 )
 from .config import ConfigError, TrainConfig, check_optimizer_placement, load_config, source_specs
-from .interrupts import TrainingInterrupted, interrupted_message, stop_on_signals
 from .distributed import (
     data_parallel_size,
     fsdp_checkpoints_layers,
@@ -43,6 +42,7 @@ from .distributed import (
     quiet_replicas,
     sharding_plugin,
 )
+from .interrupts import TrainingInterrupted, interrupted_message, stop_on_signals
 from .methods import (
     compile_blocks,
     count_parameters,
