@@ -82,13 +82,15 @@ def test_left_padded_rows_equal_each_row_alone(tiny_dir, tokenizer, attn, projec
             torch.testing.assert_close(logits[row, -alone.shape[0]:], alone, rtol=1e-5, atol=1e-5)
 
 
-def test_eager_and_sdpa_agree(tiny_dir, tokenizer):
+@pytest.mark.parametrize("attn", ["sdpa", "flex_attention"])
+def test_every_attention_gives_the_eager_logits(tiny_dir, tokenizer, attn):
+    """Left-padded rows with the prefix; flex attention runs its forward on the CPU too (its backward needs a GPU)."""
     batch = tokenizer(PROMPTS, padding=True, return_tensors="pt")
     real = batch["attention_mask"].bool()
     with torch.no_grad():
         eager = ptuned(tiny_dir, attn="eager")(**batch).logits[real]
-        sdpa = ptuned(tiny_dir, attn="sdpa")(**batch).logits[real]
-    torch.testing.assert_close(sdpa, eager, rtol=1e-5, atol=1e-5)
+        other = ptuned(tiny_dir, attn=attn)(**batch).logits[real]
+    torch.testing.assert_close(other, eager, rtol=1e-5, atol=1e-4)
 
 
 def test_flex_block_mask_sees_the_prefix_then_the_glm_rule(tokenizer):
