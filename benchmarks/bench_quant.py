@@ -40,6 +40,13 @@ from common import build_6b_folder, commit_id
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def subprocess_env() -> dict[str, str]:
+    """This process's environment with thuglm's src first on PYTHONPATH, keeping what was there: on the GPU machine
+    that holds the wheels it lacks (datasets), installed with pip --target."""
+    paths = [str(ROOT / "src"), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+
+
 def device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
@@ -63,7 +70,7 @@ def train_row(model: str, mode: str, out: Path, seq: int, steps: int, smoke: boo
     command = [sys.executable, "-m", "thuglm", "train", str(config), *overrides]
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, check=False,
-                          env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+                          env=subprocess_env())
     row = {"impl": "thuglm-train", "mode": mode, "seq": seq, "batch": 1, "grad_ckpt": True, "steps": steps,
            "wall_s": round(time.perf_counter() - start, 1), "command": " ".join(command[3:])}
     metrics_file = out / "metrics.json"
@@ -203,7 +210,7 @@ def tiny_perplexity(work: Path, steps: int) -> list[dict]:
         work.mkdir(parents=True, exist_ok=True)
         config.write_text("{}\n")
         done = subprocess.run([sys.executable, "-m", "thuglm", "train", str(config), *overrides], capture_output=True,
-                              text=True, check=False, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+                              text=True, check=False, env=subprocess_env())
         metrics = json.loads((out / "metrics.json").read_text()) if done.returncode == 0 else {}
         rows.append({"impl": "thuglm-train", "mode": f"tiny-{mode}", "model": "tiny", "steps": steps,
                      "eval_loss": metrics.get("eval_loss"), "perplexity": metrics.get("perplexity"),
