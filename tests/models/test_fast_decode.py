@@ -55,21 +55,29 @@ def test_decode_mask_equals_the_full_rule():
     assert (static[..., 6:] == torch.finfo(torch.float32).min).all()
 
 
-def test_decode_step_compiles_without_graph_breaks(model, tokenizer):
-    """The decode step under a static cache traces as one graph (what CUDA-graph decoding on a GPU needs)."""
-    model.set_attn_implementation("sdpa")
-    batch = tokenizer(PROMPTS, padding=True, return_tensors="pt")
-    cache = StaticCache(config=model.config, max_cache_len=24)
-    length = batch["input_ids"].shape[1]
+def compiled_decode_step(model, batch, cache_len: int = 24):
+    """Prefill `batch` into a static cache, then run one greedy decode step with the static-cache mask through
+    `torch.compile(fullgraph=True)` (which fails on a graph break). Returns the step's output, its token, the
+    attention_mask and position_ids of the rows with that token appended, and the cache."""
+    cache = StaticCache(config=model.config, max_cache_len=cache_len)
     prefill = model(**batch, past_key_values=cache, use_cache=True)
     token = prefill.logits[:, -1:].argmax(-1)
     attention_mask = torch.cat([batch["attention_mask"], torch.ones_like(token)], dim=1)
     position_ids = batch["position_ids"][..., -1:] + torch.tensor([0, 1])[None, :, None]
-    step_mask = glm_static_cache_mask(position_ids, attention_mask, 24, model.dtype)
+    step_mask = glm_static_cache_mask(position_ids, attention_mask, cache_len, model.dtype)
     compiled = torch.compile(model, backend="eager", fullgraph=True)
     out = compiled(input_ids=token, attention_mask=step_mask, position_ids=position_ids, past_key_values=cache)
+    positions = torch.cat([batch["position_ids"], position_ids], dim=-1)
+    return out, token, attention_mask, positions, cache
+
+
+def test_decode_step_compiles_without_graph_breaks(model, tokenizer):
+    """The decode step under a static cache traces as one graph (what CUDA-graph decoding on a GPU needs)."""
+    model.set_attn_implementation("sdpa")
+    batch = tokenizer(PROMPTS, padding=True, return_tensors="pt")
+    out, *_, cache = compiled_decode_step(model, batch)
     assert out.logits.shape[:2] == (len(PROMPTS), 1)
-    assert int(cache.get_seq_length()) == length + 1
+    assert int(cache.get_seq_length()) == batch["input_ids"].shape[1] + 1
     assert model._can_compile_fullgraph
 
 

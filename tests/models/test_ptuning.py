@@ -211,23 +211,13 @@ def test_fast_decoding_path_with_a_prefix_gives_the_plain_tokens(tiny_dir, token
 
 
 def test_decode_step_with_a_prefix_compiles_without_graph_breaks(tiny_dir, tokenizer):
-    from transformers import StaticCache
-
-    from thuglm.models.masking import glm_static_cache_mask
+    from tests.models.test_fast_decode import compiled_decode_step
 
     model = ptuned(tiny_dir, projection=True, attn="sdpa")
     batch = tokenizer(PROMPTS, padding=True, return_tensors="pt")
-    cache = StaticCache(config=model.config, max_cache_len=24)
-    prefill = model(**batch, past_key_values=cache, use_cache=True)
-    token = prefill.logits[:, -1:].argmax(-1)
-    attention_mask = torch.cat([batch["attention_mask"], torch.ones_like(token)], dim=1)
-    position_ids = batch["position_ids"][..., -1:] + torch.tensor([0, 1])[None, :, None]
-    step_mask = glm_static_cache_mask(position_ids, attention_mask, 24, model.dtype)
-    compiled = torch.compile(model, backend="eager", fullgraph=True)
     with torch.no_grad():
-        out = compiled(input_ids=token, attention_mask=step_mask, position_ids=position_ids, past_key_values=cache)
+        out, token, attention_mask, positions, cache = compiled_decode_step(model, batch)
         ids = torch.cat([batch["input_ids"], token], dim=1)
-        positions = torch.cat([batch["position_ids"], position_ids], dim=-1)
         plain = model(input_ids=ids, attention_mask=attention_mask, position_ids=positions).logits[:, -1:]
     assert int(cache.get_seq_length()) == batch["input_ids"].shape[1] + 1  # the prefix is never written there
     torch.testing.assert_close(out.logits, plain, rtol=1e-5, atol=1e-5)
