@@ -165,7 +165,7 @@ def official_rows(args, new: int) -> list[dict]:
     runner = argparse.Namespace(official_code=args.official_code, official_site=args.official_site,
                                 official_timeout=args.official_timeout, work_dir=args.work_dir, repeats=args.repeats)
     rows = bench_decode.run_official(runner, [(1, 32, new)])
-    return [{**row, "impl": "official", "mode": "bf16", "decode": "official"} for row in rows]
+    return [{**row, "impl": "official", "mode": "decode", "dtype": "bf16", "decode": "official"} for row in rows]
 
 
 # ---- quality -------------------------------------------------------------------------------------------------------
@@ -225,6 +225,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="the tiny model on CPU: every part runs end to end")
     parser.add_argument("--tiny-ppl", action="store_true", help="only the tiny model's QLoRA-vs-LoRA perplexity")
     parser.add_argument("--parts", default="train,chat,quality")
+    parser.add_argument("--chat-modes", default="int4,int8,bf16", help="the `chat` part's models, of int4,int8,bf16")
     parser.add_argument("--record", help="append result rows (JSON lines) to this file")
     parser.add_argument("--commit", help="the commit measured (a copy without .git cannot tell)")
     parser.add_argument("--train-steps", type=int, default=30)
@@ -258,7 +259,7 @@ def main() -> None:
                 rows.append(train_row(str(folder), mode, work / f"train-{mode}", seq, steps, args.smoke))
                 print(rows[-1], flush=True)
         if "chat" in parts:
-            rows += chat_rows(folder, ["int4", "int8", "bf16"], new, 1 if args.smoke else args.repeats)
+            rows += chat_rows(folder, args.chat_modes.split(","), new, 1 if args.smoke else args.repeats)
             if args.official_code and args.official_site:
                 rows += official_rows(args, new)
         if "quality" in parts:
