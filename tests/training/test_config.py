@@ -6,9 +6,12 @@ from pathlib import Path
 
 import pytest
 
+from thuglm.data.samples import DEFAULT_MAX_SEQ_LEN
+from thuglm.models import ChatGLMConfig
 from thuglm.training.config import (
     DEFAULT_LORA_TARGETS,
     ConfigError,
+    check_max_seq_len,
     load_config,
     valid_keys,
 )
@@ -26,8 +29,8 @@ def test_minimal_config_gets_defaults(tmp_path):
     assert config.data.files == ["corpus/*.csv"]  # one item becomes a list
     assert config.method == "lora"
     assert config.lora.target_modules == DEFAULT_LORA_TARGETS
-    assert config.resolved_learning_rate() == 2e-4
-    assert config.resolved_packing() is True
+    assert config.learning_rate == 2e-4 and config.packing is True  # filled in once, read as plain keys
+    assert config.max_seq_len == DEFAULT_MAX_SEQ_LEN
     assert config.data.format == "text" and config.precision == "auto"
 
 
@@ -52,13 +55,53 @@ def test_overrides_are_dotted_and_typed_by_yaml(tmp_path):
     assert config.learning_rate == 3e-4
     assert config.packing is False
     assert config.data.files == ["x.csv", "y.json"]
-    assert config.resolved_learning_rate() == 3e-4
     assert config.resume_from_checkpoint == "out/checkpoint-4"
 
 
 def test_learning_rate_written_as_yaml_1_1_string_is_a_number(tmp_path):
     config = load_config(write(tmp_path, "model: tiny\ndata: {files: a.csv}\nlearning_rate: 1e-5\n"))
     assert config.learning_rate == 1e-5
+
+
+@pytest.mark.parametrize(
+    ("overrides", "learning_rate", "packing"),
+    [
+        ([], 2e-4, True),
+        (["method=ptuning"], 2e-2, True),  # the official P-Tuning recipe's
+        (["method=full"], 2e-5, True),
+        (["method=freeze", "data.format=alpaca"], 2e-5, False),  # a sample an answer, each after its prompt
+        (["data.files=[]", "data.sources=[{files: [a.csv]}, {files: [b.json], format: sharegpt}]"], 2e-4, False),
+        (["task=seq_cls"], 2e-4, False),  # one sample a row
+        (["learning_rate=1e-3", "packing=false"], 1e-3, False),  # given: kept
+    ],
+)
+def test_defaults_that_depend_on_other_keys_are_filled_in_once(tmp_path, overrides, learning_rate, packing):
+    config = load_config(write(tmp_path, "model: tiny\ndata: {files: [a.csv]}\n"), overrides)
+    assert config.learning_rate == learning_rate and config.packing is packing
+    assert config.to_dict()["learning_rate"] == learning_rate  # thuglm_train.yaml records what ran
+
+
+def test_gradient_accumulation_comes_from_the_global_batch_for_the_processes(tmp_path):
+    path = write(tmp_path, "model: tiny\ndata: {files: [a.csv]}\nbatch_size: 4\n")
+    assert load_config(path, ["gradient_accumulation_steps=3"]).gradient_accumulation_for(2) == 3
+    config = load_config(path, ["global_batch_size=32"])
+    assert [config.gradient_accumulation_for(processes) for processes in (1, 2, 8)] == [8, 4, 1]
+    with pytest.raises(ConfigError, match=r"32 rows a step do not split over 3 process\(es\) x batch_size 4"):
+        config.gradient_accumulation_for(3)
+
+
+def test_max_seq_len_longer_than_the_model_was_trained_on_is_refused(tmp_path):
+    path = write(tmp_path, "model: tiny\ndata: {files: [a.csv]}\n")
+    chatglm_6b = ChatGLMConfig()  # max_sequence_length 2048, as the official config.json
+    check_max_seq_len(load_config(path, ["max_seq_len=2048"]), chatglm_6b)
+    check_max_seq_len(load_config(path), chatglm_6b)
+    with pytest.raises(ConfigError) as error:
+        check_max_seq_len(load_config(path, ["max_seq_len=4096"]), chatglm_6b)
+    message = str(error.value)
+    assert "`max_seq_len` is 4096" in message and "at most 2048 tokens" in message
+    assert "set max_seq_len to 2048 or less" in message
+    with pytest.raises(ConfigError, match="`max_seq_len` is 512.*at most 256 tokens"):
+        check_max_seq_len(load_config(path), ChatGLMConfig(max_sequence_length=256))
 
 
 @pytest.mark.parametrize(

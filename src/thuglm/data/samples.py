@@ -15,6 +15,10 @@ from collections.abc import Sequence
 
 IGNORE_INDEX = -100
 
+DEFAULT_MAX_SEQ_LEN = 512
+"""Tokens a row when no `max_seq_len` (config key) or `--max-seq-len` (eval, predict) is given: ChatGLM-6B's
+fine-tuning default; the model takes up to its `max_sequence_length` (2048)."""
+
 
 def prompt_response_sample(
     prompt_ids: Sequence[int], response_ids: Sequence[int], gmask_id: int, sop_id: int, eop_id: int

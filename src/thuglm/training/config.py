@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 import yaml
 
+from ..data.samples import DEFAULT_MAX_SEQ_LEN
 from ..errors import ThuglmError
 
 DEFAULT_LORA_TARGETS = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
@@ -197,7 +198,8 @@ class TrainConfig:
     method: Literal["lora", "full", "freeze", "ptuning"] = "lora"
     """`ptuning`: P-Tuning v2 (the `ptuning` section); the output is in the official checkpoint layout."""
     output_dir: str = "outputs/run"
-    max_seq_len: int = 512
+    max_seq_len: int = DEFAULT_MAX_SEQ_LEN
+    """Tokens a row (a sample, or several packed); at most the model's `max_sequence_length` (2048 for ChatGLM-6B)."""
     packing: bool | None = None
     """Several samples a row, each with its own positions and mask. Default: on for text, off for alpaca."""
     max_steps: int = -1
@@ -261,13 +263,10 @@ class TrainConfig:
     freeze: FreezeSettings = field(default_factory=FreezeSettings)
     quantization: QuantizationSettings = field(default_factory=QuantizationSettings)
 
-    def resolved_learning_rate(self) -> float:
-        if self.learning_rate is not None:
-            return self.learning_rate
-        return {"lora": 2e-4, "ptuning": 2e-2}.get(self.method, 2e-5)
-
-    def resolved_gradient_accumulation_steps(self, processes: int) -> int:
-        """Micro-batches per optimizer step in each of `processes` processes."""
+    def gradient_accumulation_for(self, processes: int) -> int:
+        """Micro-batches per optimizer step in each of `processes` processes: `gradient_accumulation_steps`, or what
+        `global_batch_size` makes of it for this number of processes. Only the launch knows that number, so this
+        is the one setting not filled in by `load_config`; a global batch the processes cannot share is refused."""
         if self.global_batch_size is None:
             return self.gradient_accumulation_steps
         per_pass = self.batch_size * processes
@@ -279,16 +278,19 @@ class TrainConfig:
             )
         return self.global_batch_size // per_pass
 
+    # The names the recipe called before load_config filled these keys in (resolve_defaults); kept until it reads
+    # the fields themselves.
+    def resolved_gradient_accumulation_steps(self, processes: int) -> int:
+        return self.gradient_accumulation_for(processes)
+
+    def resolved_learning_rate(self) -> float:
+        return self.learning_rate if self.learning_rate is not None else default_learning_rate(self.method)
+
     def resolved_max_grad_norm(self) -> float:
-        if self.max_grad_norm is not None:
-            return self.max_grad_norm
-        return 0.0 if self.optimizer_in_backward else 1.0
+        return self.max_grad_norm if self.max_grad_norm is not None else default_max_grad_norm(self)
 
     def resolved_packing(self) -> bool:
-        if self.packing is not None:
-            return self.packing
-        formats = [source.format or self.data.format for source in self.data.sources] or [self.data.format]
-        return self.task == "causal_lm" and all(fmt == "text" for fmt in formats)
+        return self.packing if self.packing is not None else default_packing(self)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -312,7 +314,45 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         set_dotted(raw, key, value)
     config = build_dataclass(TrainConfig, raw, prefix="")
     check_config(config)
+    resolve_defaults(config)
     return config
+
+
+def default_learning_rate(method: str) -> float:
+    """2e-4 for lora, 2e-2 for ptuning (the official recipe's), 2e-5 for full and freeze."""
+    return {"lora": 2e-4, "ptuning": 2e-2}.get(method, 2e-5)
+
+
+def default_max_grad_norm(config: TrainConfig) -> float:
+    """1.0; 0 (no clipping) with optimizer_in_backward, where no moment of a step holds all the gradients."""
+    return 0.0 if config.optimizer_in_backward else 1.0
+
+
+def default_packing(config: TrainConfig) -> bool:
+    """On for causal-LM text (every source's format text), off for dialogues and classification."""
+    formats = [source.format or config.data.format for source in config.data.sources] or [config.data.format]
+    return config.task == "causal_lm" and all(fmt == "text" for fmt in formats)
+
+
+def resolve_defaults(config: TrainConfig) -> None:
+    """Fill the keys whose default depends on other keys (learning_rate, packing), once, after the config was
+    checked: everything after `load_config` reads plain fields, and thuglm_train.yaml records them."""
+    if config.learning_rate is None:
+        config.learning_rate = default_learning_rate(config.method)
+    if config.packing is None:
+        config.packing = default_packing(config)
+
+
+def check_max_seq_len(config: TrainConfig, model_config: Any) -> None:
+    """`max_seq_len` against the model's `max_sequence_length` (its config.json: 2048 for ChatGLM-6B): the model
+    was trained on no longer rows, so a longer one is refused before any data is read."""
+    limit = getattr(model_config, "max_sequence_length", None)
+    if limit is not None and config.max_seq_len > limit:
+        raise ConfigError(
+            f"config key `max_seq_len` is {config.max_seq_len}, and the model ({config.model}) was trained on at most "
+            f"{limit} tokens (max_sequence_length in its config.json): set max_seq_len to {limit} or less; longer "
+            "texts are split into windows of max_seq_len (text) or lose their oldest rounds first (dialogues)"
+        )
 
 
 def parse_override(text: str) -> tuple[str, Any]:
