@@ -52,7 +52,8 @@ def cpu_name() -> str:
 def main() -> None:
     from peft.helpers import disable_input_dtype_casting
 
-    from thuglm.training.trainer import WalkShortcuts, adapter_input_casting_off, adapter_layers
+    from thuglm.training.parts.adapter_casting import adapter_input_casting_off, adapter_layers
+    from thuglm.training.parts.module_walks import WalkShortcuts
 
     def entered(context_manager):
         with context_manager:

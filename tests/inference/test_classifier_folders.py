@@ -10,7 +10,7 @@ from transformers import AutoTokenizer
 from thuglm.cli import main
 from thuglm.inference.loading import ModelLoadError, load_for_inference
 from thuglm.models import ChatGLMForSequenceClassification, ChatGLMForTokenClassification
-from thuglm.training.classification import save_classifier_config
+from thuglm.training.tasks.classification import save_classifier_config
 
 
 @pytest.fixture(scope="module")

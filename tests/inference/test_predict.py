@@ -17,7 +17,7 @@ from thuglm.cli import main
 from thuglm.data.classification import align_tokens, token_tags
 from thuglm.inference.loading import ModelLoadError
 from thuglm.inference.predict import load_classifier_for_inference, predict_file
-from thuglm.training.classification import save_classifier_config
+from thuglm.training.tasks.classification import save_classifier_config
 
 from ..conftest import random_weights
 

@@ -22,7 +22,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 import thuglm  # noqa: F401
 from thuglm.cli import main
 from thuglm.data.classification import LabelSpace, align_tokens, piece_tags, token_tags
-from thuglm.training.classification import entity_scores, load_classifier, macro_f1, sequence_metrics
+from thuglm.training.tasks.classification import entity_scores, load_classifier, macro_f1, sequence_metrics
 from thuglm.training.config import ConfigError, load_config
 from thuglm.training.methods import prepare_for_method
 

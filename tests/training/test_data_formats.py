@@ -26,6 +26,7 @@ from thuglm.data.samples import IGNORE_INDEX
 from thuglm.inference.chat import build_prompt
 from thuglm.models import ChatGLMTokenizer
 from thuglm.training import recipe
+from thuglm.training.tasks.causal_lm import CausalLM
 
 
 # ---- data written as users have it -----------------------------------------------------------------------------------
@@ -129,14 +130,14 @@ def write_config(folder: Path, tiny_dir, data: dict, **settings) -> Path:
 def train_capturing(config: Path, *overrides: str):
     """`thuglm train CONFIG`, with the training rows it built; (status, rows)."""
     captured = {}
-    original = recipe.build_datasets
+    original = CausalLM.build_datasets
 
-    def spy(config, tokenizer):
-        captured["train"], captured["eval"] = original(config, tokenizer)
+    def spy(task, tokenizer):
+        captured["train"], captured["eval"] = original(task, tokenizer)
         return captured["train"], captured["eval"]
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(recipe, "build_datasets", spy)
+        patch.setattr(CausalLM, "build_datasets", spy)
         status = main(["train", str(config), *overrides])
     return status, captured.get("train")
 
@@ -175,13 +176,13 @@ def test_mask_history_trains_the_last_answer_and_train_on_prompt_moves_the_promp
 ):
     path, settings, dialogues = dataset_files(tmp_path / "data")["sharegpt"]
     config = write_config(tmp_path, tiny_dir, {"files": [str(path)], **settings, "mask_history": True})
-    rows, _ = recipe.build_datasets(recipe.load_config(str(config), []), tokenizer_of)
+    rows, _ = CausalLM(recipe.load_config(str(config), [])).build_datasets(tokenizer_of)
     last_only = [(system, pairs) for system, pairs in dialogues]
     everything = expected_samples(tokenizer_of, last_only, "sharegpt")
     assert [row["input_ids"] for row in rows] == [everything[1]["input_ids"], everything[2]["input_ids"]]
 
-    rows, _ = recipe.build_datasets(recipe.load_config(str(config), ["data.mask_history=false",
-                                                                     "data.train_on_prompt=true"]), tokenizer_of)
+    overrides = ["data.mask_history=false", "data.train_on_prompt=true"]
+    rows, _ = CausalLM(recipe.load_config(str(config), overrides)).build_datasets(tokenizer_of)
     gmask, sop = tokenizer_of.gmask_token_id, tokenizer_of.bos_token_id
     for row, sample in zip(rows, everything, strict=True):
         context = sample["input_ids"].index(gmask)
@@ -195,7 +196,7 @@ def test_a_folder_whose_files_name_the_text_column_differently_trains_every_row(
     write_csv(folder / "a.csv", "id,content", ["1,春天来了", "2,夏天到了"])
     write_json(folder / "b.json", [{"sentence": "秋天的风"}, {"sentence": "冬天的雪"}, {"sentence": "山和水"}])
     config = write_config(tmp_path, tiny_dir, {"files": [str(folder)]}, packing=False)
-    rows, _ = recipe.build_datasets(recipe.load_config(str(config), []), tokenizer_of)
+    rows, _ = CausalLM(recipe.load_config(str(config), [])).build_datasets(tokenizer_of)
     texts = ["春天来了", "夏天到了", "秋天的风", "冬天的雪", "山和水"]
     assert [row["input_ids"] for row in rows] == [s["input_ids"] for s in expected_samples(tokenizer_of, texts, "text")]
 
@@ -210,7 +211,7 @@ def test_txt_units_nested_json_and_compressed_files(tmp_path, tiny_dir, tokenize
 
     def texts(files, *overrides):
         config = write_config(tmp_path, tiny_dir, {"files": [str(file) for file in files]}, packing=False)
-        rows, _ = recipe.build_datasets(recipe.load_config(str(config), list(overrides)), tokenizer_of)
+        rows, _ = CausalLM(recipe.load_config(str(config), list(overrides))).build_datasets(tokenizer_of)
         return [tokenizer_of.decode(row["input_ids"][2:-1]) for row in rows]
 
     assert texts([novel], "data.txt_unit=paragraph") == ["第1章\n春天来了。\n花开了。", "第2章\n夏天到了。"]
@@ -417,7 +418,7 @@ def test_sharegpt_variants_and_tool_messages(tmp_path, tiny_dir, tokenizer_of, c
     path = write_json(tmp_path / "variants.json", rows[:2])
     config = write_config(tmp_path, tiny_dir, {"files": [str(path)], "format": "sharegpt"}, packing=False)
     with caplog.at_level(logging.WARNING, logger="thuglm.data"):
-        built, _ = recipe.build_datasets(recipe.load_config(str(config), []), tokenizer_of)
+        built, _ = CausalLM(recipe.load_config(str(config), [])).build_datasets(tokenizer_of)
     assert [row["input_ids"] for row in built] == [s["input_ids"] for s in
                                                    expected_samples(tokenizer_of, [("", [("问", "答")])], "sharegpt")]
     assert "skipped 1 row(s) whose `conversations` has a tool call or tool output" in caplog.text
@@ -426,7 +427,7 @@ def test_sharegpt_variants_and_tool_messages(tmp_path, tiny_dir, tokenizer_of, c
     tags = {"role_tag": "speaker", "content_tag": "text", "user_tag": "客户", "assistant_tag": "客服"}
     config = write_config(tmp_path, tiny_dir, {"files": [str(custom)], "format": "sharegpt",
                                                "columns": {"messages": "dialogue"}, "tags": tags}, packing=False)
-    built, _ = recipe.build_datasets(recipe.load_config(str(config), []), tokenizer_of)
+    built, _ = CausalLM(recipe.load_config(str(config), [])).build_datasets(tokenizer_of)
     assert [row["input_ids"] for row in built] == [s["input_ids"] for s in
                                                    expected_samples(tokenizer_of, [("", [("你好", "您好")])], "sharegpt")]
 

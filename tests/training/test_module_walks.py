@@ -12,7 +12,8 @@ import torch
 from transformers import Trainer
 
 from thuglm.training import recipe
-from thuglm.training.trainer import WalkShortcuts
+from thuglm.training import trainer as trainer_module
+from thuglm.training.parts.module_walks import WalkShortcuts
 
 from .test_train_e2e import short_lora_run_config
 
@@ -57,7 +58,7 @@ def walks_and_trainer(tmp_path, steps: int, monkeypatch, precision: str = "fp32"
 
     config = short_lora_run_config(tmp_path / f"{precision}-{steps}", steps, precision=precision)
     trainers = []
-    monkeypatch.setattr(recipe, "GlmTrainer", _recording(recipe.GlmTrainer, trainers))
+    monkeypatch.setattr(trainer_module, "GlmTrainer", _recording(trainer_module.GlmTrainer, trainers))
     with monkeypatch.context() as patch:
         patch.setattr(torch.nn.Module, "named_modules", counted)
         recipe.train(config)

@@ -13,7 +13,8 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import Checkpoi
 from transformers import TrainingArguments
 
 from thuglm.models import ChatGLMForConditionalGeneration
-from thuglm.training.trainer import GlmTrainer, in_loaded_dtypes
+from thuglm.training.parts.saving import in_loaded_dtypes
+from thuglm.training.trainer import GlmTrainer
 
 
 def upcast_trained_weights(model) -> None:

@@ -464,6 +464,8 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
 
 def check_config(config: TrainConfig) -> None:
     """Rules that span several keys."""
+    from .tasks import get_task  # the tasks read TrainConfig: imported here, once the config module is whole
+
     if not config.model:
         raise ConfigError("config key `model` is required: a model folder (official layout or saved by thuglm), or `tiny`")
     if not config.data.files and not config.data.sources:
@@ -491,7 +493,8 @@ def check_config(config: TrainConfig) -> None:
     if config.global_batch_size is not None and config.gradient_accumulation_steps != 1:
         raise ConfigError("set `global_batch_size` or `gradient_accumulation_steps`, not both: the first derives the "
                           "second from batch_size and the number of processes")
-    if config.method == "ptuning" and config.task != "causal_lm":
+    task = get_task(config.task)
+    if config.method == "ptuning" and not task.trains_with_prefix:
         raise ConfigError(f"`method: ptuning` trains a language model's prefix; `task: {config.task}` needs a new head "
                           "trained too: use `method: lora` (it trains the head with the adapter) or full/freeze")
     if config.method == "lora" and not config.lora.target_modules:
@@ -500,8 +503,7 @@ def check_config(config: TrainConfig) -> None:
         raise ConfigError(f"`quantization.bits: {config.quantization.bits}` freezes the base in {config.quantization.bits}"
                           f" bits, which `method: {config.method}` would have to train: use `method: lora` (QLoRA) or "
                           "`method: ptuning`, or remove the quantization section to fine-tune the base itself")
-    if config.task != "causal_lm":
-        check_classification_config(config)
+    task.check_config(config)
     if config.optimizer_in_backward:
         check_optimizer_in_backward(config)
 
@@ -556,31 +558,12 @@ def check_optimizer_placement(config: TrainConfig, processes: int, precision: st
             precision=f"precision fp16 (what `precision: {config.precision}` chose on this GPU, which has no bf16)"))
 
 
-def check_classification_config(config: TrainConfig) -> None:
-    """seq_cls / token_cls read one sample a row and learn their label set from the data."""
-    task = config.task
-    if config.data.format != "text":
-        raise ConfigError(f"`task: {task}` reads texts and labels, not `data.format: {config.data.format}`; remove it")
-    if config.packing:
-        raise ConfigError(f"`task: {task}` classifies one sample a row: set `packing: false` (or leave it out)")
-    if config.data.streaming:
-        raise ConfigError(f"`task: {task}` finds the label set in the data before training: set `data.streaming: false`")
-    if task == "seq_cls" and (config.data.tokens_column or config.data.tags_column):
-        raise ConfigError("`data.tokens_column` / `data.tags_column` are for `task: token_cls`; seq_cls reads "
-                          "`data.text_column` and `data.label_column`")
-    if task == "token_cls" and (config.data.text_column or config.data.label_column):
-        raise ConfigError("`data.text_column` / `data.label_column` are for `task: seq_cls`; token_cls reads "
-                          "`data.tokens_column` and `data.tags_column`")
-
-
 def check_data_sources(config: TrainConfig) -> None:
     """`data.files` or `data.sources`; columns and tags that the format reads; sensible weights and limits."""
     data = config.data
     if data.files and data.sources:
         raise ConfigError("give `data.files` (one dataset) or `data.sources` (several to mix), not both: move the "
                           "files into a source (`data.sources: [{files: [...]}, ...]`)")
-    if data.sources and config.task != "causal_lm":
-        raise ConfigError(f"`task: {config.task}` reads one dataset: use data.files, not data.sources")
     _check_columns(data.format, data.columns, data.tags, "data")
     if data.max_samples is not None and data.max_samples < 1:
         raise ConfigError(f"config key `data.max_samples` must be at least 1; got {data.max_samples}")

@@ -6,15 +6,13 @@ import logging
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, TaskType, get_peft_model
+from peft import LoraConfig, get_peft_model
 
 from ..inference.loading import DTYPES
 from ..models.modeling_chatglm import ChatGLMBlock
 from .config import ConfigError, TrainConfig
 from .ptuning import prepare_ptuning
-
-PEFT_TASK_TYPES = {"causal_lm": TaskType.CAUSAL_LM, "seq_cls": TaskType.SEQ_CLS, "token_cls": TaskType.TOKEN_CLS}
-CLASSIFICATION_HEAD = "score"  # ChatGLMForSequenceClassification.score / ChatGLMForTokenClassification.score
+from .tasks import get_task
 
 logger = logging.getLogger("thuglm.train")
 
@@ -63,17 +61,19 @@ def load_base_model(model_dir: Path, dtype: torch.dtype, attn_implementation: st
 
 
 def prepare_for_method(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:
-    """Freeze what the method does not train; return the model the Trainer should see (a PeftModel for LoRA)."""
+    """Freeze what the method does not train; return the model the Trainer should see (a PeftModel for LoRA).
+    A head the task adds is trained whole."""
+    task = get_task(config.task)
     if config.method == "lora":
         lora = config.lora
         peft_config = LoraConfig(
-            task_type=PEFT_TASK_TYPES[config.task],
+            task_type=task.peft_task_type,
             r=lora.r,
             lora_alpha=lora.alpha,
             lora_dropout=lora.dropout,
             target_modules=lora.target_modules,
-            # A classification head is new: trained whole next to the adapter, and saved with it.
-            modules_to_save=[CLASSIFICATION_HEAD] if config.task != "causal_lm" else None,
+            # A head is new: trained whole next to the adapter, and saved with it.
+            modules_to_save=[task.head] if task.head else None,
         )
         # peft keeps the adapter weights in fp32 under a bf16/fp16 base (autocast_adapter_dtype).
         model = get_peft_model(model, peft_config)
@@ -87,8 +87,8 @@ def prepare_for_method(model: torch.nn.Module, config: TrainConfig) -> torch.nn.
         model.requires_grad_(False)
         for layer in layers[-keep:]:
             layer.requires_grad_(True)
-        if config.task != "causal_lm":
-            getattr(model, CLASSIFICATION_HEAD).requires_grad_(True)
+        if task.head:
+            getattr(model, task.head).requires_grad_(True)
     if config.gradient_checkpointing and config.method != "full":
         # With a frozen embedding no input to the first checkpointed layer needs grad; make the inputs carry it.
         model.enable_input_require_grads()

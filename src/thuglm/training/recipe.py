@@ -1,6 +1,9 @@
 """`thuglm train`: one linear recipe from a config to a trained model.
 
-    config -> tokenizer -> datasets -> base model -> LoRA / full / freeze -> Trainer -> outputs in output_dir
+    config -> tokenizer -> datasets -> base model -> LoRA / full / freeze / P-Tuning -> Trainer -> outputs in output_dir
+
+The steps are the same for every task; what each means (which rows, which model and head, which batches, metrics and
+trainer) is the task's (training/tasks/, by the config's `task:`).
 
 Outputs: the adapter in peft's format (LoRA) or the whole model as safetensors, the tokenizer files,
 `thuglm_train.yaml` (the resolved config), `trainer_state.json`, `metrics.json`, `loss.png`, TensorBoard logs under
@@ -17,15 +20,8 @@ from typing import Any
 
 import torch
 import yaml
-from datasets import concatenate_datasets
 
-from ..data import DataError
-from ..data.collator import GlmCollator
-from ..data.formats import get_format
-from ..data.processing import encode_rows, encode_samples
-from ..data.sources import load_source, mix_samples
 from ..inference.loading import check_model_folder, check_tokenizer_fits, tokenizer_folder
-from . import classification
 from .checkpoints import (
     check_output_dir,
     latest_complete_checkpoint,
@@ -33,7 +29,7 @@ from .checkpoints import (
     staging_root,
     start_afresh,
 )
-from .config import ConfigError, TrainConfig, check_optimizer_placement, load_config, source_specs
+from .config import ConfigError, TrainConfig, check_optimizer_placement, load_config
 from .distributed import (
     data_parallel_size,
     fsdp_checkpoints_layers,
@@ -46,21 +42,20 @@ from .interrupts import TrainingInterrupted, interrupted_message, stop_on_signal
 from .methods import (
     compile_blocks,
     count_parameters,
-    load_base_model,
     prepare_for_method,
     resolve_model_dir,
     resolve_precision,
     weights_dtype,
 )
 from .optim import Adafactor
+from .parts import close_progress_bar
 from .quantization import check_official_quantized_base, quantized_load_kwargs
 from .quantization import describe as describe_quantization
 from .reporting import plot_losses, write_json
+from .tasks import get_task
 from .trainer import GlmTrainer, peak_memory, perplexity
 
 logger = logging.getLogger("thuglm.train")
-
-STREAM_SHUFFLE_BUFFER = 10_000
 
 
 def train_from_cli(config_path: str, overrides: list[str]) -> int:
@@ -95,6 +90,7 @@ def train(config: TrainConfig) -> dict[str, Any] | None:
     check_output_dir(Path(config.output_dir), resuming=config.resume_from_checkpoint is not False,
                      overwrite=config.overwrite_output_dir)
     resume = resolve_resume(config)
+    task = get_task(config.task)(config)
     with main_process_first(state):  # the tiny model and the datasets cache are built once, then read by the others
         model_dir = resolve_model_dir(config.model)
         check_model_folder(model_dir)  # config, weights and tokenizer, as `thuglm chat` checks them
@@ -102,10 +98,7 @@ def train(config: TrainConfig) -> dict[str, Any] | None:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder(model_dir))
         check_tokenizer_fits(tokenizer, model_dir)
 
-        if config.task == "causal_lm":
-            train_dataset, eval_dataset = build_datasets(config, tokenizer)
-        else:  # seq_cls / token_cls: the labels found in the data size the head
-            train_dataset, eval_dataset, labels = classification.build_classification_datasets(config, tokenizer)
+        train_dataset, eval_dataset = task.build_datasets(tokenizer)
     if resume:
         done, planned = checkpoint_step(resume), planned_steps(config, train_dataset, processes)
         if done >= planned:  # the Trainer would train one step more (or none) and overwrite metrics.json
@@ -117,14 +110,8 @@ def train(config: TrainConfig) -> dict[str, Any] | None:
     # Before the model: under `accelerate launch` with DeepSpeed ZeRO-3 this makes from_pretrained load into shards.
     args = training_arguments(config, precision, has_eval=eval_dataset is not None, processes=processes)
 
-    if config.task == "causal_lm":
-        model = load_base_model(model_dir, weights_dtype(config.method, precision), config.attn_implementation,
-                                **load_kwargs)
-    else:
-        model = classification.load_classifier(
-            model_dir, weights_dtype(config.method, precision), config.attn_implementation, config.task, labels,
-            **load_kwargs,
-        )
+    model = task.load_model(model_dir, weights_dtype(config.method, precision), config.attn_implementation,
+                            **load_kwargs)
     model = prepare_for_method(model, config)
     if config.compile:
         compiled = compile_blocks(model, gradient_checkpointing=config.gradient_checkpointing)
@@ -139,14 +126,13 @@ def train(config: TrainConfig) -> dict[str, Any] | None:
                     "Adafactor caps the RMS of each weight's update instead)")
 
     output_dir = Path(config.output_dir)
-    trainer = GlmTrainer(
+    trainer = task.make_trainer(
         model=model,
         args=args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        data_collator=GlmCollator.for_model(tokenizer.pad_token_id, model.config) if config.task == "causal_lm"
-        else classification.classification_collator(config.task, tokenizer),
-        compute_metrics=None if config.task == "causal_lm" else classification.compute_metrics_for(config.task, labels),
+        data_collator=task.collator(tokenizer, model),
+        compute_metrics=task.compute_metrics(),
         processing_class=tokenizer,
         optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(config),
         optimizer_in_backward=config.optimizer_in_backward,
@@ -169,17 +155,16 @@ def train(config: TrainConfig) -> dict[str, Any] | None:
             if trainer.is_fsdp_enabled:  # sharded checkpoints are for resuming; the trained model is one file
                 trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
             trainer.save_final_model(output_dir)
-            if config.task != "causal_lm" and trainer.is_world_process_zero():
-                classification.save_classifier_config(model, output_dir)  # the labels, next to a LoRA adapter too
+            if trainer.is_world_process_zero():
+                task.save_beside_model(model, output_dir)
             if eval_dataset is not None and not _evaluated_at(trainer.state.log_history, trainer.state.global_step):
                 trainer.evaluate()
         except KeyboardInterrupt:
             raise interrupted(trainer, output_dir, state.is_main_process) from None
     trainer.save_state()
 
-    metrics = run_metrics(trainer, result, trainable, total, config, precision)
-    if config.task != "causal_lm":
-        metrics = classification.with_classification_metrics(metrics, trainer.state.log_history)
+    metrics = task.final_metrics(run_metrics(trainer, result, trainable, total, config, precision),
+                                 trainer.state.log_history)
     if trainer.is_world_process_zero():
         write_json(metrics, output_dir / "metrics.json")
         plot_losses(trainer.state.log_history, output_dir / "loss.png", title=f"{config.method} · {model_dir.name}")
@@ -214,52 +199,9 @@ def interrupted(trainer: GlmTrainer, output_dir: Path, is_main_process: bool) ->
     line naming the checkpoint to resume from; the other processes leave quietly with the same status."""
     if not is_main_process:
         return SystemExit(TrainingInterrupted.exit_status)
-    trainer.close_progress_bar()
+    close_progress_bar(trainer)
     shutil.rmtree(staging_root(output_dir), ignore_errors=True)  # never a checkpoint: those appear by a rename
     return TrainingInterrupted(interrupted_message(trainer.state.global_step, latest_complete_checkpoint(output_dir)))
-
-
-def build_datasets(config: TrainConfig, tokenizer):
-    """Training and evaluation rows from the configured sources: eval_files, else a validation split, else none.
-
-    Each source (`data.files`, or every `data.sources` item) is read file by file into canonical rows by its format
-    (thuglm/data/formats), split, tokenized into samples (a dialogue: one per trained answer) and mixed by weight;
-    then the samples are packed or laid out in rows. Every file is read, and every column checked, before training.
-    """
-    data = config.data
-    packing, max_seq_len = config.resolved_packing(), config.max_seq_len
-    read = {"streaming": data.streaming, "cache_dir": data.cache_dir, "bad_rows": data.on_bad_row,
-            "num_proc": data.num_proc}
-    encode = {"max_seq_len": max_seq_len, "num_proc": data.num_proc, "mask_history": data.mask_history,
-              "train_on_prompt": data.train_on_prompt}
-    specs = source_specs(data)
-    train_parts, eval_parts = [], []
-    for spec in specs:
-        canonical = load_source(spec, **read)
-        if data.validation_split and not data.eval_files:
-            split = canonical.train_test_split(test_size=data.validation_split, seed=config.seed)
-            canonical = split["train"]
-            eval_parts.append(encode_samples(split["test"], tokenizer, kind=get_format(spec.format).kind,
-                                             source=spec.describe(), **encode))
-        train_parts.append(encode_samples(canonical, tokenizer, kind=get_format(spec.format).kind,
-                                          source=spec.describe(), **encode))
-    samples = mix_samples(train_parts, [spec.weight for spec in specs], config.seed, [spec.describe() for spec in specs])
-    if data.eval_files:
-        eval_spec = specs[0].reading(data.eval_files)  # data.files' settings, or the first source's; every row
-        eval_parts = [encode_samples(load_source(eval_spec, **read), tokenizer, kind=get_format(eval_spec.format).kind,
-                                     source=eval_spec.describe(), **encode)]
-    if data.streaming:
-        samples = samples.shuffle(seed=config.seed, buffer_size=STREAM_SHUFFLE_BUFFER)
-    train_dataset = encode_rows(samples, tokenizer, max_seq_len=max_seq_len, packing=packing, num_proc=data.num_proc)
-    eval_dataset = None
-    if eval_parts:
-        eval_samples = eval_parts[0] if len(eval_parts) == 1 else concatenate_datasets(eval_parts)
-        eval_dataset = encode_rows(eval_samples, tokenizer, max_seq_len=max_seq_len, packing=packing,
-                                   num_proc=data.num_proc)
-    if not data.streaming and len(train_dataset) == 0:
-        where = ", ".join(spec.describe() for spec in specs)
-        raise DataError(f"no training rows in {where}: every row was empty or skipped (see the warnings above)")
-    return train_dataset, eval_dataset
 
 
 def resolve_resume(config: TrainConfig) -> str | None:

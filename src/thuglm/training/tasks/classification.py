@@ -1,7 +1,7 @@
-"""`task: seq_cls` and `task: token_cls` in `thuglm train`: datasets, model, collator and metrics.
+"""`task: seq_cls` and `task: token_cls`: a head on the base that labels each text, or each token.
 
-The recipe stays one linear path; for a classification task it takes these pieces instead of the language-modelling
-ones. Metrics (in the eval logs and metrics.json):
+The label set is found in the training and evaluation data and sizes the head. Metrics (in the eval logs and
+metrics.json):
 
 * seq_cls: `eval_accuracy` and `eval_macro_f1` (single-label: the F1 of each class that occurs in the labels or the
   predictions, averaged; multi-label: exact-match accuracy, F1 per label averaged, a label predicted where its
@@ -14,16 +14,17 @@ ones. Metrics (in the eval logs and metrics.json):
 from __future__ import annotations
 
 import copy
-
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
+from datasets import Dataset
+from peft import TaskType
 
-from ..data import DataError, load_raw_dataset
-from ..data.classification import (
+from ...data import DataError, load_raw_dataset
+from ...data.classification import (
     LABEL_COLUMNS,
     REGRESSION,
     SINGLE_LABEL,
@@ -38,9 +39,11 @@ from ..data.classification import (
     sequence_label_space,
     tag_label_space,
 )
-from ..data.loading import guess_text_column
-from ..data.samples import IGNORE_INDEX
-from .config import TrainConfig
+from ...data.loading import guess_text_column
+from ...data.samples import IGNORE_INDEX
+from ..config import ConfigError, TrainConfig
+from . import register_task
+from .base import Task, split_off_evaluation
 
 logger = logging.getLogger("thuglm.train")
 
@@ -48,39 +51,118 @@ MODEL_CLASSES = {"seq_cls": "ChatGLMForSequenceClassification", "token_cls": "Ch
 CLASSIFICATION_KEYS = ("eval_accuracy", "eval_macro_f1", "eval_mse", "eval_precision", "eval_recall", "eval_f1")
 
 
-# ---- data --------------------------------------------------------------------------------------------------------------
-def build_classification_datasets(config: TrainConfig, tokenizer):
-    """Training and evaluation rows and the label space found in both (eval_files, else a validation split)."""
-    data = config.data
+class Classification(Task):
+    """What the two classification tasks share: one sample a row, a label space found in the data, a new `score`
+    head trained whole, metrics instead of a perplexity."""
 
-    def load(files):
-        return load_raw_dataset(files, cache_dir=data.cache_dir, encoding=data.encoding, bad_rows=data.on_bad_row)
+    head = "score"  # ChatGLMForSequenceClassification.score / ChatGLMForTokenClassification.score
+    reports_perplexity = False  # the loss is not over tokens
+    trains_with_prefix = False
+    space: LabelSpace
 
-    raw = load(data.files)
-    raw_eval = load(data.eval_files) if data.eval_files else None
-    if raw_eval is None and data.validation_split:
-        split = raw.train_test_split(test_size=data.validation_split, seed=config.seed)
-        raw, raw_eval = split["train"], split["test"]
-    if len(raw) == 0:
-        raise DataError(f"no training rows in {', '.join(data.files)}")
-    parts = [(raw, data.files)] + ([(raw_eval, data.eval_files or data.files)] if raw_eval is not None else [])
+    @classmethod
+    def check_config(cls, config: TrainConfig) -> None:
+        task = config.task
+        if config.data.format != "text":
+            raise ConfigError(f"`task: {task}` reads texts and labels, not `data.format: {config.data.format}`; "
+                              "remove it")
+        if config.packing:
+            raise ConfigError(f"`task: {task}` classifies one sample a row: set `packing: false` (or leave it out)")
+        if config.data.streaming:
+            raise ConfigError(f"`task: {task}` finds the label set in the data before training: set "
+                              "`data.streaming: false`")
+        if config.data.sources:
+            raise ConfigError(f"`task: {task}` reads one dataset: use data.files, not data.sources")
 
-    if config.task == "seq_cls":
+    def build_datasets(self, tokenizer):
+        """Training and evaluation rows (eval_files, else a validation split), encoded with the label space found in
+        both."""
+        data = self.config.data
+
+        def load(files):
+            return load_raw_dataset(files, cache_dir=data.cache_dir, encoding=data.encoding, bad_rows=data.on_bad_row)
+
+        raw, raw_eval = split_off_evaluation(load(data.files), self.config)
+        if data.eval_files:
+            raw_eval = load(data.eval_files)
+        if len(raw) == 0:
+            raise DataError(f"no training rows in {', '.join(data.files)}")
+        parts = [(raw, data.files)] + ([(raw_eval, data.eval_files or data.files)] if raw_eval is not None else [])
+        encoded = self.encode(parts, tokenizer)
+        return encoded[0], (encoded[1] if len(encoded) > 1 else None)
+
+    def encode(self, parts: list[tuple[Dataset, list[str]]], tokenizer) -> list[Dataset]:
+        """Each (rows, their files) encoded; sets `self.space` from all of them."""
+        raise NotImplementedError
+
+    def load_model(self, model_dir: Path, dtype: torch.dtype, attn_implementation: str, **load_kwargs):
+        return load_classifier(model_dir, dtype, attn_implementation, self.name, self.space, **load_kwargs)
+
+    def save_beside_model(self, model, output_dir: Path) -> None:
+        save_classifier_config(model, output_dir)  # the labels, next to a LoRA adapter too
+
+    def final_metrics(self, metrics: dict, log_history: list[dict]) -> dict:
+        return with_classification_metrics(super().final_metrics(metrics, log_history), log_history)
+
+
+@register_task
+class SequenceClassification(Classification):
+    name = "seq_cls"
+    peft_task_type = TaskType.SEQ_CLS
+
+    @classmethod
+    def check_config(cls, config: TrainConfig) -> None:
+        super().check_config(config)
+        if config.data.tokens_column or config.data.tags_column:
+            raise ConfigError("`data.tokens_column` / `data.tags_column` are for `task: token_cls`; seq_cls reads "
+                              "`data.text_column` and `data.label_column`")
+
+    def encode(self, parts, tokenizer):
+        data = self.config.data
         columns = []
         for dataset, files in parts:
             source = ", ".join(files)
             text = guess_text_column(dataset.column_names, data.text_column, source=source)
             label = find_column(dataset.column_names, data.label_column, LABEL_COLUMNS, "data.label_column", source)
             columns.append((text, label))
-        space = sequence_label_space([v for (d, _), (_, label) in zip(parts, columns) for v in d[label]],
-                                     source=", ".join(data.files))
-        encoded = [
-            encode_sequence_dataset(d, tokenizer, text_column=text, label_column=label, space=space,
-                                    max_seq_len=config.max_seq_len, num_proc=data.num_proc)
+        self.space = sequence_label_space([v for (d, _), (_, label) in zip(parts, columns) for v in d[label]],
+                                          source=", ".join(data.files))
+        logger.info("%s: %s", self.space.problem_type, ", ".join(self.space.names) or "one value")
+        return [
+            encode_sequence_dataset(d, tokenizer, text_column=text, label_column=label, space=self.space,
+                                    max_seq_len=self.config.max_seq_len, num_proc=data.num_proc)
             for (d, _), (text, label) in zip(parts, columns)
         ]
-        logger.info("%s: %s", space.problem_type, ", ".join(space.names) or "one value")
-    else:
+
+    def collator(self, tokenizer, model):
+        """Pads on the tokenizer's side (left, as ChatGLM is used), which also gives each row its GLM positions."""
+        from transformers import DataCollatorWithPadding
+
+        return DataCollatorWithPadding(tokenizer)
+
+    def compute_metrics(self):
+        problem_type = self.space.problem_type
+
+        def compute(prediction) -> dict[str, float]:  # the Trainer prefixes the keys with `eval_`
+            return sequence_metrics(prediction.predictions, prediction.label_ids, problem_type)
+
+        return compute
+
+
+@register_task
+class TokenClassification(Classification):
+    name = "token_cls"
+    peft_task_type = TaskType.TOKEN_CLS
+
+    @classmethod
+    def check_config(cls, config: TrainConfig) -> None:
+        super().check_config(config)
+        if config.data.text_column or config.data.label_column:
+            raise ConfigError("`data.text_column` / `data.label_column` are for `task: seq_cls`; token_cls reads "
+                              "`data.tokens_column` and `data.tags_column`")
+
+    def encode(self, parts, tokenizer):
+        data = self.config.data
         columns = []
         for dataset, files in parts:
             source = ", ".join(files)
@@ -88,24 +170,28 @@ def build_classification_datasets(config: TrainConfig, tokenizer):
             tags = find_column(dataset.column_names, data.tags_column, TAGS_COLUMNS, "data.tags_column", source)
             check_token_rows(dataset, tokens, tags, source)
             columns.append((tokens, tags))
-        space = tag_label_space([row for (d, _), (_, tags) in zip(parts, columns) for row in d[tags]],
-                                source=", ".join(data.files))
-        encoded = [
-            encode_token_dataset(d, tokenizer, tokens_column=tokens, tags_column=tags, space=space,
-                                 max_seq_len=config.max_seq_len, num_proc=data.num_proc, source=", ".join(files))
+        self.space = tag_label_space([row for (d, _), (_, tags) in zip(parts, columns) for row in d[tags]],
+                                     source=", ".join(data.files))
+        logger.info("tags: %s", ", ".join(self.space.names))
+        return [
+            encode_token_dataset(d, tokenizer, tokens_column=tokens, tags_column=tags, space=self.space,
+                                 max_seq_len=self.config.max_seq_len, num_proc=data.num_proc, source=", ".join(files))
             for (d, files), (tokens, tags) in zip(parts, columns)
         ]
-        logger.info("tags: %s", ", ".join(space.names))
-    return encoded[0], (encoded[1] if len(encoded) > 1 else None), space
 
+    def collator(self, tokenizer, model):
+        """Pads on the tokenizer's side (left), labels with IGNORE_INDEX."""
+        from transformers import DataCollatorForTokenClassification
 
-def classification_collator(task: str, tokenizer):
-    """Pads on the tokenizer's side (left, as ChatGLM is used), which also gives each row its GLM positions."""
-    from transformers import DataCollatorForTokenClassification, DataCollatorWithPadding
+        return DataCollatorForTokenClassification(tokenizer, label_pad_token_id=IGNORE_INDEX)
 
-    if task == "seq_cls":
-        return DataCollatorWithPadding(tokenizer)
-    return DataCollatorForTokenClassification(tokenizer, label_pad_token_id=IGNORE_INDEX)
+    def compute_metrics(self):
+        names = self.space.names
+
+        def compute(prediction) -> dict[str, float]:
+            return token_metrics(prediction.predictions, prediction.label_ids, names)
+
+        return compute
 
 
 # ---- model -------------------------------------------------------------------------------------------------------------
@@ -206,21 +292,8 @@ def token_metrics(logits: np.ndarray, labels: np.ndarray, names: Sequence[str]) 
     return {**entity_scores(gold_rows, predicted_rows), "accuracy": accuracy(predictions[tagged], labels[tagged])}
 
 
-def compute_metrics_for(task: str, space: LabelSpace) -> Callable:
-    """The Trainer's `compute_metrics` for the task (it prefixes the keys with `eval_`)."""
-
-    def compute(prediction) -> dict[str, float]:
-        logits, labels = prediction.predictions, prediction.label_ids
-        if task == "seq_cls":
-            return sequence_metrics(logits, labels, space.problem_type)
-        return token_metrics(logits, labels, space.names)
-
-    return compute
-
-
 def with_classification_metrics(metrics: dict, log_history: list[dict]) -> dict:
-    """metrics.json for a classifier: the last evaluation's scores; no perplexity (the loss is not over tokens)."""
-    metrics = {key: value for key, value in metrics.items() if key != "perplexity"}
+    """metrics.json for a classifier: the last evaluation's scores."""
     evaluations = [entry for entry in log_history if "eval_loss" in entry]
     if evaluations:
         scores = {key: evaluations[-1][key] for key in CLASSIFICATION_KEYS if key in evaluations[-1]}
