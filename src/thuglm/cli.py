@@ -155,7 +155,7 @@ def cmd_generate(args) -> int:
 
 def cmd_eval(args) -> int:
     from .data.loading import DataSettingNames, data_settings_named
-    from .inference.evaluation import evaluate_alpaca, perplexity
+    from .inference.evaluation import evaluate_alpaca, evaluate_perplexity
     from .training.config import run_data_spec
 
     # The files are read as the run read its data (its thuglm_train.yaml), with data.KEY=value overrides on top.
@@ -166,7 +166,7 @@ def cmd_eval(args) -> int:
     # Data messages name eval's flags where it has one; the encoding and bad rows are data.KEY=value overrides.
     with data_settings_named(DataSettingNames(files="--data", text_column="--text-column NAME")):
         if spec is None and args.format in (None, "text") or spec is not None and spec.format == "text":
-            metrics = perplexity(
+            metrics = evaluate_perplexity(
                 model, tokenizer, args.data, text_column=args.text_column, max_seq_len=args.max_seq_len,
                 batch_size=args.batch_size, spec=spec,
             )

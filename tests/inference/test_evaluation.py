@@ -10,10 +10,10 @@ import torch
 from thuglm.data import DataError, causal_lm_sample
 from thuglm.inference import (
     evaluate_alpaca,
+    evaluate_perplexity,
     generate_responses,
     generation_scores,
     load_for_inference,
-    perplexity,
 )
 
 TEXTS = ["春眠不觉晓，处处闻啼鸟。", "今天天气很好，我们去公园散步吧。"]
@@ -50,7 +50,7 @@ def test_perplexity_is_exp_of_the_token_weighted_loss(loaded, tmp_path):
     tokens = sum(count for _, count in by_hand)
     loss = sum(total for total, _ in by_hand) / tokens
     assert by_hand[0][1] != by_hand[1][1]  # unequal lengths: a mean of per-text means would differ
-    metrics = perplexity(model, tokenizer, [str(write_csv(tmp_path / "corpus.csv", "text", TEXTS))], batch_size=2)
+    metrics = evaluate_perplexity(model, tokenizer, [str(write_csv(tmp_path / "corpus.csv", "text", TEXTS))], batch_size=2)
     assert metrics["tokens"] == tokens
     assert metrics["eval_loss"] == pytest.approx(loss, rel=1e-5)
     assert metrics["perplexity"] == pytest.approx(math.exp(loss), rel=1e-5)

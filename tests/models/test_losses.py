@@ -1,10 +1,12 @@
 """The chunked linear + cross-entropy loss equals the plain lm_head + ForCausalLMLoss path (fp32, 1e-5)."""
 
+import math
+
 import pytest
 import torch
 from transformers.loss.loss_utils import ForCausalLMLoss
 
-from thuglm.models.losses import default_chunk_tokens, linear_cross_entropy
+from thuglm.models.losses import IGNORE_INDEX, default_chunk_tokens, linear_cross_entropy, perplexity
 
 
 def plain_loss(hidden, weight, labels, num_items_in_batch=None):
@@ -68,3 +70,20 @@ def test_model_trains_on_the_same_loss_without_logits(model):
     for a, e in zip(fused_grads, reference_grads):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
     assert model(input_ids=ids, labels=labels, skip_logits=False).logits.shape == (2, 12, model.config.vocab_size)
+
+
+def test_perplexity_is_the_exponential_of_the_loss_and_infinite_past_a_float():
+    assert perplexity(0.0) == 1.0
+    assert perplexity(math.log(7.0)) == pytest.approx(7.0)
+    assert perplexity(1000.0) == math.inf  # math.exp would raise OverflowError
+
+
+def test_one_ignore_index_everywhere():
+    import thuglm.data
+    import thuglm.data.collator
+    import thuglm.data.processing
+    import thuglm.inference.evaluation
+
+    assert IGNORE_INDEX == torch.nn.CrossEntropyLoss().ignore_index
+    for module in (thuglm.data, thuglm.data.collator, thuglm.data.processing, thuglm.inference.evaluation):
+        assert module.IGNORE_INDEX is IGNORE_INDEX

@@ -13,7 +13,7 @@ import random
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from thuglm.inference.evaluation import perplexity
+from thuglm.inference.evaluation import evaluate_perplexity
 from thuglm.training.config import load_config
 from thuglm.training.recipe import train
 
@@ -52,7 +52,7 @@ def test_loss_on_random_characters_stays_at_their_entropy(tmp_path):
 
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     with torch.no_grad():
-        result = perplexity(model, tokenizer, [str(tmp_path / "eval.csv")], max_seq_len=128)
+        result = evaluate_perplexity(model, tokenizer, [str(tmp_path / "eval.csv")], max_seq_len=128)
     characters = 40 * 60
     nats_per_character = result["eval_loss"] * result["tokens"] / characters  # the <eop> tokens only add loss
     floor = math.log(64)

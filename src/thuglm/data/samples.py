@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-IGNORE_INDEX = -100
+from ..models.losses import IGNORE_INDEX
 
 DEFAULT_MAX_SEQ_LEN = 512
 """Tokens a row when no `max_seq_len` (config key) or `--max-seq-len` (eval, predict) is given: ChatGLM-6B's

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -26,9 +25,9 @@ from ..data import (
     load_raw_dataset,
 )
 from ..errors import ThuglmError
+from ..models.losses import IGNORE_INDEX, perplexity
 from .generate import generate_responses, prompt_row, read_prompts_as
 
-IGNORE_INDEX = -100
 ROUGE_KEYS = ("rouge-1", "rouge-2", "rouge-l")
 
 
@@ -41,7 +40,7 @@ def summed_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> tuple
     return float(loss) * tokens, tokens
 
 
-def perplexity(
+def evaluate_perplexity(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     files: Sequence[str],
@@ -74,7 +73,7 @@ def perplexity(
         loss, tokens = summed_loss(model, batch)
         total_loss, total_tokens = total_loss + loss, total_tokens + tokens
     eval_loss = total_loss / total_tokens
-    return {"eval_loss": eval_loss, "perplexity": math.exp(eval_loss), "tokens": total_tokens}
+    return {"eval_loss": eval_loss, "perplexity": perplexity(eval_loss), "tokens": total_tokens}
 
 
 EVAL_EXTRA_INSTALL = 'pip install -e ".[eval]"'

@@ -25,6 +25,7 @@ from transformers.utils import (
 )
 
 from ..errors import ThuglmError
+from ..models.precision import DTYPES, auto_precision
 
 # Importing anything under thuglm runs thuglm/__init__.py first, which registers ChatGLM with the Auto classes.
 from ..models.prefix import (
@@ -41,7 +42,6 @@ from .quantized import check_official_quantized, quantize_kwargs
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 TOKENIZER_FILE = ChatGLMTokenizer.vocab_files_names["vocab_file"]  # ice_text.model
 WEIGHT_FILES = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class ModelLoadError(ThuglmError, ValueError):
@@ -53,7 +53,7 @@ def resolve_dtype(dtype: str | torch.dtype = "auto") -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+        return DTYPES[auto_precision(without_bf16="fp32")]
     if dtype not in DTYPES:
         raise ModelLoadError(f"unknown dtype {dtype!r}: use one of auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]

@@ -12,15 +12,24 @@ is recomputed in backward; backward only scales them by the incoming gradient (t
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
+"""The label of a token no loss is taken on (a prompt, `[gMASK]`, `<sop>`, padding): transformers' and torch's
+`ignore_index`. Every layout, collator and loss of thuglm imports this one."""
 # One chunk's fp32 logits: a sixteenth of the whole batch's, within [16 MB, 256 MB]. At batch 1 x 512 tokens of a
 # 130,528-token vocabulary that is 32 tokens (the logits, not the activations, would otherwise set the peak); large
 # batches take 512 tokens a chunk; a small vocabulary takes 16 MB chunks (thousands of tokens).
 CHUNK_BYTES = 256 * 2**20
 MIN_CHUNK_BYTES = 16 * 2**20
+
+
+def perplexity(loss: float) -> float:
+    """exp(mean token loss), infinite instead of an OverflowError for a loss past what a float holds."""
+    return math.exp(loss) if loss < 700 else float("inf")
 
 
 def default_chunk_tokens(vocab_size: int, tokens: int) -> int:

@@ -23,17 +23,15 @@ from typing import Any
 import torch
 
 from ..inference.quantized import bitsandbytes_config, quantized_device_map
+from ..models.precision import DTYPES
 from .config import QuantizationSettings, TrainConfig
 
 # Kept in the run's dtype: the tied output embedding and the classification heads (trained whole, modules_to_save).
 NOT_QUANTIZED = ["lm_head", "score"]
 
-COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
 def compute_dtype(settings: QuantizationSettings, precision: str) -> torch.dtype:
     """`auto`: the run's precision (fp32 on CPU)."""
-    return COMPUTE_DTYPES[precision if settings.compute_dtype == "auto" else settings.compute_dtype]
+    return DTYPES[precision if settings.compute_dtype == "auto" else settings.compute_dtype]
 
 
 def quantized_load_kwargs(config: TrainConfig, precision: str) -> dict[str, Any]:
