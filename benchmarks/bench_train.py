@@ -473,6 +473,8 @@ def main() -> None:
     parser.add_argument("--extra-site", help="extra site folder for both sides (bitsandbytes)")
     parser.add_argument("--record", help="append one JSON line per measurement to this file")
     parser.add_argument("--commit", help="the commit measured (the GPU machine's copy has no .git)")
+    parser.add_argument("--run-id", help="the rows' run_id (default bench-train-TIME): the same as other scripts' rows "
+                        "of one run, e.g. profile_recipe.py's `thuglm train` rows")
     parser.add_argument("--check", action="store_true", help="numerics of the fast paths first (GPU)")
     parser.add_argument("--check-compile", action="store_true", help="with --check: compiled blocks too")
     parser.add_argument("--profile", action="store_true", help="print the top kernels of a thuglm LoRA step")
@@ -519,7 +521,7 @@ def record(args, rows: list[dict], check_rows: list[dict], device_name: str) -> 
     commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                            check=False).stdout.strip()
     now = datetime.datetime.now(datetime.timezone.utc)
-    common = {"run_id": f"bench-train-{now:%Y%m%dT%H%M%S}", "date": now.date().isoformat(), "commit": commit,
+    common = {"run_id": args.run_id or f"bench-train-{now:%Y%m%dT%H%M%S}", "date": now.date().isoformat(), "commit": commit,
               "device": device_name, "command": "python benchmarks/bench_train.py" + (" --smoke" if args.smoke else "")}
     with open(args.record, "a") as handle:
         handle.writelines(json.dumps({**common, "tokens_per_s": None, "peak_gib": None, **row}) + "\n" for row in rows)

@@ -10,11 +10,14 @@ full fine-tuning as on a 24 GB card. Options for trying what the recipe does not
     --trainer KEY=VALUE   a TrainingArguments field set after the recipe built them (average_tokens_across_devices, ...)
     --trace FILE.json.gz  also write the profiled steps as a Chrome trace (the first process's)
     --no-profile          only the run's tokens/s: no profiler
+    --record FILE         append the run as a row (`impl: thuglm-train`, `mode` from --mode, the median step's tokens/s,
+                          peak, every step's loss) to FILE; --run-id, --commit and --mode name it
 
 Trains LoRA (by default; any config key can be overridden) on ChatGLM-6B's shape with random weights (the folder
 `bench_multi_gpu.py` builds) and the bundled corpus, and wraps steps PROFILED of the Trainer's loop in
 torch.profiler. It prints how much of the wall time the GPU was busy, the kernels that took it, and the host-side
-operations that kept the GPU waiting. Nothing is recorded: this is for finding work, not for reporting speed.
+operations that kept the GPU waiting. With --no-profile and --record it measures `thuglm train` itself: the rows
+issue #23 compares with the official code (`impl: official` rows of bench_train.py under the same --run-id).
 """
 
 from __future__ import annotations
@@ -127,6 +130,7 @@ def main() -> None:
     argv = sys.argv[1:]
     ddp, trainer_fields = parsed(option_values(argv, "--ddp")), parsed(option_values(argv, "--trainer"))
     traces = option_values(argv, "--trace")
+    record = {name: (option_values(argv, f"--{name}") or [None])[-1] for name in ("record", "run-id", "commit", "mode")}
     no_profile = "--no-profile" in argv
     argv = [arg for arg in argv if arg != "--no-profile"]
     override_trainer(recipe, GlmTrainer, ddp, trainer_fields)
@@ -158,7 +162,27 @@ def main() -> None:
           + f", median unprofiled step tokens_per_s {statistics.median(unprofiled) if unprofiled else None}"
           + f", processes {metrics.get('processes')}, ddp {ddp or '-'}, trainer {trainer_fields or '-'}",
           flush=True)
+    if record["record"]:
+        write_row(record, config, metrics, history, statistics.median(unprofiled) if unprofiled else None)
     shutil.rmtree(root / "out", ignore_errors=True)  # a full fine-tune's model is 12 GB
+
+
+def write_row(record: dict, config, metrics: dict, history: list[dict], step_tokens_per_s: float | None) -> None:
+    """One results.jsonl row: `tokens_per_s` is the median logged step's (after the third, none profiled), the
+    whole run's rate beside it as `run_tokens_per_s` (compilation and warm-up included)."""
+    losses = [round(entry["loss"], 5) for entry in history if "loss" in entry]
+    row = {"run_id": record["run-id"] or f"recipe-{time.strftime('%Y%m%dT%H%M%S')}", "date": time.strftime("%Y-%m-%d"),
+           "commit": record["commit"] or "unknown", "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+           "model": "6b-shape" if config.model != "tiny" else "tiny",
+           "impl": "thuglm-train", "mode": record["mode"] or f"{config.method}-{config.precision}",
+           "method": config.method, "precision": config.precision, "seq": config.max_seq_len,
+           "batch": config.batch_size, "grad_ckpt": config.gradient_checkpointing, "compile": config.compile,
+           "steps": metrics.get("steps"), "status": "ok", "tokens_per_s": step_tokens_per_s,
+           "run_tokens_per_s": metrics.get("tokens_per_s"), "peak_gib": metrics.get("peak_memory_gib"),
+           "final_train_loss": metrics.get("final_train_loss"), "losses": losses,
+           "command": "python benchmarks/profile_recipe.py " + " ".join(sys.argv[1:])}
+    with open(record["record"], "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(row) + "\n")
 
 
 if __name__ == "__main__":
