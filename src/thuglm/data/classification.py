@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import datasets
 
 from .loading import DataError
-from .processing import _IDS, _cell, _layout_ids, _map
+from .processing import TOKEN_IDS, cached_map, layout_ids, sentencepiece_threads, text_or_empty
 from .samples import IGNORE_INDEX
 
 logger = logging.getLogger("thuglm.data")
@@ -138,8 +138,8 @@ def sequence_ids(text_ids: Sequence[int], max_seq_len: int, gmask_id: int, sop_i
 
 
 def _sequence_rows(batch, *, tokenizer, text_column, label_column, space, max_seq_len, num_threads) -> dict:
-    gmask, sop, _ = _layout_ids(tokenizer)
-    texts = [_cell(text) for text in batch[text_column]]
+    gmask, sop, _ = layout_ids(tokenizer)
+    texts = [text_or_empty(text) for text in batch[text_column]]
     ids = tokenizer.encode_text(texts, num_threads)
     return {
         "input_ids": [sequence_ids(row, max_seq_len, gmask, sop) for row in ids],
@@ -156,11 +156,12 @@ def encode_sequence_dataset(dataset, tokenizer, *, text_column: str, label_colum
         MULTI_LABEL: datasets.Sequence(datasets.Value("float32")),
         REGRESSION: datasets.Value("float32"),
     }[space.problem_type]
-    features = datasets.Features({"input_ids": _IDS, "labels": label_feature, "truncated": datasets.Value("bool")})
-    rows = _map(
+    features = datasets.Features({"input_ids": TOKEN_IDS, "labels": label_feature,
+                                  "truncated": datasets.Value("bool")})
+    rows = cached_map(
         dataset, _sequence_rows, features, tokenizer, num_proc, desc=f"Tokenizing `{text_column}`",
         fn_kwargs={"tokenizer": tokenizer, "text_column": text_column, "label_column": label_column, "space": space,
-                   "max_seq_len": max_seq_len, "num_threads": 1 if num_proc and num_proc > 1 else -1},
+                   "max_seq_len": max_seq_len, "num_threads": sentencepiece_threads(num_proc)},
         key={"step": "seq_cls rows", "text_column": text_column, "label_column": label_column,
              "space": [space.problem_type, space.names], "max_seq_len": max_seq_len},
     )
@@ -209,10 +210,10 @@ def _word_char(char: str) -> bool:
 def align_tokens(tokenizer, tokens: Sequence[str], max_seq_len: int) -> TokenAlignment:
     """Pieces of the joined tokens (at most `max_seq_len - 2`), with the token of each piece and the piece of each
     token; `input_ids` ends with `[gMASK] <sop>`."""
-    normalized = [tokenizer._normalize(str(token)) for token in tokens]  # GLM's newline / tab / blank pieces
+    normalized = [tokenizer.normalize_text(str(token)) for token in tokens]  # GLM's newline / tab / blank pieces
     text, spans = join_tokens(normalized)
     pieces = tokenizer.sp_model.encode(text, return_type="proto").pieces[: max_seq_len - 2]
-    gmask, sop, _ = _layout_ids(tokenizer)
+    gmask, sop, _ = layout_ids(tokenizer)
     piece_token: list[int | None] = []
     piece_inside: list[bool] = []
     token_piece: list[int | None] = [None] * len(spans)
@@ -311,8 +312,8 @@ def encode_token_dataset(dataset, tokenizer, *, tokens_column: str, tags_column:
     """`input_ids` (`pieces [gMASK] <sop>`) and per-piece `labels` (-100 on `[gMASK]`, `<sop>` and pieces of no
     token) for every row."""
     check_token_rows(dataset, tokens_column, tags_column, source)
-    features = datasets.Features({"input_ids": _IDS, "labels": _IDS, "lossy": datasets.Value("bool")})
-    rows = _map(
+    features = datasets.Features({"input_ids": TOKEN_IDS, "labels": TOKEN_IDS, "lossy": datasets.Value("bool")})
+    rows = cached_map(
         dataset, _token_rows, features, tokenizer, num_proc, desc=f"Aligning `{tags_column}` with pieces",
         fn_kwargs={"tokenizer": tokenizer, "tokens_column": tokens_column, "tags_column": tags_column,
                    "space": space, "max_seq_len": max_seq_len},

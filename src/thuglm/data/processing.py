@@ -32,10 +32,10 @@ logger = logging.getLogger("thuglm.data")
 LAYOUT_VERSION = 2  # bump when the layout of the rows changes, so that old cache files are not reused
 MAP_BATCH_SIZE = 1000
 COLUMNS = ["input_ids", "labels", "attention_mask"]
-_IDS = datasets.Sequence(datasets.Value("int32"))  # half the cache of the int64 that Python ints would give
-ROW_FEATURES = datasets.Features({name: _IDS for name in COLUMNS})
-TOKEN_FEATURES = datasets.Features({"text_ids": _IDS})
-ALPACA_FEATURES = datasets.Features({"input_ids": _IDS, "labels": _IDS, "truncated": datasets.Value("bool")})
+TOKEN_IDS = datasets.Sequence(datasets.Value("int32"))  # half the cache of the int64 that Python ints would give
+ROW_FEATURES = datasets.Features({name: TOKEN_IDS for name in COLUMNS})
+TOKEN_FEATURES = datasets.Features({"text_ids": TOKEN_IDS})
+ALPACA_FEATURES = datasets.Features({"input_ids": TOKEN_IDS, "labels": TOKEN_IDS, "truncated": datasets.Value("bool")})
 
 
 # ---- layouts of single samples ---------------------------------------------------------------------------------------
@@ -66,7 +66,7 @@ def _check_max_seq_len(max_seq_len: int) -> None:
 
 def alpaca_query(example: dict) -> str:
     """The question of an alpaca record: `instruction`, then `input` on a new line when there is one."""
-    instruction, extra = _cell(example.get("instruction")).strip(), _cell(example.get("input")).strip()
+    instruction, extra = text_or_empty(example.get("instruction")).strip(), text_or_empty(example.get("input")).strip()
     return f"{instruction}\n{extra}" if instruction and extra else instruction or extra
 
 
@@ -87,16 +87,16 @@ def _alpaca_samples(examples: list[dict], tokenizer, max_seq_len: int, num_threa
     usable = [part for part in parts if part is not None]
     prompts = tokenizer.encode_text([build_prompt(query, history) for query, history, _ in usable], num_threads)
     outputs = tokenizer.encode_text([output for _, _, output in usable], num_threads)
-    layout = _layout_ids(tokenizer)
+    layout = layout_ids(tokenizer)
     fitted = iter(
-        _fit_alpaca(query, history, prompt, response, tokenizer, max_seq_len, layout)
+        fit_dialogue_sample(query, history, prompt, response, tokenizer, max_seq_len, layout)
         for (query, history, _), prompt, response in zip(usable, prompts, outputs)
     )
     return [None if part is None else next(fitted) for part in parts]
 
 
 def _alpaca_parts(example: dict) -> tuple[str, list[tuple[str, str]], str] | None:
-    output = _cell(example.get("output"))
+    output = text_or_empty(example.get("output"))
     if not output.strip() or any(_is_structure(example.get(name)) for name in ("instruction", "input")):
         return None  # no answer to learn, or a question that is not text (skipped and counted)
     return alpaca_query(example), _history(example), output
@@ -107,15 +107,17 @@ def _history(example: dict) -> list[tuple[str, str]]:
     if value is None:
         return []
     if isinstance(value, (list, tuple)) and all(isinstance(turn, (list, tuple)) and len(turn) == 2 for turn in value):
-        return [(_cell(query), _cell(response)) for query, response in value]
+        return [(text_or_empty(query), text_or_empty(response)) for query, response in value]
     raise DataError(
         f"alpaca record {alpaca_query(example)[:40]!r}: `history` must be a list of [query, response] pairs, got "
         f"{str(value)[:60]!r}. Write such records as JSON or JSONL (a CSV cell cannot hold a list)."
     )
 
 
-def _fit_alpaca(query, history, prompt, response, tokenizer, max_seq_len, layout, system=None,
-                train_on_prompt=False) -> tuple[dict, bool]:
+def fit_dialogue_sample(query, history, prompt, response, tokenizer, max_seq_len, layout, system=None,
+                        train_on_prompt=False) -> tuple[dict, bool]:
+    """(the sample of one answer with the `[Round i]` prompt of its turns before it, whether anything was cut to fit
+    `max_seq_len`): oldest history rounds first, then the start of the prompt, then the end of the answer."""
     prompt, response, eop, truncated = _fit_parts(query, history, prompt, response, tokenizer, max_seq_len, system)
     return dialogue_sample(prompt, response, layout, eop=eop, train_on_prompt=train_on_prompt), truncated
 
@@ -153,12 +155,12 @@ def dialogue_sample(prompt, response, layout, *, eop: bool = True, train_on_prom
     return {"input_ids": context + target, "labels": [IGNORE_INDEX] * len(context) + target}
 
 
-def _layout_ids(tokenizer) -> tuple[int, int, int]:
+def layout_ids(tokenizer) -> tuple[int, int, int]:
     """The ids of `[gMASK]`, `<sop>` (the tokenizer's bos) and `<eop>` (its eos)."""
     return tokenizer.gmask_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id
 
 
-def _cell(value) -> str:
+def text_or_empty(value) -> str:
     """A table cell as text: CSV and parquet give numbers for numeric columns and None for empty cells.
 
     A list or an object (JSON) is not text: it counts as no text here, and `check_text_cells` has already skipped
@@ -234,7 +236,7 @@ def _rows(samples: list[dict], max_seq_len: int, packing: bool) -> dict[str, lis
 
 # ---- batched map functions (module level, so that `num_proc` workers can load them) ----------------------------------
 def _tokenize_texts(batch, *, tokenizer, text_column: str, num_threads: int, per_batch_log: bool) -> dict:
-    texts = [_cell(text) for text in batch[text_column]]
+    texts = [text_or_empty(text) for text in batch[text_column]]
     present = [index for index, text in enumerate(texts) if text.strip()]
     text_ids: list[list[int]] = [[] for _ in texts]
     for index, ids in zip(present, tokenizer.encode_text([texts[i] for i in present], num_threads)):
@@ -295,21 +297,21 @@ def encode_text_dataset(
     names the data (its files) in those messages.
     """
     _check_max_seq_len(max_seq_len)
-    guess_text_column(_column_names(dataset), text_column, source=source)
+    guess_text_column(dataset_columns(dataset), text_column, source=source)
     check_text_cells(dataset, [text_column], bad_rows=bad_rows, source=source)
     streaming = isinstance(dataset, datasets.IterableDataset)
-    tokens = _map(
+    tokens = cached_map(
         dataset, _tokenize_texts, TOKEN_FEATURES, tokenizer, num_proc, desc=f"Tokenizing `{text_column}`",
-        fn_kwargs={"tokenizer": tokenizer, "text_column": text_column, "num_threads": _threads(num_proc),
+        fn_kwargs={"tokenizer": tokenizer, "text_column": text_column, "num_threads": sentencepiece_threads(num_proc),
                    "per_batch_log": streaming},
         key={"step": "tokenize text", "text_column": text_column},
     )
     if not streaming:
         _warn_empty(_count_empty(tokens, "text_ids"), len(tokens), f"`{text_column}` is empty or not text")
-    return _map(
+    return cached_map(
         tokens, _text_rows, ROW_FEATURES, tokenizer, num_proc,
         desc=f"{'Packing' if packing else 'Laying out'} texts in rows of {max_seq_len} tokens",
-        fn_kwargs={"layout": _layout_ids(tokenizer), "max_seq_len": max_seq_len, "packing": packing},
+        fn_kwargs={"layout": layout_ids(tokenizer), "max_seq_len": max_seq_len, "packing": packing},
         key={"step": "text rows", "max_seq_len": max_seq_len, "packing": packing},
     )
 
@@ -320,7 +322,7 @@ def encode_alpaca_dataset(
 ):
     """Instruction-tuning rows from alpaca records (`instruction`, optional `input`, `output`, optional `history`)."""
     _check_max_seq_len(max_seq_len)
-    columns = _column_names(dataset)
+    columns = dataset_columns(dataset)
     missing = [name for name in ("instruction", "output") if name not in columns]
     if missing:
         raise DataError(
@@ -330,16 +332,16 @@ def encode_alpaca_dataset(
         )
     check_text_cells(dataset, ["instruction", "input", "output"], bad_rows=bad_rows, source=source)
     streaming = isinstance(dataset, datasets.IterableDataset)
-    samples = _map(
+    samples = cached_map(
         dataset, _tokenize_alpaca, ALPACA_FEATURES, tokenizer, num_proc, desc="Tokenizing alpaca records",
-        fn_kwargs={"tokenizer": tokenizer, "max_seq_len": max_seq_len, "num_threads": _threads(num_proc),
+        fn_kwargs={"tokenizer": tokenizer, "max_seq_len": max_seq_len, "num_threads": sentencepiece_threads(num_proc),
                    "per_batch_log": streaming},
         key={"step": "tokenize alpaca", "max_seq_len": max_seq_len},
     )
     if not streaming:
         truncated = pc.sum(samples.data.column("truncated")).as_py() or 0
         _warn_alpaca(_count_empty(samples, "input_ids"), truncated, len(samples), max_seq_len)
-    return _map(
+    return cached_map(
         samples, _alpaca_rows, ROW_FEATURES, tokenizer, num_proc,
         desc=f"{'Packing' if packing else 'Laying out'} alpaca samples in rows of {max_seq_len} tokens",
         fn_kwargs={"max_seq_len": max_seq_len, "packing": packing},
@@ -370,11 +372,11 @@ def _tokenize_dialogues(batch, *, tokenizer, max_seq_len: int, num_threads: int,
             parts.append((query, pairs[:answer], system or None, response))
     prompts = tokenizer.encode_text([build_prompt(q, h, system) for q, h, system, _ in parts], num_threads)
     responses = tokenizer.encode_text([response for *_, response in parts], num_threads)
-    layout = _layout_ids(tokenizer)
+    layout = layout_ids(tokenizer)
     out = {"input_ids": [], "labels": [], "truncated": []}
     for (query, history, system, _), prompt, response in zip(parts, prompts, responses):
-        sample, truncated = _fit_alpaca(query, history, prompt, response, tokenizer, max_seq_len, layout, system,
-                                        train_on_prompt)
+        sample, truncated = fit_dialogue_sample(query, history, prompt, response, tokenizer, max_seq_len, layout,
+                                                system, train_on_prompt)
         out["input_ids"].append(sample["input_ids"])
         out["labels"].append(sample["labels"])
         out["truncated"].append(truncated)
@@ -384,7 +386,7 @@ def _tokenize_dialogues(batch, *, tokenizer, max_seq_len: int, num_threads: int,
 def _tokenize_canonical_texts(batch, *, tokenizer, max_seq_len: int, num_threads: int) -> dict:
     """`[gMASK] <sop> chunk` windows of every text (several for a text longer than max_seq_len, nothing cut)."""
     texts = [text for text, problem in zip(batch["text"], batch["problem"]) if not problem]
-    gmask, sop, eop = _layout_ids(tokenizer)
+    gmask, sop, eop = layout_ids(tokenizer)
     windows = [window for ids in tokenizer.encode_text(texts, num_threads)
                for window in text_windows(ids, max_seq_len, gmask, sop, eop)]
     return {"input_ids": [w["input_ids"] for w in windows], "labels": [w["labels"] for w in windows],
@@ -398,7 +400,7 @@ def encode_samples(canonical, tokenizer, *, kind: str, max_seq_len: int, num_pro
     A dialogue gives one sample per trained answer (`dialogue_answers`); a text one window per `max_seq_len`.
     """
     _check_max_seq_len(max_seq_len)
-    threads = _threads(num_proc)
+    threads = sentencepiece_threads(num_proc)
     if kind == "text":
         function, kwargs = _tokenize_canonical_texts, {}
         key = {"step": "canonical text samples", "max_seq_len": max_seq_len}
@@ -406,7 +408,7 @@ def encode_samples(canonical, tokenizer, *, kind: str, max_seq_len: int, num_pro
         function = _tokenize_dialogues
         kwargs = {"mask_history": mask_history, "train_on_prompt": train_on_prompt}
         key = {"step": "dialogue samples", "max_seq_len": max_seq_len, **kwargs}
-    samples = _map(
+    samples = cached_map(
         canonical, function, SAMPLE_FEATURES, tokenizer, num_proc, desc=f"Tokenizing {source}"[:80],
         fn_kwargs={"tokenizer": tokenizer, "max_seq_len": max_seq_len, "num_threads": threads, **kwargs}, key=key,
     )
@@ -422,7 +424,7 @@ def encode_samples(canonical, tokenizer, *, kind: str, max_seq_len: int, num_pro
 
 def encode_rows(samples, tokenizer, *, max_seq_len: int, packing: bool, num_proc: int | None = None):
     """Training rows from samples: packed several a row, or one a row."""
-    return _map(
+    return cached_map(
         samples, _alpaca_rows, ROW_FEATURES, tokenizer, num_proc,
         desc=f"{'Packing' if packing else 'Laying out'} samples in rows of {max_seq_len} tokens",
         fn_kwargs={"max_seq_len": max_seq_len, "packing": packing},
@@ -437,16 +439,16 @@ def tokenizer_fingerprint(tokenizer) -> str:
     digest = hashlib.sha256(Path(tokenizer.vocab_file).read_bytes())
     settings = {
         "added": sorted(tokenizer.get_added_vocab().items()),
-        "layout": _layout_ids(tokenizer),
+        "layout": layout_ids(tokenizer),
         **{name: getattr(tokenizer, name, None) for name in ("num_image_tokens", "do_lower_case", "remove_space")},
     }
     digest.update(json.dumps(settings, sort_keys=True).encode())
     return digest.hexdigest()
 
 
-def _map(dataset, function: Callable, features, tokenizer, num_proc, *, desc: str, fn_kwargs: dict, key: dict):
+def cached_map(dataset, function: Callable, features, tokenizer, num_proc, *, desc: str, fn_kwargs: dict, key: dict):
     """A batched `map` that replaces every column; cached under a key that a fresh process computes the same."""
-    remove = _column_names(dataset)
+    remove = dataset_columns(dataset)
     if isinstance(dataset, datasets.IterableDataset):
         return dataset.map(
             function, batched=True, batch_size=MAP_BATCH_SIZE, remove_columns=remove, features=features,
@@ -469,12 +471,12 @@ def _map(dataset, function: Callable, features, tokenizer, num_proc, *, desc: st
     )
 
 
-def _threads(num_proc: int | None) -> int:
+def sentencepiece_threads(num_proc: int | None) -> int:
     """sentencepiece's threads: every core in one process, one per worker when datasets runs several."""
     return 1 if num_proc and num_proc > 1 else -1
 
 
-def _column_names(dataset) -> list[str]:
+def dataset_columns(dataset) -> list[str]:
     """A stream read from CSV or JSON may know its columns only once it has read a row."""
     if dataset.column_names is not None:
         return list(dataset.column_names)
@@ -485,3 +487,9 @@ def _column_names(dataset) -> list[str]:
 def _count_empty(dataset: datasets.Dataset, column: str) -> int:
     """Rows whose list in `column` is empty, counted on the Arrow table (a map's output has no indices mapping)."""
     return pc.sum(pc.equal(pc.list_value_length(dataset.data.column(column)), 0)).as_py() or 0
+
+
+# The private names data/preference.py imports (it is being written beside this change); remove once it imports
+# the public ones above.
+_IDS, _fit_alpaca, _layout_ids, _map = TOKEN_IDS, fit_dialogue_sample, layout_ids, cached_map
+_threads = sentencepiece_threads

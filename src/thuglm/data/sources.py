@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 from ..models.prompt import build_prompt
 from .formats import FORMATS, BadRow, FormatBinding, SourceSpec, get_format
 from .loading import DataError, load_raw_dataset, resolve_data_files
-from .processing import _column_names
+from .processing import dataset_columns
 
 logger = logging.getLogger("thuglm.data")
 
@@ -45,7 +45,7 @@ def load_source(
     for file in resolve_data_files(list(spec.files)):
         raw = load_raw_dataset(str(file), streaming=streaming, cache_dir=cache_dir, encoding=spec.encoding,
                                bad_rows=bad_rows, field=spec.field, txt_unit=spec.txt_unit)
-        names = _column_names(raw)
+        names = dataset_columns(raw)
         try:
             binding = fmt.bind(spec, names, str(file), training=training)
         except DataError as error:

@@ -37,7 +37,7 @@ from ..data.classification import (
     token_tags,
 )
 from ..data.loading import guess_text_column
-from ..data.processing import _layout_ids
+from ..data.processing import layout_ids
 from .generate import write_jsonl
 from .loading import (
     CLASSIFIER_TASKS,
@@ -142,7 +142,7 @@ def _batched_logits(model, tokenizer, rows: Sequence[list[int]], batch_size: int
 
 def predict_sequences(model, tokenizer, texts: Sequence[str], batch_size: int = 16, max_seq_len: int = 512) -> list:
     """One prediction dict per text (see the module docstring for its keys)."""
-    gmask, sop, _ = _layout_ids(tokenizer)
+    gmask, sop, _ = layout_ids(tokenizer)
     rows = [sequence_ids(ids, max_seq_len, gmask, sop) for ids in tokenizer.encode_text(list(texts))]
     config = model.config
     names = [config.id2label[i] for i in range(config.num_labels)]

@@ -166,7 +166,9 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
         return self._convert_token_to_id(self.end_token)
 
     # ---- text <-> tokens -----------------------------------------------------------------------------------
-    def _normalize(self, text: str) -> str:
+    def normalize_text(self, text: str) -> str:
+        """The text as sentencepiece reads it: spaces collapsed and lower case where the tokenizer's settings say so,
+        newlines, tabs and runs of blanks as GLM's own pieces. Token classification aligns its tags on this."""
         if self.remove_space:
             text = " ".join(text.strip().split())
         if self.do_lower_case:
@@ -208,7 +210,7 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
         return [(part, i % 2 == 1) for i, part in enumerate(parts) if part]
 
     def _tokenize(self, text: str, **kwargs) -> list[str]:
-        return self.sp_model.encode(self._normalize(text), out_type=str)
+        return self.sp_model.encode(self.normalize_text(text), out_type=str)
 
     def convert_tokens_to_string(self, tokens: list[str]) -> str:
         return postprocess_text(self.sp_model.decode_pieces(tokens))
@@ -244,7 +246,7 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
         included, as in the official tokenizer) unless tokens were added on top of ice_text.model; this is the fast
         path for corpora. `num_threads` -1 uses every core.
         """
-        pieces = self.sp_model.encode([self._normalize(text) for text in texts], num_threads=num_threads)
+        pieces = self.sp_model.encode([self.normalize_text(text) for text in texts], num_threads=num_threads)
         if self.num_image_tokens:
             pieces = [[i + self.num_image_tokens for i in ids] for ids in pieces]
         # A text holding a special token's literal string is split there (see `tokenize`): the slow path, exact.
