@@ -18,11 +18,13 @@ import yaml
 
 from thuglm.cli import main
 from thuglm.training import methods
+from thuglm.training.demo import resource_path
 
 from .test_classification_e2e import name_rows, topic_rows, write_jsonl
 from .test_resume import loss_history
 from .test_train_e2e import ALPACA, CORPUS, base_settings, write_config
 
+RANKING = resource_path("ranking", "pairs.json")  # alpaca ranking rows (instruction, input, chosen, rejected)
 CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
 
 
@@ -40,7 +42,7 @@ def sample_data(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
                                                 {"from": "gpt", "value": row["output"]}] * 2}
                              for row in instructions[:64]], folder / "dialogues.jsonl")
     return {"seq_cls": tuple(topics), "token_cls": tuple(names), "text": (CORPUS, CORPUS),
-            "alpaca": (ALPACA, ALPACA), "sharegpt": (dialogues, dialogues)}
+            "alpaca": (ALPACA, ALPACA), "sharegpt": (dialogues, dialogues), "dpo": (RANKING, RANKING)}
 
 
 def data_overrides(config: dict, sample_data, cache_dir: Path) -> list[str]:

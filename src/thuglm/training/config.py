@@ -49,6 +49,10 @@ class ColumnsConfig:
     """alpaca, sharegpt: a system text for the whole dialogue (default `system`), put before the first query."""
     messages: str | None = None
     """sharegpt: the list of messages (default `conversations`; `messages` and `conversation` found by themselves)."""
+    chosen: str | None = None
+    """`task: dpo`, alpaca and sharegpt: the preferred answer (default `chosen`; sharegpt: one message, or text)."""
+    rejected: str | None = None
+    """`task: dpo`, alpaca and sharegpt: the answer preferred less (default `rejected`)."""
 
     def given(self) -> dict[str, str]:
         return {name: value for name, value in dataclasses.asdict(self).items() if value is not None}
@@ -74,8 +78,10 @@ class TagsConfig:
 
 
 DATA_FORMATS = ("text", "alpaca", "sharegpt")
-FORMAT_COLUMNS = {"text": ("prompt",), "alpaca": ("prompt", "query", "response", "history", "system"),
-                  "sharegpt": ("messages", "system")}
+FORMAT_COLUMNS = {"text": ("prompt",),
+                  "alpaca": ("prompt", "query", "response", "history", "system", "chosen", "rejected"),
+                  "sharegpt": ("messages", "system", "chosen", "rejected")}
+RANKING_ROLES = ("chosen", "rejected")  # read by `task: dpo` only
 
 
 @dataclass
@@ -188,13 +194,28 @@ class QuantizationSettings:
 
 
 @dataclass
+class DpoSettings:
+    """`task: dpo`: preference tuning on pairs of a chosen and a rejected answer (TRL's losses; README, "Preference
+    tuning")."""
+
+    beta: float = 0.1
+    """sigmoid / ipo: how far from the reference model the policy may move (lower: further); orpo: the weight of the
+    odds-ratio term beside the chosen answer's NLL; simpo: the reward scale."""
+    loss_type: Literal["sigmoid", "ipo", "orpo", "simpo"] = "sigmoid"
+    """`sigmoid`: DPO; `ipo`: IPO (per-token log-ratios, as TRL); `orpo` and `simpo`: no reference model."""
+    simpo_gamma: float = 0.5
+    """simpo: the target reward margin (TRL's CPOConfig.simpo_gamma)."""
+
+
+@dataclass
 class TrainConfig:
     model: str = ""
     """A model folder (official ChatGLM-6B layout or saved by thuglm), or `tiny`."""
     data: DataConfig = field(default_factory=DataConfig)
-    task: Literal["causal_lm", "seq_cls", "token_cls"] = "causal_lm"
+    task: Literal["causal_lm", "seq_cls", "token_cls", "dpo"] = "causal_lm"
     """`causal_lm`: language modelling (data.format text or alpaca). `seq_cls`: a label per text
-    (data.text_column, data.label_column). `token_cls`: a BIO tag per token (data.tokens_column, data.tags_column)."""
+    (data.text_column, data.label_column). `token_cls`: a BIO tag per token (data.tokens_column, data.tags_column).
+    `dpo`: preference tuning on pairs of answers (alpaca or sharegpt with `chosen` / `rejected`; the `dpo` section)."""
     method: Literal["lora", "full", "freeze", "ptuning"] = "lora"
     """`ptuning`: P-Tuning v2 (the `ptuning` section); the output is in the official checkpoint layout."""
     output_dir: str = "outputs/run"
@@ -262,6 +283,7 @@ class TrainConfig:
     ptuning: PtuningSettings = field(default_factory=PtuningSettings)
     freeze: FreezeSettings = field(default_factory=FreezeSettings)
     quantization: QuantizationSettings = field(default_factory=QuantizationSettings)
+    dpo: DpoSettings = field(default_factory=DpoSettings)
 
     def gradient_accumulation_for(self, processes: int) -> int:
         """Micro-batches per optimizer step in each of `processes` processes: `gradient_accumulation_steps`, or what
@@ -565,6 +587,9 @@ def check_data_sources(config: TrainConfig) -> None:
         raise ConfigError("give `data.files` (one dataset) or `data.sources` (several to mix), not both: move the "
                           "files into a source (`data.sources: [{files: [...]}, ...]`)")
     _check_columns(data.format, data.columns, data.tags, "data")
+    if config.task != "dpo" and (ranking := [role for role in RANKING_ROLES if getattr(data.columns, role)]):
+        raise ConfigError(f"config key `data.columns.{ranking[0]}` names an answer of a ranking dataset, which "
+                          f"`task: dpo` trains on; this run is `task: {config.task}`: set task: dpo, or remove it")
     if data.max_samples is not None and data.max_samples < 1:
         raise ConfigError(f"config key `data.max_samples` must be at least 1; got {data.max_samples}")
     for index, source in enumerate(data.sources):

@@ -2,6 +2,9 @@
 
 The question is `instruction`, then `input` on a new line when there is one (the alpaca convention); `history` is a
 list of [query, response] pairs before it. The canonical dialogue is history's turns, then question and answer.
+
+A ranking file (`task: dpo`, LLaMA-Factory's `ranking: true`) has `chosen` and `rejected` answers instead of `output`:
+its canonical row is the dialogue up to the question, and the two answers.
 """
 
 from __future__ import annotations
@@ -9,18 +12,21 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ..loading import DataError
-from .base import BadRow, DataFormat, FormatBinding, SourceSpec, cell_text, find_column
+from .base import BadRow, DataFormat, FormatBinding, SourceSpec, cell_text, find_column, ranking_answers
 
 DEFAULT_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output", "history": "history",
                    "system": "system"}
+RANKING_COLUMNS = {"chosen": "chosen", "rejected": "rejected"}
 
 
 class AlpacaFormat(DataFormat):
     name = "alpaca"
     kind = "dialogue"
-    column_keys = tuple(DEFAULT_COLUMNS)
+    column_keys = (*DEFAULT_COLUMNS, *RANKING_COLUMNS)
 
     def bind(self, spec: SourceSpec, column_names: Sequence[str], source: str, *, training: bool = True) -> FormatBinding:
+        if spec.ranking:
+            return self._bind_ranking(spec, column_names, source, training)
         required = ["prompt", "response"] if training else ["prompt"]
         missing = [role for role in required if spec.columns.get(role) is None and DEFAULT_COLUMNS[role] not in column_names]
         if len(missing) > 1:  # all at once: AdvertiseGen's content / summary need both keys
@@ -35,8 +41,23 @@ class AlpacaFormat(DataFormat):
         }
         return FormatBinding(self.name, columns, {}, training)
 
+    def _bind_ranking(self, spec: SourceSpec, column_names: Sequence[str], source: str, training: bool) -> FormatBinding:
+        defaults = {**{role: DEFAULT_COLUMNS[role] for role in ("prompt", "query", "history", "system")},
+                    **RANKING_COLUMNS}
+        columns = {
+            role: find_column(column_names, role, spec.columns.get(role), [default], fmt="alpaca ranking",
+                              source=source, required=role in ("prompt", "chosen", "rejected"))
+            for role, default in defaults.items()
+        }
+        return FormatBinding(self.name, columns, {}, training)
+
     def convert(self, row: dict, binding: FormatBinding) -> dict:
         columns = binding.columns
+        if binding.ranking:
+            chosen, rejected = (cell_text(row.get(columns[role]), f"`{columns[role]}`") for role in RANKING_COLUMNS)
+            question = {role: column for role, column in columns.items() if role not in RANKING_COLUMNS}
+            dialogue = self.convert(row, FormatBinding(self.name, {**question, "response": None}, {}, training=False))
+            return {**dialogue, **dict(zip(RANKING_COLUMNS, ranking_answers(chosen, rejected, columns)))}
         instruction = cell_text(row.get(columns["prompt"]), f"`{columns['prompt']}`").strip()
         extra = cell_text(row.get(columns["query"]), f"`{columns['query']}`").strip() if columns["query"] else ""
         query = f"{instruction}\n{extra}" if instruction and extra else instruction or extra

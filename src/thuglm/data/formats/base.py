@@ -19,6 +19,15 @@ DIALOGUE_FEATURES = datasets.Features({
     "turns": datasets.Sequence(datasets.Value("string")),
     "problem": datasets.Value("string"),
 })
+RANKING_FEATURES = datasets.Features({
+    "system": datasets.Value("string"),
+    "turns": datasets.Sequence(datasets.Value("string")),
+    "chosen": datasets.Value("string"),
+    "rejected": datasets.Value("string"),
+    "problem": datasets.Value("string"),
+})
+"""A ranking row (LLaMA-Factory's `ranking: true` data, for `task: dpo`): the dialogue up to the last question
+(`turns` ends with a user turn), and the chosen and the rejected answer to it."""
 TXT_UNITS = ("line", "paragraph", "document")
 
 
@@ -40,6 +49,8 @@ class SourceSpec:
     encoding: str | None = None
     weight: float | None = None
     max_samples: int | None = None
+    ranking: bool = False
+    """Each row holds a question and two answers, `chosen` and `rejected` (alpaca and sharegpt; `task: dpo`)."""
 
     def describe(self) -> str:
         return ", ".join(self.files)
@@ -69,6 +80,11 @@ class FormatBinding:
     training: bool = True
 
     @property
+    def ranking(self) -> bool:
+        """Bound to a ranking file: its rows become `RANKING_FEATURES` rows."""
+        return "chosen" in self.columns
+
+    @property
     def used(self) -> list[str]:
         return [column for column in self.columns.values() if column is not None]
 
@@ -91,6 +107,10 @@ class DataFormat:
     @property
     def features(self) -> datasets.Features:
         return TEXT_FEATURES if self.kind == "text" else DIALOGUE_FEATURES
+
+    def features_of(self, binding: FormatBinding) -> datasets.Features:
+        """The canonical rows' features under `binding`: a ranking file's, or the format's own."""
+        return RANKING_FEATURES if binding.ranking else self.features
 
     def bind(self, spec: SourceSpec, column_names: Sequence[str], source: str, *, training: bool = True) -> FormatBinding:
         """The roles of this format found among `column_names` of the file `source`; a missing column is a
@@ -132,6 +152,19 @@ def find_column(
         f"{source}: {fmt} data needs a column for `{role}` ({' or '.join(defaults)} by default), and the file's "
         f"columns are {listed}.{return_hint} Name it with data.columns.{role}={guess}."
     )
+
+
+def ranking_answers(chosen: str, rejected: str, columns: dict[str, str | None]) -> tuple[str, str]:
+    """The chosen and the rejected answer of a ranking row; an empty one, or two the same, is a bad row (a pair
+    that prefers nothing teaches nothing)."""
+    for role, text in (("chosen", chosen), ("rejected", rejected)):
+        if not text.strip():
+            raise BadRow(f"`{columns[role]}` is empty (no {role} answer)")
+    if chosen.strip() == rejected.strip():
+        raise BadRow(f"`{columns['chosen']}` and `{columns['rejected']}` are the same answer",
+                     f"`{columns['chosen']}` and `{columns['rejected']}` are the same answer ({chosen.strip()[:40]!r}): "
+                     "the pair prefers nothing")
+    return chosen, rejected
 
 
 def cell_text(value: Any, what: str) -> str:

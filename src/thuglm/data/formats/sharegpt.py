@@ -12,13 +12,16 @@ row without any key, unless `tags` names other keys.
 A system message may come first (or a `system` column holds it); then user and assistant alternate, starting with
 the user. A dialogue out of that order, with an empty answer or with another role (function calls, observations) is
 a bad row. For training the dialogue must end with an answer.
+
+A ranking file (`task: dpo`, LLaMA-Factory's `ranking: true`) ends its messages with the user's question and holds
+the two answers in `chosen` and `rejected` columns, each one assistant message (or plain text).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .base import BadRow, DataFormat, FormatBinding, SourceSpec, cell_text, find_column
+from .base import BadRow, DataFormat, FormatBinding, SourceSpec, cell_text, find_column, ranking_answers
 
 DEFAULT_TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
                 "system_tag": "system"}
@@ -33,7 +36,7 @@ TOOL_ROLES = ("observation", "function_call", "function", "tool")
 class ShareGptFormat(DataFormat):
     name = "sharegpt"
     kind = "dialogue"
-    column_keys = ("messages", "system")
+    column_keys = ("messages", "system", "chosen", "rejected")
     uses_tags = True
 
     def bind(self, spec: SourceSpec, column_names: Sequence[str], source: str, *, training: bool = True) -> FormatBinding:
@@ -44,9 +47,22 @@ class ShareGptFormat(DataFormat):
             "system": find_column(column_names, "system", spec.columns.get("system"), ["system"], fmt="sharegpt",
                                   source=source, required=False),
         }
+        if spec.ranking:
+            for role in ("chosen", "rejected"):
+                columns[role] = find_column(column_names, role, spec.columns.get(role), [role], fmt="sharegpt ranking",
+                                            source=source, required=True)
         return FormatBinding(self.name, columns, dict(spec.tags), training)
 
     def convert(self, row: dict, binding: FormatBinding) -> dict:
+        if binding.ranking:
+            question = {"messages": binding.columns["messages"], "system": binding.columns["system"]}
+            dialogue = self.convert(row, FormatBinding(self.name, question, binding.tags, training=False))
+            if len(dialogue["turns"]) % 2 == 0:
+                raise BadRow(f"`{question['messages']}` ends with an answer, not the question `chosen` and "
+                             "`rejected` answer")
+            chosen, rejected = (_answer(row.get(binding.columns[role]), binding.tags, binding.columns[role])
+                                for role in ("chosen", "rejected"))
+            return {**dialogue, **dict(zip(("chosen", "rejected"), ranking_answers(chosen, rejected, binding.columns)))}
         column = binding.columns["messages"]
         messages = row.get(column)
         if not isinstance(messages, (list, tuple)) or not messages:
@@ -72,6 +88,19 @@ class ShareGptFormat(DataFormat):
         if binding.training and len(turns) % 2:
             raise BadRow(f"`{column}` ends with a user message that has no answer")
         return {"system": system, "turns": turns}
+
+
+def _answer(value, tags: dict, column: str) -> str:
+    """A ranking row's answer: one assistant message (alone or in a list of one), or plain text."""
+    if isinstance(value, (list, tuple)) and len(value) == 1:
+        value = value[0]
+    if isinstance(value, dict):
+        role, content = _role_and_content(value, tags, column)
+        if role != "assistant":
+            raise BadRow(f"`{column}` is not an assistant message", f"`{column}` is a {role} message, not the "
+                         "assistant's answer")
+        return content
+    return cell_text(value, f"`{column}`")
 
 
 def _rounds_to_messages(messages, column: str) -> list:
