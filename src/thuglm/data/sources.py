@@ -89,7 +89,7 @@ def guess_dialogue_spec(path) -> SourceSpec | None:
 
 def _normalize(raw, binding: FormatBinding, source: str, names: list[str], *, bad_rows: str, streaming: bool,
                num_proc: int | None):
-    features = FORMATS[binding.format].features
+    features = FORMATS[binding.format].features_of(binding)
     kwargs = {"binding": binding, "source": source, "bad_rows": bad_rows, "streaming": streaming}
     raw = raw.select_columns(binding.used)  # a stream then reads only these, whatever else a file holds
     if streaming:
@@ -108,8 +108,9 @@ def _normalize(raw, binding: FormatBinding, source: str, names: list[str], *, ba
 
 def _normalize_batch(batch, indices, *, binding: FormatBinding, source: str, bad_rows: str, streaming: bool) -> dict:
     fmt = FORMATS[binding.format]
-    empty = {"text": ""} if fmt.kind == "text" else {"system": "", "turns": []}
-    out = {name: [] for name in fmt.features}
+    features = fmt.features_of(binding)
+    empty = {name: [] if name == "turns" else "" for name in features if name != "problem"}
+    out = {name: [] for name in features}
     problems = []
     for index, values in zip(indices, zip(*batch.values())):
         try:
