@@ -18,14 +18,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from datasets import Dataset
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
 import thuglm  # noqa: F401
 from thuglm.cli import main
 from thuglm.data.collator import GlmCollator
-from thuglm.data.preference import PreferenceCollator
-from thuglm.data.samples import IGNORE_INDEX
+from thuglm.data.preference import PreferenceCollator, encode_pairs
+from thuglm.models.losses import IGNORE_INDEX
 from thuglm.models.prompt import build_prompt
 from thuglm.training.config import DpoSettings, load_config
 from thuglm.training.demo import resource_path
@@ -88,12 +89,9 @@ def hand_loss(loss_type: str, beta: float, gamma: float, policy, reference, toke
 def tiny_pairs_batch(tiny_dir):
     tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
     config = load_config(None, [f"model={tiny_dir}", "task=dpo", "data.files=[unused.json]", "data.format=alpaca"])
-    from thuglm.data.preference import _tokenize_pairs
-
-    rows = {"system": ["", "要简短。"], "turns": [["天空为什么是蓝色的？"], ["一加一", "二", "再加一呢？"]],
-            "chosen": ["因为散射。", "三"], "rejected": ["不知道。", "四吧"], "problem": ["", ""]}
-    pairs = _tokenize_pairs(rows, tokenizer=tokenizer, max_seq_len=64, num_threads=1)
-    features = [{name: pairs[name][index] for name in pairs} for index in range(2)]
+    rows = Dataset.from_dict({"system": ["", "要简短。"], "turns": [["天空为什么是蓝色的？"], ["一加一", "二", "再加一呢？"]],
+                              "chosen": ["因为散射。", "三"], "rejected": ["不知道。", "四吧"], "problem": ["", ""]})
+    features = list(encode_pairs(rows, tokenizer, max_seq_len=64))
     model = Dpo(config).load_model(tiny_dir, torch.float32, "eager")
     batch = PreferenceCollator(GlmCollator.for_model(tokenizer.pad_token_id, model.config))(features)
     return model, batch

@@ -1,6 +1,6 @@
 """Preference pairs (`task: dpo`): ranking rows -> a chosen and a rejected sample each -> batches of both.
 
-Each answer is laid out exactly as an SFT sample of the same dialogue (`processing._fit_alpaca`, the code every
+Each answer is laid out exactly as an SFT sample of the same dialogue (`processing.fit_dialogue_sample`, the code every
 dialogue format trains with): `prompt [gMASK] <sop> answer <eop>`, labels on the answer and `<eop>` only, the same
 shortening of long rows. So the log-probability of an answer summed over its labels is the one an SFT model was
 trained to raise, and 2D positions come from the same places (`GlmCollator`).
@@ -17,13 +17,13 @@ import torch
 
 from ..models.prompt import build_prompt
 from .collator import GlmCollator
-from .processing import _IDS, _fit_alpaca, _layout_ids, _map, _threads
+from .processing import TOKEN_IDS, cached_map, fit_dialogue_sample, layout_ids, sentencepiece_threads
 
 logger = logging.getLogger("thuglm.data")
 
 ANSWERS = ("chosen", "rejected")
 PAIR_COLUMNS = [f"{answer}_{part}" for answer in ANSWERS for part in ("input_ids", "labels")]
-PAIR_FEATURES = datasets.Features({**{name: _IDS for name in PAIR_COLUMNS}, "truncated": datasets.Value("bool")})
+PAIR_FEATURES = datasets.Features({**{name: TOKEN_IDS for name in PAIR_COLUMNS}, "truncated": datasets.Value("bool")})
 REFERENCE_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 """Per-pair reference log-probs, when they are computed before training (full fine-tuning; see training/tasks/dpo.py)."""
 
@@ -40,13 +40,13 @@ def _tokenize_pairs(batch, *, tokenizer, max_seq_len: int, num_threads: int) -> 
                                     num_threads)
     answers = {answer: tokenizer.encode_text([part[3 + index] for part in parts], num_threads)
                for index, answer in enumerate(ANSWERS)}
-    layout = _layout_ids(tokenizer)
+    layout = layout_ids(tokenizer)
     out = {name: [] for name in PAIR_FEATURES}
     for index, ((query, history, system, *_), prompt) in enumerate(zip(parts, prompts)):
         cut = False
         for answer in ANSWERS:
-            sample, truncated = _fit_alpaca(query, history, prompt, answers[answer][index], tokenizer, max_seq_len,
-                                            layout, system)
+            sample, truncated = fit_dialogue_sample(query, history, prompt, answers[answer][index], tokenizer,
+                                                    max_seq_len, layout, system)
             out[f"{answer}_input_ids"].append(sample["input_ids"])
             out[f"{answer}_labels"].append(sample["labels"])
             cut |= truncated
@@ -56,9 +56,9 @@ def _tokenize_pairs(batch, *, tokenizer, max_seq_len: int, num_threads: int) -> 
 
 def encode_pairs(canonical, tokenizer, *, max_seq_len: int, num_proc: int | None = None, source: str = "the data"):
     """One row a good ranking row: `chosen_input_ids`, `chosen_labels`, `rejected_input_ids`, `rejected_labels`."""
-    pairs = _map(
+    pairs = cached_map(
         canonical, _tokenize_pairs, PAIR_FEATURES, tokenizer, num_proc, desc=f"Tokenizing pairs of {source}"[:80],
-        fn_kwargs={"tokenizer": tokenizer, "max_seq_len": max_seq_len, "num_threads": _threads(num_proc)},
+        fn_kwargs={"tokenizer": tokenizer, "max_seq_len": max_seq_len, "num_threads": sentencepiece_threads(num_proc)},
         key={"step": "preference pairs", "max_seq_len": max_seq_len},
     )
     truncated = pc.sum(pairs.data.column("truncated")).as_py() or 0

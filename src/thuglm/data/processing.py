@@ -487,9 +487,3 @@ def dataset_columns(dataset) -> list[str]:
 def _count_empty(dataset: datasets.Dataset, column: str) -> int:
     """Rows whose list in `column` is empty, counted on the Arrow table (a map's output has no indices mapping)."""
     return pc.sum(pc.equal(pc.list_value_length(dataset.data.column(column)), 0)).as_py() or 0
-
-
-# The private names data/preference.py imports (it is being written beside this change); remove once it imports
-# the public ones above.
-_IDS, _fit_alpaca, _layout_ids, _map = TOKEN_IDS, fit_dialogue_sample, layout_ids, cached_map
-_threads = sentencepiece_threads

@@ -32,8 +32,8 @@ from peft import PeftModel, TaskType
 from ...data import DataError
 from ...data.collator import GlmCollator
 from ...data.preference import REFERENCE_COLUMNS, PreferenceCollator, encode_pairs
-from ...data.samples import IGNORE_INDEX
 from ...data.sources import load_source
+from ...models.losses import IGNORE_INDEX
 from ..config import ConfigError, TrainConfig, data_spec
 from ..trainer import GlmTrainer
 from . import register_task
