@@ -22,6 +22,7 @@ need no reference.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import logging
 from types import SimpleNamespace
 
@@ -228,6 +229,9 @@ class Dpo(Task):
                               "reference), full or freeze")
         if settings.beta <= 0:
             raise ConfigError(f"config key `dpo.beta` must be above 0; got {settings.beta}")
+        if importlib.util.find_spec("trl") is None:
+            raise ConfigError("`task: dpo` takes its log-probs and losses from TRL, which is not installed: "
+                              "pip install \"thuglm[dpo]\"")
 
     def build_datasets(self, tokenizer):
         """Pairs from data.files (and data.eval_files, or a validation split): every ranking row read, or skipped and
