@@ -255,3 +255,33 @@ def test_two_processes_train_like_one(tmp_path, tiny_dir):
         assert got[step] == pytest.approx(expected[step], rel=2e-2), (got, expected)
     metrics = json.loads((two / "metrics.json").read_text())
     assert metrics["processes"] == 2 and 0 <= metrics["rewards/accuracies"] <= 1
+
+
+def test_qlora_with_checkpointing_compares_with_the_4bit_base(tmp_path, tiny_dir):
+    """QLoRA (a 4-bit base) with gradient checkpointing: the reference is that base with the adapter off, so the first
+    step, whose adapter is still zero, scores every pair log 2."""
+    data = write_json(tmp_path / "pairs.json", surface_pairs(INSTRUCTIONS[:16]))
+    config = dpo_config(tmp_path, tiny_dir, [data], max_steps=3, gradient_checkpointing=True,
+                        quantization={"bits": 4})
+    assert main(["train", str(config)]) == 0
+    losses = loss_history(tmp_path / "out")
+    assert losses[1] == pytest.approx(math.log(2), abs=1e-5) and all(math.isfinite(loss) for loss in losses.values())
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, tiny_dir, capsys, monkeypatch):
+    original = PreferenceTrainer.compute_loss
+
+    def poisoned(self, model, inputs, *args, **kwargs):
+        loss = original(self, model, inputs, *args, **kwargs)
+        return loss * float("nan") if self.state.global_step == 2 and model.training else loss
+
+    monkeypatch.setattr(PreferenceTrainer, "compute_loss", poisoned)
+    data = write_json(tmp_path / "pairs.json", surface_pairs(INSTRUCTIONS[:32]))
+    config = dpo_config(tmp_path, tiny_dir, [data], max_steps=4, save_steps=2)
+    assert main(["train", str(config)]) == 2
+    [message] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("thuglm: ")]
+    assert message.startswith("thuglm: step 3: the loss became nan") and "checkpoint-2" in message, message
+    out = tmp_path / "out"
+    assert sorted(path.name for path in out.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert not (out / "metrics.json").exists()
