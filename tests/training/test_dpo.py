@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import matplotlib.image
 import pytest
 import torch
 import torch.nn.functional as F
@@ -147,7 +148,9 @@ def test_a_tiny_model_learns_a_surface_preference_and_carries_it_to_held_out_pai
                  "logps/rejected"):
         assert math.isfinite(metrics[name]) and math.isfinite(metrics[f"eval_{name}"])
     assert metrics["eval_rewards/margins"] > 0 and metrics["rewards/chosen"] > metrics["rewards/rejected"]
-    assert (out / "loss.png").is_file() and list((out / "runs").rglob("events.out.tfevents.*"))
+    assert list((out / "runs").rglob("events.out.tfevents.*"))
+    height, width, _ = matplotlib.image.imread(out / "loss.png").shape
+    assert width > 1.5 * height  # the loss, and beside it the reward accuracy and margin (reporting.plot_losses)
     log = json.loads((out / "trainer_state.json").read_text())["log_history"]
     assert not any("eval_perplexity" in entry for entry in log)
 
