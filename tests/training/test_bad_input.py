@@ -172,6 +172,12 @@ def test_unknown_config_key(run, tmp_path):
                    "Did you mean `learning_rate`")
 
 
+def test_max_seq_len_past_the_models_context_is_refused_before_the_data_is_read(run, tmp_path):
+    # The official tiny model's config.json says max_sequence_length 512; the data file does not even exist.
+    assert_refused(run([tmp_path / "not-read.csv"], "max_seq_len=1024"), "`max_seq_len` is 1024", "at most 512 tokens",
+                   "set max_seq_len to 512 or less")
+
+
 def test_bad_config_value(run, tmp_path):
     assert_refused(run([write(tmp_path / "d.csv", GOOD_CSV)], "method=lora2"), "`method` must be one of",
                    "did you mean `lora`")
