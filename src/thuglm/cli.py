@@ -20,7 +20,8 @@ import sys
 from functools import partial
 from pathlib import Path
 
-from .inference.loading import load_for_inference
+from .data.samples import DEFAULT_MAX_SEQ_LEN
+from .inference.loading import load_for_inference, row_length, warn_past_context
 
 DTYPE_CHOICES = ["auto", "fp32", "bf16", "fp16"]
 
@@ -89,6 +90,7 @@ def cmd_tiny(args) -> int:
 
 def cmd_chat(args) -> int:
     tokenizer, model = _load_model(args)
+    warn_past_context(model, f"--max-new-tokens {args.max_new_tokens}", args.max_new_tokens)
     history: list[tuple[str, str]] = []
     print("thuglm chat — /clear forgets the conversation, /exit quits")
     while True:
@@ -138,6 +140,7 @@ def cmd_generate(args) -> int:
             spec = guess_dialogue_spec(args.input)  # dialogue rows; else prompt or alpaca rows, as before
         rows = read_prompts(args.input) if spec is None else read_prompts_as(spec, args.input)
     tokenizer, model = _load_model(args)
+    warn_past_context(model, f"--max-new-tokens {args.max_new_tokens}", args.max_new_tokens)
     responses = generate_responses(
         model,
         tokenizer,
@@ -167,7 +170,8 @@ def cmd_eval(args) -> int:
     with data_settings_named(DataSettingNames(files="--data", text_column="--text-column NAME")):
         if spec is None and args.format in (None, "text") or spec is not None and spec.format == "text":
             metrics = evaluate_perplexity(
-                model, tokenizer, args.data, text_column=args.text_column, max_seq_len=args.max_seq_len,
+                model, tokenizer, args.data, text_column=args.text_column,
+                max_seq_len=row_length(args.max_seq_len, model),
                 batch_size=args.batch_size, spec=spec,
             )
         else:
@@ -206,6 +210,8 @@ def cmd_serve(args) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     tokenizer, model = _load_model(args)
+    if args.max_seq_len is not None:
+        warn_past_context(model, f"--max-seq-len {args.max_seq_len}", args.max_seq_len)
     if args.cuda_graphs and model.device.type != "cuda":
         raise ServeError(f"--cuda-graphs captures the decode step on a CUDA device, and the model is on {model.device}: "
                          "drop the flag (or serve on a machine with a GPU)")
@@ -326,7 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="text: perplexity of a text column; alpaca / sharegpt: answer each row's question, "
                           "score against its answer (default: the run's data.format, else text)")
     evaluate.add_argument("--text-column", help="with --format text (default: guessed from the columns)")
-    evaluate.add_argument("--max-seq-len", type=int, default=512, help="with --format text: tokens a window")
+    evaluate.add_argument("--max-seq-len", type=int, default=None, help="with --format text: tokens a window (default: "
+                          f"{DEFAULT_MAX_SEQ_LEN}, at most the model's max_sequence_length)")
     evaluate.add_argument("--batch-size", type=int, default=8, help="texts or instructions a batch")
     evaluate.add_argument("--max-new-tokens", type=int, default=256, help="with --format alpaca: answer tokens at most")
     evaluate.add_argument("--output", help="also write the metrics to this JSON file")
@@ -339,7 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("file", help="a data file (CSV / JSON / JSONL / parquet / TXT) with the texts or tokens")
     predict.add_argument("--output", help="the .jsonl file to write (default: FILE's name + .predictions.jsonl)")
     predict.add_argument("--batch-size", type=int, default=16, help="rows a batch")
-    predict.add_argument("--max-seq-len", type=int, default=512, help="pieces a row; longer texts are cut at the end")
+    predict.add_argument("--max-seq-len", type=int, default=None, help="pieces a row; longer texts are cut at the end "
+                         f"(default: {DEFAULT_MAX_SEQ_LEN}, at most the model's max_sequence_length)")
     predict.add_argument("--text-column", help="seq_cls: the text (default: guessed); token_cls: a text whose "
                          "characters are the tokens, when there is no tokens column")
     predict.add_argument("--tokens-column", help="token_cls: the list of tokens (default: tokens)")

@@ -63,6 +63,20 @@ def test_eval_text_prints_and_writes_perplexity(base_dir, tmp_path, capsys):
     assert json.loads(report.read_text(encoding="utf-8")) == printed
 
 
+def test_lengths_past_the_models_context_are_refused_or_explained(base_dir, tmp_path, monkeypatch, capsys, caplog):
+    """The tiny model says max_sequence_length 2048, as ChatGLM-6B: eval's windows may not be longer (exit 2, as
+    `thuglm train` refuses max_seq_len); chat may answer past it, and is told where the trained context ends."""
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text('{"sentence": "春眠不觉晓，处处闻啼鸟。"}\n', encoding="utf-8")
+    args = ["eval", str(base_dir), "--data", str(corpus), "--text-column", "sentence"]
+    assert main([*args, "--max-seq-len", "4096"]) == 2
+    assert "--max-seq-len 4096 is longer than the 2048 tokens the model was trained on" in capsys.readouterr().err
+    assert main([*args, "--max-seq-len", "2048"]) == 0
+    monkeypatch.setattr("sys.stdin", io.StringIO("/exit\n"))
+    assert main(["chat", str(base_dir), "--max-new-tokens", "4096"]) == 0
+    assert "--max-new-tokens 4096: 4096 tokens of prompt and answer, past the 2048" in caplog.text
+
+
 def test_eval_alpaca_prints_scores(base_dir, tmp_path, capsys):
     data = tmp_path / "eval.json"
     data.write_text(json.dumps([{"instruction": "你好", "input": "", "output": "你好"}], ensure_ascii=False))

@@ -24,6 +24,7 @@ from ..data import (
     guess_text_column,
     load_raw_dataset,
 )
+from ..data.samples import DEFAULT_MAX_SEQ_LEN
 from ..errors import ThuglmError
 from ..models.losses import IGNORE_INDEX, perplexity
 from .generate import generate_responses, prompt_row, read_prompts_as
@@ -45,7 +46,7 @@ def evaluate_perplexity(
     tokenizer: PreTrainedTokenizerBase,
     files: Sequence[str],
     text_column: str | None = None,
-    max_seq_len: int = 512,
+    max_seq_len: int = DEFAULT_MAX_SEQ_LEN,
     batch_size: int = 8,
     spec=None,
 ) -> dict:

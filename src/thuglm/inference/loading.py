@@ -8,6 +8,7 @@ missing there and what to do about it.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -24,6 +25,7 @@ from transformers.utils import (
     WEIGHTS_NAME,
 )
 
+from ..data.samples import DEFAULT_MAX_SEQ_LEN
 from ..errors import ThuglmError
 from ..models.precision import DTYPES, auto_precision
 
@@ -44,8 +46,42 @@ TOKENIZER_FILE = ChatGLMTokenizer.vocab_files_names["vocab_file"]  # ice_text.mo
 WEIGHT_FILES = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
 
 
+logger = logging.getLogger("thuglm.inference")
+
+
 class ModelLoadError(ThuglmError, ValueError):
     """A model, adapter or tokenizer folder that cannot be loaded; the message says why and how to fix it."""
+
+
+class ContextLengthError(ThuglmError, ValueError):
+    """A length asked of a model beyond the longest rows it was trained on (its `max_sequence_length`)."""
+
+
+def context_length(model) -> int | None:
+    """The model's `max_sequence_length` (its config.json; 2048 for ChatGLM-6B): the longest rows it was trained on."""
+    return getattr(model.config, "max_sequence_length", None)
+
+
+def row_length(max_seq_len: int | None, model, flag: str = "--max-seq-len") -> int:
+    """Tokens a row for `thuglm eval` / `thuglm predict`: left out, DEFAULT_MAX_SEQ_LEN (cut to the model's context);
+    longer than the context, refused with both numbers and the fix, as `thuglm train` refuses its max_seq_len."""
+    limit = context_length(model)
+    if max_seq_len is None:
+        return min(DEFAULT_MAX_SEQ_LEN, limit) if limit else DEFAULT_MAX_SEQ_LEN
+    if limit is not None and max_seq_len > limit:
+        raise ContextLengthError(f"{flag} {max_seq_len} is longer than the {limit} tokens the model was trained on "
+                                 f"(max_sequence_length in its config.json): pass {flag} {limit} or less")
+    return max_seq_len
+
+
+def warn_past_context(model, flag: str, tokens: int) -> None:
+    """A flag that lets prompt and answer together reach `tokens`, past the model's context: allowed (the rotary
+    positions go on), but the model was never trained there, so the user is told once, with the limit."""
+    limit = context_length(model)
+    if limit is not None and tokens > limit:
+        logger.warning("%s: %d tokens of prompt and answer, past the %d the model was trained on "
+                       "(max_sequence_length in its config.json); text beyond that may degrade, %d or less stays "
+                       "within it", flag, tokens, limit, limit)
 
 
 def resolve_dtype(dtype: str | torch.dtype = "auto") -> torch.dtype:

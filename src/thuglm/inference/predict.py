@@ -38,6 +38,7 @@ from ..data.classification import (
 )
 from ..data.loading import guess_text_column
 from ..data.processing import layout_ids
+from ..data.samples import DEFAULT_MAX_SEQ_LEN
 from .generate import write_jsonl
 from .loading import (
     CLASSIFIER_TASKS,
@@ -47,6 +48,7 @@ from .loading import (
     default_device,
     is_adapter_folder,
     resolve_dtype,
+    row_length,
     tokenizer_folder,
 )
 from .quantized import quantize_kwargs
@@ -140,7 +142,8 @@ def _batched_logits(model, tokenizer, rows: Sequence[list[int]], batch_size: int
     return [results[i] for i in range(len(rows))]
 
 
-def predict_sequences(model, tokenizer, texts: Sequence[str], batch_size: int = 16, max_seq_len: int = 512) -> list:
+def predict_sequences(model, tokenizer, texts: Sequence[str], batch_size: int = 16,
+                      max_seq_len: int = DEFAULT_MAX_SEQ_LEN) -> list:
     """One prediction dict per text (see the module docstring for its keys)."""
     gmask, sop, _ = layout_ids(tokenizer)
     rows = [sequence_ids(ids, max_seq_len, gmask, sop) for ids in tokenizer.encode_text(list(texts))]
@@ -164,7 +167,7 @@ def predict_sequences(model, tokenizer, texts: Sequence[str], batch_size: int = 
 
 
 def predict_tags(model, tokenizer, token_rows: Sequence[Sequence[str]], batch_size: int = 16,
-                 max_seq_len: int = 512) -> list[list[str]]:
+                 max_seq_len: int = DEFAULT_MAX_SEQ_LEN) -> list[list[str]]:
     """One BIO tag per token of every row (tokens cut off by `max_seq_len` get `O`)."""
     alignments = [align_tokens(tokenizer, tokens, max_seq_len) for tokens in token_rows]
     names = model.config.id2label
@@ -190,7 +193,7 @@ def predict_file(
     data_file: str | Path,
     output: str | Path | None = None,
     batch_size: int = 16,
-    max_seq_len: int = 512,
+    max_seq_len: int | None = None,
     text_column: str | None = None,
     tokens_column: str | None = None,
     dtype: str = "auto",
@@ -204,6 +207,7 @@ def predict_file(
         raise DataError(f"{data_file} has no rows to predict")
     columns = list(rows[0])
     tokenizer, model, task = load_classifier_for_inference(model_path, dtype=dtype, quantize=quantize)
+    max_seq_len = row_length(max_seq_len, model)  # None: the default, within the model's context
     if task == "seq_cls":
         column = guess_text_column(columns, text_column, source=str(data_file))
         predictions = predict_sequences(
