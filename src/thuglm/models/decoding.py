@@ -3,8 +3,8 @@
 transformers' sampling loop (`GenerationMixin._sample`) asks after every token whether every row has finished,
 `bool(unfinished_sequences.max() == 0)`. On CUDA that read waits until the GPU has finished the step, so the host's
 own work for the next step (preparing inputs, GLM's decode mask, the logits processors, the compiled step's guards
-and graph replay) runs while the GPU idles: on an H200, greedy decoding of the 6B shape at batch 1 spent ~6.2 ms a
-token against ~4 ms of GPU work (benchmarks/README.md).
+and graph replay) runs while the GPU idles: at batch 1 a token's wall time is well above its GPU time (measured in
+benchmarks/README.md, "Greedy decoding").
 
 This loop reads that flag one step late: each step's flag is copied to pinned host memory without blocking, and
 the host reads the previous step's flag only after queueing the current step. When the late flag says every row

@@ -396,11 +396,12 @@ def fast_decoding_kwargs(
 ) -> dict:
     """generate() arguments for the fast decoding path, where it is safe: on CUDA, unless the caller chose a cache.
 
-    The path is a static KV cache, whose fixed shapes let transformers compile the decode step (CUDA graphs); on
-    an H200 it decodes the 6B shape about 10x faster than the default dynamic cache (benchmarks/README.md). The
-    tokens are the dynamic cache's (tests/models/test_fast_decode.py). The first call of a cache size compiles
-    (~30 s); sizes are rounded up to a multiple of 256 so later calls reuse it. Greedy decoding and sampling also
-    take `decoding.sample_without_host_sync`, which keeps the host a step ahead of the GPU (same tokens).
+    The path is a static KV cache, whose fixed shapes let transformers compile the decode step (CUDA graphs): many
+    times the default dynamic cache's tokens/s on the 6B shape (benchmarks/README.md, "Greedy decoding"). The
+    tokens are the dynamic cache's (tests/models/test_fast_decode.py). The first call of a cache size compiles (the
+    compile time is in the same section); sizes are rounded up to a multiple of 256 so later calls reuse it. Greedy
+    decoding and sampling also take `decoding.sample_without_host_sync`, which keeps the host a step ahead of the GPU
+    (same tokens).
     """
     chosen = {"cache_implementation", "past_key_values", "cache", "use_cache", "max_cache_len", "custom_generate"}
     if torch.device(device).type != "cuda" or chosen & set(generate_kwargs) or generate_kwargs.get("num_beams", 1) > 1:

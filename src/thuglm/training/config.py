@@ -276,8 +276,8 @@ class TrainConfig:
     compile: bool = False
     """torch.compile each transformer layer (one graph all layers share; with gradient_checkpointing, each layer's
     attention and MLP, so the checkpoint stays outside the compiled code): fewer, fused kernels and far less host
-    work a step. Compiling whole layers took the 6B shape's LoRA step on an H200 from 13.7k to 18.4k tokens/s (s512
-    b16, benchmarks/bench_train.py); the first steps compile (~a minute on a GPU, many on a CPU). One GPU or DDP."""
+    work a step (the 6B shape's LoRA step with and without it: benchmarks/README.md, "Training"). The first steps
+    compile, which takes longest on a CPU. One GPU or DDP."""
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     lora: LoraSettings = field(default_factory=LoraSettings)
     ptuning: PtuningSettings = field(default_factory=PtuningSettings)
