@@ -47,3 +47,26 @@ def test_a_layer_imports_nothing_above_it(layer):
 
 def test_the_check_sees_relative_imports(tmp_path):
     assert thuglm_imports(PACKAGE / "inference" / "chat.py") == {"models"}
+
+
+def private_imports(path: Path) -> list[str]:
+    """`from X import _name` where X is a thuglm module: a name its module keeps to itself, used elsewhere."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("thuglm")):
+            found += [f"{'.' * node.level}{node.module or ''}.{alias.name}" for alias in node.names
+                      if alias.name.startswith("_") and not alias.name.startswith("__")]
+    return found
+
+
+def test_no_module_imports_another_modules_private_names():
+    """What modules share is public, with a docstring; a leading underscore means "only this module uses it"."""
+    offenders = {str(path.relative_to(PACKAGE)): private_imports(path) for path in sorted(PACKAGE.rglob("*.py"))}
+    assert not {name: names for name, names in offenders.items() if names}
+
+
+def test_the_private_check_sees_relative_and_absolute_imports_but_not_other_libraries(tmp_path):
+    module = tmp_path / "module.py"
+    module.write_text("from .processing import _IDS, layout_ids\nfrom thuglm.data.sources import _normalize\n"
+                      "from datasets.features.features import _visit\nfrom . import __version__\n", encoding="utf-8")
+    assert private_imports(module) == [".processing._IDS", "thuglm.data.sources._normalize"]
