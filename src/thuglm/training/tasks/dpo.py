@@ -121,6 +121,11 @@ class PreferenceTrainer(GlmTrainer):
         self.reference = None
         if preference.loss_type in REFERENCE_LOSSES:
             self.reference = "adapter off" if isinstance(self.model, PeftModel) else "precomputed"
+        if self.reference == "precomputed" and (self.is_fsdp_enabled or self.is_deepspeed_enabled):
+            raise ConfigError(f"`dpo.loss_type: {preference.loss_type}` without an adapter computes the reference "
+                              "log-probs with the whole model before training, and FSDP / DeepSpeed hold it in shards "
+                              "until then: use method: lora (the base with the adapter off is the reference), "
+                              "loss_type orpo or simpo (no reference), or one GPU / DDP (thuglm train --nproc N)")
         if self.reference == "precomputed":
             self.train_dataset = self.with_reference_logps(self.train_dataset, "training")
             if self.eval_dataset is not None:
@@ -154,10 +159,10 @@ class PreferenceTrainer(GlmTrainer):
             return inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
         if self.reference is None:
             return None, None
-        # The base is the reference: the same model with the adapter off, outside DDP (no gradient to reduce).
-        unwrapped = self.accelerator.unwrap_model(model)
-        with torch.no_grad(), unwrapped.disable_adapter():
-            logps, _ = sequence_logps(unwrapped, inputs)
+        # The base is the reference: the same model with the adapter off (peft's switch is on the PeftModel; the
+        # forward goes through the wrapper DDP or FSDP put around it, which shards or syncs what it holds).
+        with torch.no_grad(), self.accelerator.unwrap_model(model).disable_adapter():
+            logps, _ = sequence_logps(model, inputs)
         return logps.chunk(2)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
