@@ -22,30 +22,16 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
-from common import build_6b_folder, commit_id
+from common import ROOT, build_6b_folder, commit_id, device_name, thuglm_train_run
 
-ROOT = Path(__file__).resolve().parents[1]
 SEQ = 1024
 GOAL_PEAK_GIB = 16.0
 LOSS_TYPES = {"dpo": "sigmoid", "orpo": "orpo"}
-
-
-def subprocess_env() -> dict[str, str]:
-    """This process's environment with thuglm's src first on PYTHONPATH, keeping what was there (the carried wheels'
-    site folder on the GPU machine)."""
-    paths = [str(ROOT / "src"), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
-
-
-def device_name() -> str:
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
 def write_pairs(path: Path, count: int, chars: int) -> Path:
@@ -74,21 +60,12 @@ def train_row(model: str, mode: str, data: Path, out: Path, steps: int, smoke: b
                  "gradient_checkpointing=true", f"max_steps={steps}", "save_steps=0", "logging_steps=1"]
     if not smoke:
         overrides.append("precision=bf16")
-    config = out.parent / f"{mode}.yaml"  # every setting is an override on the command line
-    config.parent.mkdir(parents=True, exist_ok=True)
-    config.write_text("{}\n")
-    command = [sys.executable, "-m", "thuglm", "train", str(config), *overrides]
-    start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, check=False, env=subprocess_env())
-    row = {"impl": "thuglm-train", "mode": mode, "seq": SEQ, "batch": 1, "grad_ckpt": True, "steps": steps,
-           "wall_s": round(time.perf_counter() - start, 1), "command": " ".join(command[3:])}
-    metrics_file = out / "metrics.json"
-    if done.returncode != 0 or not metrics_file.is_file():
-        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
-        return {**row, "status": "error", "error": " | ".join(tail)[-400:], "peak_gib": None, "tokens_per_s": None}
-    metrics = json.loads(metrics_file.read_text())
+    run, metrics = thuglm_train_run(mode, out, overrides)
+    row = {"impl": "thuglm-train", "mode": mode, "seq": SEQ, "batch": 1, "grad_ckpt": True, "steps": steps, **run}
+    if metrics is None:
+        return {**row, "peak_gib": None, "tokens_per_s": None}
     peak = metrics.get("peak_memory_gib")
-    return {**row, "status": "ok", "peak_gib": peak, "tokens_per_s": metrics.get("tokens_per_s"),
+    return {**row, "peak_gib": peak, "tokens_per_s": metrics.get("tokens_per_s"),
             "train_tokens": metrics.get("train_tokens"), "final_train_loss": metrics.get("final_train_loss"),
             "rewards_accuracies": metrics.get("rewards/accuracies"),
             "goal_peak_gib": GOAL_PEAK_GIB if mode == "dpo" else None,

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import subprocess
 import sys
 import time
@@ -35,20 +34,7 @@ import traceback
 from pathlib import Path
 
 import torch
-from common import build_6b_folder, commit_id
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def subprocess_env() -> dict[str, str]:
-    """This process's environment with thuglm's src first on PYTHONPATH, keeping what was there: on the GPU machine
-    that holds the wheels it lacks (datasets), installed with pip --target."""
-    paths = [str(ROOT / "src"), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
-
-
-def device_name() -> str:
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+from common import ROOT, build_6b_folder, commit_id, device_name, subprocess_env, thuglm_train_run
 
 
 # ---- train ---------------------------------------------------------------------------------------------------------
@@ -64,21 +50,11 @@ def train_row(model: str, mode: str, out: Path, seq: int, steps: int, smoke: boo
         overrides.append("precision=bf16")
     if mode == "qlora":
         overrides.append("quantization.bits=4")
-    config = out.parent / f"{mode}.yaml"  # every setting is an override on the command line
-    config.parent.mkdir(parents=True, exist_ok=True)
-    config.write_text("{}\n")
-    command = [sys.executable, "-m", "thuglm", "train", str(config), *overrides]
-    start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, check=False,
-                          env=subprocess_env())
-    row = {"impl": "thuglm-train", "mode": mode, "seq": seq, "batch": 1, "grad_ckpt": True, "steps": steps,
-           "wall_s": round(time.perf_counter() - start, 1), "command": " ".join(command[3:])}
-    metrics_file = out / "metrics.json"
-    if done.returncode != 0 or not metrics_file.is_file():
-        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
-        return {**row, "status": "error", "error": " | ".join(tail)[-400:], "peak_gib": None, "tokens_per_s": None}
-    metrics = json.loads(metrics_file.read_text())
-    return {**row, "status": "ok", "peak_gib": metrics.get("peak_memory_gib"), "tokens_per_s": metrics.get("tokens_per_s"),
+    run, metrics = thuglm_train_run(mode, out, overrides)
+    row = {"impl": "thuglm-train", "mode": mode, "seq": seq, "batch": 1, "grad_ckpt": True, "steps": steps, **run}
+    if metrics is None:
+        return {**row, "peak_gib": None, "tokens_per_s": None}
+    return {**row, "peak_gib": metrics.get("peak_memory_gib"), "tokens_per_s": metrics.get("tokens_per_s"),
             "final_train_loss": metrics.get("final_train_loss")}
 
 

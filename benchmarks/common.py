@@ -7,7 +7,11 @@ inside the functions that need it, because the official code's worker processes 
 from __future__ import annotations
 
 import gc
+import json
+import os
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import torch
@@ -64,3 +68,34 @@ def commit_id(cwd: Path | None = None) -> str:
         return "unknown"
     head, dirty = head.stdout.strip(), dirty.stdout.strip()
     return (head + (" + uncommitted" if dirty else "")) if head else "unknown"
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def subprocess_env() -> dict[str, str]:
+    """This process's environment with thuglm's src first on PYTHONPATH, keeping what was there: on the GPU machine
+    that holds the wheels it lacks (datasets, trl), installed with pip --target."""
+    paths = [str(ROOT / "src"), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def thuglm_train_run(name: str, out: Path, overrides: list[str]) -> tuple[dict, dict | None]:
+    """`thuglm train` in a subprocess, every setting an override on the command line: (the row's `wall_s`,
+    `command`, `status` and, on failure, `error` with the output's last lines; the run's metrics.json or None)."""
+    config = out.parent / f"{name}.yaml"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text("{}\n")
+    command = [sys.executable, "-m", "thuglm", "train", str(config), *overrides]
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, check=False, env=subprocess_env())
+    row = {"wall_s": round(time.perf_counter() - start, 1), "command": " ".join(command[3:])}
+    metrics_file = out / "metrics.json"
+    if done.returncode != 0 or not metrics_file.is_file():
+        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+        return {**row, "status": "error", "error": " | ".join(tail)[-400:]}, None
+    return {**row, "status": "ok"}, json.loads(metrics_file.read_text())
