@@ -121,8 +121,8 @@ def test_global_batch_size_derives_the_accumulation(tmp_path, capsys):
     from thuglm.training.config import load_config
 
     config = load_config(write_config(tmp_path, **settings(tmp_path, global_batch_size=16)))
-    assert [config.resolved_gradient_accumulation_steps(n) for n in (1, 2, 4, 8)] == [8, 4, 2, 1]
-    assert load_config(None, ["model=tiny", "data.files=x"]).resolved_gradient_accumulation_steps(4) == 1
+    assert [config.gradient_accumulation_for(n) for n in (1, 2, 4, 8)] == [8, 4, 2, 1]
+    assert load_config(None, ["model=tiny", "data.files=x"]).gradient_accumulation_for(4) == 1
 
     both = write_config(tmp_path, **settings(tmp_path, gradient_accumulation_steps=2))
     assert main(["train", str(both)]) == 2
