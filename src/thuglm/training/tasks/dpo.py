@@ -179,12 +179,14 @@ class PreferenceTrainer(GlmTrainer):
         return (loss, None) if return_outputs else loss
 
     def _add_metrics(self, mode, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps) -> None:
-        chosen_rewards, rejected_rewards = chosen_rewards.double(), rejected_rewards.double()
+        """Add a micro-batch's pairs to the sums of the metrics, on the device; a pair with a NaN / inf in it (a step
+        that `on_nan: skip` leaves out) is left out of them too."""
+        values = torch.stack([chosen_rewards, rejected_rewards, chosen_logps.detach(), rejected_logps.detach()]).double()
+        finite = torch.isfinite(values).all(dim=0)
+        chosen, rejected, chosen_logps, rejected_logps = torch.where(finite, values, 0.0)
         self._metric_sums[mode] += torch.stack([
-            chosen_rewards.sum(), rejected_rewards.sum(), (chosen_rewards > rejected_rewards).double().sum(),
-            (chosen_rewards - rejected_rewards).sum(), chosen_logps.detach().double().sum(),
-            rejected_logps.detach().double().sum(), torch.tensor(float(len(chosen_rewards)), device=chosen_rewards.device,
-                                                                 dtype=torch.float64),
+            chosen.sum(), rejected.sum(), ((chosen > rejected) & finite).double().sum(), (chosen - rejected).sum(),
+            chosen_logps.sum(), rejected_logps.sum(), finite.double().sum(),
         ]).to(self._metric_sums[mode].device)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
