@@ -31,6 +31,7 @@ from thuglm.models.losses import IGNORE_INDEX
 from thuglm.models.prompt import build_prompt
 from thuglm.training.config import DpoSettings, load_config
 from thuglm.training.demo import resource_path
+from thuglm.training.tasks import dpo
 from thuglm.training.tasks.dpo import Dpo, PreferenceTrainer
 
 from .test_data_formats import refused, write_json
@@ -273,13 +274,21 @@ def test_qlora_with_checkpointing_compares_with_the_4bit_base(tmp_path, tiny_dir
 
 
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, tiny_dir, capsys, monkeypatch):
-    original = PreferenceTrainer.compute_loss
+    """The third step's loss and rewards become NaN (as an fp16 overflow makes them)."""
+    step = {"poisoned": False}
+    original_step, original_loss = PreferenceTrainer.compute_loss, dpo.preference_loss
 
-    def poisoned(self, model, inputs, *args, **kwargs):
-        loss = original(self, model, inputs, *args, **kwargs)
-        return loss * float("nan") if self.state.global_step == 2 and model.training else loss
+    def flagged(self, model, inputs, *args, **kwargs):
+        step["poisoned"] = self.state.global_step == 2 and model.training
+        return original_step(self, model, inputs, *args, **kwargs)
 
-    monkeypatch.setattr(PreferenceTrainer, "compute_loss", poisoned)
+    def poisoned(*args, **kwargs):
+        loss, chosen, rejected = original_loss(*args, **kwargs)
+        nan = float("nan") if step["poisoned"] else 1.0
+        return loss * nan, chosen * nan, rejected * nan
+
+    monkeypatch.setattr(PreferenceTrainer, "compute_loss", flagged)
+    monkeypatch.setattr(dpo, "preference_loss", poisoned)
     data = write_json(tmp_path / "pairs.json", surface_pairs(INSTRUCTIONS[:32]))
     config = dpo_config(tmp_path, tiny_dir, [data], max_steps=4, save_steps=2)
     assert main(["train", str(config)]) == 2
@@ -288,3 +297,9 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, t
     out = tmp_path / "out"
     assert sorted(path.name for path in out.glob("checkpoint-*")) == ["checkpoint-2"]
     assert not (out / "metrics.json").exists()
+
+    skipping = tmp_path / "skipping"  # on_nan: skip: that step is left out, and its pairs out of the metrics
+    assert main(["train", str(config), f"output_dir={skipping}", "on_nan=skip", "logging_steps=4"]) == 0
+    metrics = json.loads((skipping / "metrics.json").read_text())
+    assert metrics["skipped_nonfinite_steps"] == 1 and metrics["steps"] == 4
+    assert all(math.isfinite(metrics[name]) for name in ("rewards/accuracies", "rewards/margins", "logps/chosen"))
