@@ -1,6 +1,7 @@
 """Preference tuning (`task: dpo`) through `thuglm train` on ChatGLM-6B's shape: peak memory and tokens/s of a step.
 
-    PYTHONPATH=src python benchmarks/bench_dpo.py --record benchmarks/results.jsonl [--modes dpo,orpo] [--steps 20]
+    PYTHONPATH=src python benchmarks/bench_dpo.py --record benchmarks/results.jsonl [--modes dpo,orpo] [--steps 20] \
+        [--model-folder /tmp/bench_quant/glm6b]
     PYTHONPATH=src python benchmarks/bench_dpo.py --smoke [--modes dpo,orpo]   # the tiny model on CPU, end to end
 
 On the lent GPU machine TRL comes from the carried wheels: `.whl/trl-1.16.0-py3-none-any.whl` (git-ignored; fetch it
@@ -80,6 +81,8 @@ def main() -> None:
     parser.add_argument("--record", help="append result rows (JSON lines) to this file")
     parser.add_argument("--commit", help="the commit measured (a copy without .git cannot tell)")
     parser.add_argument("--work-dir", default="/tmp/bench_dpo")
+    parser.add_argument("--model-folder", help="the 6B-shape folder to use or build (default WORK_DIR/glm6b); a warm "
+                        "machine's /tmp/bench_quant/glm6b saves building one")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
     import thuglm  # noqa: F401
@@ -94,7 +97,7 @@ def main() -> None:
     else:
         if not torch.cuda.is_available():
             sys.exit("bench_dpo.py measures a GPU; use --smoke on a CPU")
-        folder, steps = build_6b_folder(work / "glm6b"), args.steps
+        folder, steps = build_6b_folder(Path(args.model_folder or work / "glm6b")), args.steps
     data = write_pairs(work / "pairs.json", count=max(steps, 4) + 4, chars=2 * SEQ)
     rows = []
     for mode in modes:
