@@ -111,7 +111,7 @@ def test_max_seq_len_longer_than_the_model_was_trained_on_is_refused(tmp_path):
         ("data.text_colum=x", "Did you mean `data.text_column`?"),
         ("lora.rank=4", "unknown config key `lora.rank`"),
         ("method=lorra", "must be one of lora, full, freeze, ptuning; got 'lorra' (did you mean `lora`?)"),
-        ("batch_size=four", "`batch_size` must be an integer; got 'four'"),
+        ("batch_size=four", "`batch_size` must be an integer or auto; got 'four'"),
         ("gradient_checkpointing=maybe", "`gradient_checkpointing` must be true or false"),
         ("batch_size=0", "`batch_size` must be at least 1"),
         ("save_steps=-1", "`save_steps` must be at least 0 (0: no checkpoints)"),

@@ -166,3 +166,34 @@ def test_faithful_saving_writes_the_loaded_dtype_and_one_copy_of_tied_weights(ti
     saved = load_file(tmp_path / "saved" / "model.safetensors")
     assert "lm_head.weight" not in saved
     assert {tensor.dtype for tensor in saved.values() if tensor.is_floating_point()} == {torch.bfloat16}
+
+
+def test_parts_compose_with_trls_sft_trainer(tiny_dir, tmp_path):
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+
+    from thuglm.data.collator import GlmCollator
+    from thuglm.models import ChatGLMTokenizer
+
+    model = ChatGLMForConditionalGeneration.from_pretrained(tiny_dir, attn_implementation="eager")
+    tokenizer = ChatGLMTokenizer.from_pretrained(tiny_dir)
+    data = Dataset.from_list([{key: value.tolist() for key, value in row.items()}
+                              for row in rows(model.config, padding=2)])
+
+    class GuardedSFT(NonFiniteGuard, AtomicCheckpoints, TokenCounting, trl.SFTTrainer):
+        pass
+
+    args = trl.SFTConfig(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=2, save_steps=1,
+                         logging_steps=1, report_to=[], use_cpu=True, remove_unused_columns=False,
+                         dataset_kwargs={"skip_prepare_dataset": True})
+    trainer = GuardedSFT(model=model, args=args, train_dataset=data, processing_class=tokenizer,
+                         data_collator=GlmCollator.for_model(tokenizer.pad_token_id, model.config))
+    trainer.train()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir() if p.name.startswith("checkpoint")) == [
+        "checkpoint-1", "checkpoint-2"]
+    assert trainer.state.num_input_tokens_seen == 2 * 2 * (12 - 2)
+
+    poisoned = poison(GuardedSFT, at_step=1)(model=model, args=args, train_dataset=data, processing_class=tokenizer,
+                                             data_collator=GlmCollator.for_model(tokenizer.pad_token_id, model.config))
+    with pytest.raises(NonFiniteLossError, match="step 2: the loss became nan"):
+        poisoned.train()

@@ -226,7 +226,10 @@ class TrainConfig:
     max_steps: int = -1
     """Optimizer steps; -1 trains for `epochs`."""
     epochs: float = 1.0
-    batch_size: int = 4
+    batch_size: int | Literal["auto"] = 4
+    """Rows a micro-batch in each process (GPU). `auto`: the largest that fits the GPU, found by trying before
+    training, with gradient accumulation keeping `global_batch_size` (required with it); the whole per-process batch
+    on a CPU. A resumed run keeps the size its checkpoint was trained with."""
     eval_batch_size: int | None = None
     gradient_accumulation_steps: int = 1
     global_batch_size: int | None = None
@@ -448,7 +451,11 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
                 return coerce(value, option, key)
             except ConfigError as error:
                 errors.append(str(error))
-        raise ConfigError(errors[-1] if len(errors) == 1 else f"config key `{key}`: {value!r} fits none of its types")
+        if len(errors) == 1:
+            raise ConfigError(errors[0])
+        # "must be an integer; got 'four'" and "must be one of auto; got 'four'" -> "must be an integer or auto; ..."
+        wanted = [error.partition(" must be ")[2].rpartition("; got")[0].removeprefix("one of ") for error in errors]
+        raise ConfigError(f"config key `{key}` must be {' or '.join(wanted)}; got {value!r}")
     if origin is Literal:
         if value in args:
             return value
@@ -503,13 +510,15 @@ def check_config(config: TrainConfig) -> None:
     if config.data.streaming and config.data.validation_split and not config.data.eval_files:
         raise ConfigError("`data.validation_split` cannot split a stream; give `data.eval_files` instead")
     for key in ("batch_size", "gradient_accumulation_steps", "logging_steps"):
-        if getattr(config, key) < 1:
+        if getattr(config, key) != "auto" and getattr(config, key) < 1:
             raise ConfigError(f"config key `{key}` must be at least 1; got {getattr(config, key)}")
     if config.save_steps < 0:
         raise ConfigError(f"config key `save_steps` must be at least 0 (0: no checkpoints); got {config.save_steps}")
     if config.eval_steps is not None and config.eval_steps < 1:
         raise ConfigError(f"config key `eval_steps` must be at least 1; got {config.eval_steps}")
-    if config.global_batch_size is not None and config.global_batch_size < config.batch_size:
+    if config.batch_size == "auto":
+        check_automatic_batch_size(config)
+    elif config.global_batch_size is not None and config.global_batch_size < config.batch_size:
         raise ConfigError(f"config key `global_batch_size` must be at least batch_size ({config.batch_size}); "
                           f"got {config.global_batch_size}")
     if config.global_batch_size is not None and config.gradient_accumulation_steps != 1:
@@ -528,6 +537,17 @@ def check_config(config: TrainConfig) -> None:
     task.check_config(config)
     if config.optimizer_in_backward:
         check_optimizer_in_backward(config)
+
+
+def check_automatic_batch_size(config: TrainConfig) -> None:
+    """`batch_size: auto` chooses the micro-batch and derives the accumulation from the global batch."""
+    if config.global_batch_size is None:
+        raise ConfigError("`batch_size: auto` keeps the rows of an optimizer step and finds how many of them fit a "
+                          "micro-batch: give them as `global_batch_size` (e.g. global_batch_size: 16), or set a "
+                          "number as batch_size")
+    if config.optimizer_in_backward:
+        raise ConfigError("`batch_size: auto` may split a step into micro-batches, which `optimizer_in_backward: true` "
+                          "cannot accumulate: set batch_size to a number that fits, or optimizer_in_backward: false")
 
 
 def check_optimizer_in_backward(config: TrainConfig) -> None:

@@ -139,7 +139,7 @@ def launch(nproc: int, config_path: str, overrides: list[str]) -> int:
         raise ConfigError(f"--nproc {nproc}: one process a GPU, and this machine shows {torch.cuda.device_count()} "
                           "(CUDA_VISIBLE_DEVICES chooses which)")
     config = load_config(config_path, overrides)
-    config.resolved_gradient_accumulation_steps(nproc)
+    config.gradient_accumulation_for(nproc)
     if config.optimizer_in_backward:  # each process would refuse it after starting; say it once, before
         check_optimizer_placement(config, nproc, precision="unknown", sharding=None)
     # --standalone: a rendezvous on localhost with a free port, so several runs can share a machine.

@@ -22,6 +22,7 @@ import torch
 import yaml
 
 from ..inference.loading import check_model_folder, check_tokenizer_fits, tokenizer_folder
+from .batch_size import automatic_batch_rows, find_batch_size, longest_row
 from .checkpoints import (
     check_output_dir,
     latest_complete_checkpoint,
@@ -29,7 +30,7 @@ from .checkpoints import (
     staging_root,
     start_afresh,
 )
-from .config import ConfigError, TrainConfig, check_optimizer_placement, load_config
+from .config import ConfigError, TrainConfig, check_max_seq_len, check_optimizer_placement, load_config
 from .distributed import (
     data_parallel_size,
     fsdp_checkpoints_layers,
@@ -68,7 +69,7 @@ def train_from_cli(config_path: str, overrides: list[str]) -> int:
 def train(config: TrainConfig) -> dict[str, Any] | None:
     """Train as `config` says and return the metrics written to metrics.json (None: the run to resume had already
     finished, and nothing was done)."""
-    from transformers import AutoTokenizer, set_seed
+    from transformers import AutoConfig, AutoTokenizer, set_seed
 
     import thuglm  # noqa: F401  (registers ChatGLM with the Auto classes)
 
@@ -76,7 +77,6 @@ def train(config: TrainConfig) -> dict[str, Any] | None:
     state = process_state()  # one process, or one of several under torchrun / accelerate launch
     quiet_replicas(state)
     processes = data_parallel_size(state)
-    config.resolved_gradient_accumulation_steps(processes)  # a global batch the processes cannot share stops here
     precision = resolve_precision(config.precision)
     choose_attention_kernels(config.attn_implementation)
     sharding = sharding_plugin()
@@ -90,17 +90,25 @@ def train(config: TrainConfig) -> dict[str, Any] | None:
     check_output_dir(Path(config.output_dir), resuming=config.resume_from_checkpoint is not False,
                      overwrite=config.overwrite_output_dir)
     resume = resolve_resume(config)
+    probe_batch_size = config.batch_size == "auto" and not resume
+    if config.batch_size == "auto":
+        rows_per_process = automatic_batch_rows(config, processes, sharding)
+        if resume:  # the micro-batch the run was trained with, so that it goes on as it went
+            config.batch_size = checkpoint_batch_size(resume)
+    # A global batch the processes cannot share stops here (with batch_size auto: once the batch size is found).
+    accumulation = None if probe_batch_size else config.gradient_accumulation_for(processes)
     task = get_task(config.task)(config)
     with main_process_first(state):  # the tiny model and the datasets cache are built once, then read by the others
         model_dir = resolve_model_dir(config.model)
         check_model_folder(model_dir)  # config, weights and tokenizer, as `thuglm chat` checks them
+        check_max_seq_len(config, AutoConfig.from_pretrained(model_dir))  # before any data is read
         check_official_quantized_base(model_dir, config)  # an official int4/int8 folder trains P-Tuning only
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder(model_dir))
         check_tokenizer_fits(tokenizer, model_dir)
 
         train_dataset, eval_dataset = task.build_datasets(tokenizer)
     if resume:
-        done, planned = checkpoint_step(resume), planned_steps(config, train_dataset, processes)
+        done, planned = checkpoint_step(resume), planned_steps(config, train_dataset, processes, accumulation)
         if done >= planned:  # the Trainer would train one step more (or none) and overwrite metrics.json
             logger.info("%s finished at step %d of %d (%s): nothing to resume, nothing changed; to train longer, "
                         "raise max_steps or epochs and resume again", config.output_dir, done, planned,
@@ -108,7 +116,7 @@ def train(config: TrainConfig) -> dict[str, Any] | None:
             return None
         logger.info("resuming from %s (step %d of %d)", resume, done, planned)
     # Before the model: under `accelerate launch` with DeepSpeed ZeRO-3 this makes from_pretrained load into shards.
-    args = training_arguments(config, precision, has_eval=eval_dataset is not None, processes=processes)
+    args = None if probe_batch_size else training_arguments(config, precision, eval_dataset is not None, accumulation)
 
     model = task.load_model(model_dir, weights_dtype(config.method, precision), config.attn_implementation,
                             **load_kwargs)
@@ -116,6 +124,15 @@ def train(config: TrainConfig) -> dict[str, Any] | None:
     if config.compile:
         compiled = compile_blocks(model, gradient_checkpointing=config.gradient_checkpointing)
         logger.info("compile: %d layers compiled on first use (the first steps take longer)", compiled)
+    if probe_batch_size:  # on the device this process trains on
+        config.batch_size = find_batch_size(
+            model, task.collator(tokenizer, model), longest_row(train_dataset), rows_per_process, device=state.device,
+            optimizer=config.optimizer, precision=precision, gradient_checkpointing=config.gradient_checkpointing,
+        )
+        accumulation = config.gradient_accumulation_for(processes)
+        logger.info("batch_size auto: %d rows a micro-batch, %d accumulated a step (global_batch_size %d)",
+                    config.batch_size, accumulation, config.global_batch_size)
+        args = training_arguments(config, precision, eval_dataset is not None, accumulation)
     trainable, total = count_parameters(model)
     logger.info("%s: training %s of %s parameters (%s, %s, %s)", model_dir, f"{trainable:,}", f"{total:,}",
                 config.method, precision, describe_optimizer(config))
@@ -178,19 +195,28 @@ SUMMARY_KEYS = ("final_train_loss", "eval_loss", "perplexity", "tokens_per_s")
 
 def checkpoint_step(checkpoint: str) -> int:
     """The optimizer steps a checkpoint was saved after."""
+    return checkpoint_state(checkpoint).global_step
+
+
+def checkpoint_batch_size(checkpoint: str) -> int:
+    """The micro-batch (rows a process) a checkpoint's run was trained with."""
+    return checkpoint_state(checkpoint).train_batch_size
+
+
+def checkpoint_state(checkpoint: str):
     from transformers import TrainerState
 
-    return TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json")).global_step
+    return TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
 
 
-def planned_steps(config: TrainConfig, train_dataset, processes: int) -> int:
+def planned_steps(config: TrainConfig, train_dataset, processes: int, accumulation: int) -> int:
     """The optimizer steps the run takes in all: max_steps, or the epochs over the training rows counted as the
     Trainer counts them (`Trainer.set_initial_training_values`: each process takes ceil(rows / (batch x processes))
     batches an epoch, the last accumulation of an epoch may be short). Streaming needs max_steps."""
     if config.max_steps > 0:
         return config.max_steps
     batches = math.ceil(len(train_dataset) / (config.batch_size * processes))
-    steps_per_epoch = max(math.ceil(batches / config.resolved_gradient_accumulation_steps(processes)), 1)
+    steps_per_epoch = max(math.ceil(batches / accumulation), 1)
     return math.ceil(config.epochs * steps_per_epoch)
 
 
@@ -230,7 +256,7 @@ def optimizer_cls_and_kwargs(config: TrainConfig) -> tuple[type[torch.optim.Opti
     """
     if config.optimizer == "adamw":
         return None
-    return Adafactor, {"lr": config.resolved_learning_rate(), "weight_decay": config.weight_decay}
+    return Adafactor, {"lr": config.learning_rate, "weight_decay": config.weight_decay}
 
 
 def describe_optimizer(config: TrainConfig) -> str:
@@ -249,8 +275,9 @@ def choose_attention_kernels(attn_implementation: str) -> None:
         torch.backends.cuda.enable_cudnn_sdp(False)
 
 
-def training_arguments(config: TrainConfig, precision: str, has_eval: bool, processes: int = 1):
-    """`processes`: how many share each step (torchrun / accelerate launch); `batch_size` is per process."""
+def training_arguments(config: TrainConfig, precision: str, has_eval: bool, accumulation: int = 1):
+    """`accumulation`: micro-batches a step in each process (`config.gradient_accumulation_for(processes)`);
+    `batch_size` is per process."""
     from transformers import TrainingArguments
 
     return TrainingArguments(
@@ -259,8 +286,8 @@ def training_arguments(config: TrainConfig, precision: str, has_eval: bool, proc
         num_train_epochs=config.epochs,
         per_device_train_batch_size=config.batch_size,
         per_device_eval_batch_size=config.eval_batch_size or config.batch_size,
-        gradient_accumulation_steps=config.resolved_gradient_accumulation_steps(processes),
-        learning_rate=config.resolved_learning_rate(),
+        gradient_accumulation_steps=accumulation,
+        learning_rate=config.learning_rate,
         lr_scheduler_type=config.lr_scheduler,
         warmup_steps=config.warmup_ratio,  # a float below 1 is a fraction of the steps
         weight_decay=config.weight_decay,
@@ -298,8 +325,6 @@ def write_resolved_config(config: TrainConfig, model_dir: Path, precision: str, 
     resolved.update(
         model=str(model_dir) if config.model != "tiny" else "tiny",
         precision=precision,
-        learning_rate=config.resolved_learning_rate(),
-        packing=config.resolved_packing(),
         max_grad_norm=config.resolved_max_grad_norm(),
     )
     out_file.write_text(yaml.safe_dump(resolved, allow_unicode=True, sort_keys=False), encoding="utf-8")

@@ -32,7 +32,7 @@ class CausalLM(Task):
         """
         config = self.config
         data = config.data
-        packing, max_seq_len = config.resolved_packing(), config.max_seq_len
+        packing, max_seq_len = config.packing, config.max_seq_len
         read = {"streaming": data.streaming, "cache_dir": data.cache_dir, "bad_rows": data.on_bad_row,
                 "num_proc": data.num_proc}
         encode = {"max_seq_len": max_seq_len, "num_proc": data.num_proc, "mask_history": data.mask_history,
