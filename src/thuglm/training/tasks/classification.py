@@ -48,6 +48,8 @@ from .base import Task, split_off_evaluation
 logger = logging.getLogger("thuglm.train")
 
 MODEL_CLASSES = {"seq_cls": "ChatGLMForSequenceClassification", "token_cls": "ChatGLMForTokenClassification"}
+# The data keys each classification task reads (and the other refuses).
+DATA_COLUMNS = {"seq_cls": ("text_column", "label_column"), "token_cls": ("tokens_column", "tags_column")}
 CLASSIFICATION_KEYS = ("eval_accuracy", "eval_macro_f1", "eval_mse", "eval_precision", "eval_recall", "eval_f1")
 
 
@@ -73,6 +75,10 @@ class Classification(Task):
                               "`data.streaming: false`")
         if config.data.sources:
             raise ConfigError(f"`task: {task}` reads one dataset: use data.files, not data.sources")
+        for other, columns in DATA_COLUMNS.items():
+            if other != task and any(getattr(config.data, column) for column in columns):
+                raise ConfigError(f"`data.{columns[0]}` / `data.{columns[1]}` are for `task: {other}`; {task} reads "
+                                  f"`data.{DATA_COLUMNS[task][0]}` and `data.{DATA_COLUMNS[task][1]}`")
 
     def build_datasets(self, tokenizer):
         """Training and evaluation rows (eval_files, else a validation split), encoded with the label space found in
@@ -110,13 +116,6 @@ class SequenceClassification(Classification):
     name = "seq_cls"
     peft_task_type = TaskType.SEQ_CLS
 
-    @classmethod
-    def check_config(cls, config: TrainConfig) -> None:
-        super().check_config(config)
-        if config.data.tokens_column or config.data.tags_column:
-            raise ConfigError("`data.tokens_column` / `data.tags_column` are for `task: token_cls`; seq_cls reads "
-                              "`data.text_column` and `data.label_column`")
-
     def encode(self, parts, tokenizer):
         data = self.config.data
         columns = []
@@ -153,13 +152,6 @@ class SequenceClassification(Classification):
 class TokenClassification(Classification):
     name = "token_cls"
     peft_task_type = TaskType.TOKEN_CLS
-
-    @classmethod
-    def check_config(cls, config: TrainConfig) -> None:
-        super().check_config(config)
-        if config.data.text_column or config.data.label_column:
-            raise ConfigError("`data.text_column` / `data.label_column` are for `task: seq_cls`; token_cls reads "
-                              "`data.tokens_column` and `data.tags_column`")
 
     def encode(self, parts, tokenizer):
         data = self.config.data
