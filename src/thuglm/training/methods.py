@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, get_peft_model
 
-from ..inference.loading import DTYPES
 from ..models.modeling_chatglm import ChatGLMBlock
+from ..models.precision import DTYPES, auto_precision
 from .config import ConfigError, TrainConfig
 from .ptuning import prepare_ptuning
 from .tasks import get_task
@@ -19,14 +19,12 @@ logger = logging.getLogger("thuglm.train")
 
 
 def resolve_precision(precision: str) -> str:
-    """`auto` becomes bf16 on a GPU that has it, fp16 on an older GPU and fp32 on CPU."""
+    """`auto` becomes bf16 on a GPU that has it, fp16 (mixed, with loss scaling) on an older GPU and fp32 on CPU."""
     if precision != "auto":
         if precision in ("bf16", "fp16") and not torch.cuda.is_available():
             logger.warning("precision %s on CPU is slow and only partly supported by torch; fp32 is the CPU default", precision)
         return precision
-    if not torch.cuda.is_available():
-        return "fp32"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return auto_precision(without_bf16="fp16")
 
 
 def resolve_model_dir(model: str) -> Path:

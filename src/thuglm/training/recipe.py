@@ -22,6 +22,7 @@ import torch
 import yaml
 
 from ..inference.loading import check_model_folder, check_tokenizer_fits, tokenizer_folder
+from ..models.losses import perplexity
 from .batch_size import automatic_batch_rows, find_batch_size, longest_row
 from .checkpoints import (
     check_output_dir,
@@ -54,7 +55,7 @@ from .quantization import check_official_quantized_base, quantized_load_kwargs
 from .quantization import describe as describe_quantization
 from .reporting import plot_losses, write_json
 from .tasks import get_task
-from .trainer import GlmTrainer, peak_memory, perplexity
+from .trainer import GlmTrainer, peak_memory
 
 logger = logging.getLogger("thuglm.train")
 

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from transformers import Trainer
 
+from ..models.losses import perplexity
 from .parts import (
     AdapterCastingOff,
     AtomicCheckpoints,
@@ -46,10 +45,6 @@ class GlmTrainer(
         if "eval_loss" in logs and self.compute_metrics is None:  # a language model's loss; classifiers have metrics
             logs["eval_perplexity"] = perplexity(logs["eval_loss"])
         super().log(logs, start_time)
-
-
-def perplexity(loss: float) -> float:
-    return math.exp(loss) if loss < 700 else float("inf")
 
 
 def peak_memory() -> tuple[float, str]:

@@ -40,7 +40,7 @@ from ...data.classification import (
     tag_label_space,
 )
 from ...data.loading import guess_text_column
-from ...data.samples import IGNORE_INDEX
+from ...models.losses import IGNORE_INDEX
 from ..config import ConfigError, TrainConfig
 from . import register_task
 from .base import Task, split_off_evaluation
