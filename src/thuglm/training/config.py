@@ -272,8 +272,9 @@ class TrainConfig:
     on_nan: Literal["stop", "skip"] = "stop"
     """A NaN or infinite loss or gradient: `stop` the run (the last checkpoint stays the last good one), or `skip`
     that optimizer step and go on (skipped steps are counted in the log and metrics.json)."""
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    """`auto`: bf16 on a GPU that has it, fp16 on an older GPU, fp32 on CPU."""
+    precision: Literal["auto", "bf16", "fp16", "fp32", "fp8"] = "auto"
+    """`auto`: bf16 on a GPU that has it, fp16 on an older GPU, fp32 on CPU. `fp8` (LoRA, with `compile: true`, on a
+    GPU of compute capability 8.9+): a bf16 run whose frozen base weights multiply in FP8 (training/fp8.py)."""
     gradient_checkpointing: bool = False
     attn_implementation: Literal["sdpa", "eager", "flex_attention"] = "sdpa"
     compile: bool = False
@@ -534,6 +535,12 @@ def check_config(config: TrainConfig) -> None:
         raise ConfigError(f"`quantization.bits: {config.quantization.bits}` freezes the base in {config.quantization.bits}"
                           f" bits, which `method: {config.method}` would have to train: use `method: lora` (QLoRA) or "
                           "`method: ptuning`, or remove the quantization section to fine-tune the base itself")
+    if config.precision == "fp8" and (config.method != "lora" or config.quantization.bits is not None
+                                      or not config.compile):
+        raise ConfigError("`precision: fp8` multiplies a bf16 base's frozen weights in FP8 under LoRA adapters, fused "
+                          "by torch.compile: it needs `method: lora`, no `quantization` section and `compile: true` "
+                          f"(this config has method {config.method}, quantization.bits {config.quantization.bits}, "
+                          f"compile {str(config.compile).lower()})")
     task.check_config(config)
     if config.optimizer_in_backward:
         check_optimizer_in_backward(config)

@@ -20,6 +20,10 @@ logger = logging.getLogger("thuglm.train")
 
 def resolve_precision(precision: str) -> str:
     """`auto` becomes bf16 on a GPU that has it, fp16 (mixed, with loss scaling) on an older GPU and fp32 on CPU."""
+    if precision == "fp8":  # a bf16 run whose frozen base weights multiply in FP8, or one line saying why not here
+        from .fp8 import require_fp8
+
+        return require_fp8()
     if precision != "auto":
         if precision in ("bf16", "fp16") and not torch.cuda.is_available():
             logger.warning("precision %s on CPU is slow and only partly supported by torch; fp32 is the CPU default", precision)

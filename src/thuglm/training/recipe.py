@@ -122,6 +122,10 @@ def train(config: TrainConfig) -> dict[str, Any] | None:
     model = task.load_model(model_dir, weights_dtype(config.method, precision), config.attn_implementation,
                             **load_kwargs)
     model = prepare_for_method(model, config)
+    if config.precision == "fp8":  # the frozen base's matmuls in FP8 (training/fp8.py), before compile fuses them
+        from .fp8 import convert_base_to_fp8
+
+        convert_base_to_fp8(model)
     if config.compile:
         compiled = compile_blocks(model, gradient_checkpointing=config.gradient_checkpointing)
         logger.info("compile: %d layers compiled on first use (the first steps take longer)", compiled)
