@@ -30,6 +30,7 @@ def test_minimal_config_gets_defaults(tmp_path):
     assert config.method == "lora"
     assert config.lora.target_modules == DEFAULT_LORA_TARGETS
     assert config.learning_rate == 2e-4 and config.packing is True  # filled in once, read as plain keys
+    assert config.max_grad_norm == 1.0
     assert config.max_seq_len == DEFAULT_MAX_SEQ_LEN
     assert config.data.format == "text" and config.precision == "auto"
 

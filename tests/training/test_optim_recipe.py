@@ -64,16 +64,16 @@ def minimal(*overrides: str):
 def test_defaults_keep_adamw_and_adafactor_takes_learning_rate_and_weight_decay():
     default = minimal()
     assert default.optimizer == "adamw" and default.optimizer_in_backward is False
-    assert default.resolved_max_grad_norm() == 1.0
+    assert default.max_grad_norm == 1.0
     assert recipe.optimizer_cls_and_kwargs(default) is None  # the Trainer's own AdamW, as before
 
     adafactor = minimal("method=full", "optimizer=adafactor", "weight_decay=0.1")
     assert recipe.optimizer_cls_and_kwargs(adafactor) == (Adafactor, {"lr": 2e-5, "weight_decay": 0.1})
-    assert adafactor.resolved_max_grad_norm() == 1.0  # stepped after the backward pass, it is clipped as AdamW is
+    assert adafactor.max_grad_norm == 1.0  # stepped after the backward pass, it is clipped as AdamW is
 
-    assert minimal("optimizer=adafactor", "optimizer_in_backward=true").resolved_max_grad_norm() == 0.0
+    assert minimal("optimizer=adafactor", "optimizer_in_backward=true").max_grad_norm == 0.0
     explicit_off = minimal("optimizer=adafactor", "optimizer_in_backward=true", "max_grad_norm=0")
-    assert explicit_off.resolved_max_grad_norm() == 0.0
+    assert explicit_off.max_grad_norm == 0.0
 
 
 def test_an_unknown_optimizer_is_named_with_the_valid_ones():

@@ -304,20 +304,6 @@ class TrainConfig:
             )
         return self.global_batch_size // per_pass
 
-    # The names the recipe called before load_config filled these keys in (resolve_defaults); kept until it reads
-    # the fields themselves.
-    def resolved_gradient_accumulation_steps(self, processes: int) -> int:
-        return self.gradient_accumulation_for(processes)
-
-    def resolved_learning_rate(self) -> float:
-        return self.learning_rate if self.learning_rate is not None else default_learning_rate(self.method)
-
-    def resolved_max_grad_norm(self) -> float:
-        return self.max_grad_norm if self.max_grad_norm is not None else default_max_grad_norm(self)
-
-    def resolved_packing(self) -> bool:
-        return self.packing if self.packing is not None else default_packing(self)
-
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -361,10 +347,12 @@ def default_packing(config: TrainConfig) -> bool:
 
 
 def resolve_defaults(config: TrainConfig) -> None:
-    """Fill the keys whose default depends on other keys (learning_rate, packing), once, after the config was
-    checked: everything after `load_config` reads plain fields, and thuglm_train.yaml records them."""
+    """Fill the keys whose default depends on other keys (learning_rate, max_grad_norm, packing), once, after the
+    config was checked: everything after `load_config` reads plain fields, and thuglm_train.yaml records them."""
     if config.learning_rate is None:
         config.learning_rate = default_learning_rate(config.method)
+    if config.max_grad_norm is None:
+        config.max_grad_norm = default_max_grad_norm(config)
     if config.packing is None:
         config.packing = default_packing(config)
 

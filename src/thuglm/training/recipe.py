@@ -143,7 +143,7 @@ def train(config: TrainConfig) -> dict[str, Any] | None:
                 config.method, precision, describe_optimizer(config))
     if load_kwargs:
         logger.info("%s", describe_quantization(config, precision))
-    if config.optimizer_in_backward and config.max_grad_norm is None:
+    if config.optimizer_in_backward:  # max_grad_norm is 0 then (the config refuses more)
         logger.info("max_grad_norm: off (optimizer_in_backward never holds all the gradients to clip their norm; "
                     "Adafactor caps the RMS of each weight's update instead)")
 
@@ -296,7 +296,7 @@ def training_arguments(config: TrainConfig, precision: str, has_eval: bool, accu
         lr_scheduler_type=config.lr_scheduler,
         warmup_steps=config.warmup_ratio,  # a float below 1 is a fraction of the steps
         weight_decay=config.weight_decay,
-        max_grad_norm=config.resolved_max_grad_norm(),
+        max_grad_norm=config.max_grad_norm,
         logging_steps=config.logging_steps,
         logging_first_step=True,
         save_strategy="steps" if config.save_steps else "no",
@@ -330,7 +330,6 @@ def write_resolved_config(config: TrainConfig, model_dir: Path, precision: str, 
     resolved.update(
         model=str(model_dir) if config.model != "tiny" else "tiny",
         precision=precision,
-        max_grad_norm=config.resolved_max_grad_norm(),
     )
     out_file.write_text(yaml.safe_dump(resolved, allow_unicode=True, sort_keys=False), encoding="utf-8")
 
