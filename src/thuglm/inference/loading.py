@@ -18,15 +18,15 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
-from transformers.utils import (
-    SAFE_WEIGHTS_INDEX_NAME,
-    SAFE_WEIGHTS_NAME,
-    WEIGHTS_INDEX_NAME,
-    WEIGHTS_NAME,
-)
 
 from ..data.samples import DEFAULT_MAX_SEQ_LEN
 from ..errors import ThuglmError
+from ..models.folders import (
+    ModelLoadError,
+    check_model_folder,
+    check_tokenizer_fits,
+    tokenizer_folder,
+)
 from ..models.precision import DTYPES, auto_precision
 
 # Importing anything under thuglm runs thuglm/__init__.py first, which registers ChatGLM with the Auto classes.
@@ -38,19 +38,12 @@ from ..models.prefix import (
     recorded_base,
 )
 from ..models.quantization import check_official_checkpoint
-from ..models.tokenization_chatglm import ChatGLMTokenizer
 from .quantized import check_official_quantized, quantize_kwargs
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
-TOKENIZER_FILE = ChatGLMTokenizer.vocab_files_names["vocab_file"]  # ice_text.model
-WEIGHT_FILES = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
 
 
 logger = logging.getLogger("thuglm.inference")
-
-
-class ModelLoadError(ThuglmError, ValueError):
-    """A model, adapter or tokenizer folder that cannot be loaded; the message says why and how to fix it."""
 
 
 class ContextLengthError(ThuglmError, ValueError):
@@ -99,27 +92,6 @@ def is_adapter_folder(path: str | Path) -> bool:
     return (Path(path) / ADAPTER_CONFIG_NAME).is_file()
 
 
-def check_model_folder(path: Path) -> None:
-    """Fail with a useful message before transformers fails with a generic one."""
-    if not path.is_dir():
-        raise ModelLoadError(f"{path} is not a folder: pass the folder of a ChatGLM checkpoint (or `thuglm tiny {path}`)")
-    if not (path / "config.json").is_file():
-        raise ModelLoadError(
-            f"{path} is not a model folder (no config.json). Pass the ChatGLM-6B checkpoint folder, a folder written "
-            f"by `thuglm train` / `thuglm merge`, or build a tiny one with `thuglm tiny {path}`."
-        )
-    if is_ptuning_folder(path):  # loaded as a model, its base weights would all be missing: random answers
-        raise ModelLoadError(
-            f"{path} is a P-Tuning v2 checkpoint (a prefix only, no base weights), not a model folder: pass the base "
-            f"model folder as the model and {path} as the adapter (`thuglm chat BASE_DIR --adapter {path}`)."
-        )
-    if not any((path / name).is_file() for name in WEIGHT_FILES):
-        raise ModelLoadError(
-            f"{path} has a config.json but no weights (none of {', '.join(WEIGHT_FILES)}); the download or copy is "
-            "incomplete: fetch the checkpoint's weight files into it."
-        )
-
-
 # The heads `thuglm train` trains with `task: seq_cls` / `token_cls` (architectures in their config.json).
 CLASSIFIER_TASKS = {"ChatGLMForSequenceClassification": "seq_cls", "ChatGLMForTokenClassification": "token_cls"}
 
@@ -142,32 +114,6 @@ def check_language_model(folder: Path) -> None:
             f"{folder} is a {kind} classifier ({architecture}, trained with `task: {task}`), not a language model: "
             f"chat, generate and merge need one. Predict with it: `thuglm predict {folder} FILE`."
         )
-
-
-def check_tokenizer_fits(tokenizer: PreTrainedTokenizerBase, model_dir: Path) -> None:
-    """The tokenizer must give ids the model has, and the special tokens GLM's positions and masks are built from.
-
-    A tokenizer from another model (ChatGLM2's, or a vocabulary trained for another checkpoint) otherwise fails deep
-    inside training, as `130004 is not in list` or an index error on the GPU.
-    """
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(model_dir)
-    where = f"the tokenizer ({tokenizer.name_or_path}) and the model ({model_dir})"
-    if len(tokenizer) > config.vocab_size:
-        raise ModelLoadError(
-            f"{where} do not fit: the tokenizer has {len(tokenizer):,} tokens, the model's embedding only "
-            f"{config.vocab_size:,}. Use the ice_text.model that came with this checkpoint."
-        )
-    special = {"[gMASK]": ("gmask_token_id", tokenizer.gmask_token_id), "<sop>": ("bos_token_id", tokenizer.bos_token_id),
-               "<eop>": ("eos_token_id", tokenizer.eos_token_id)}
-    for token, (key, token_id) in special.items():
-        expected = getattr(config, key, None)
-        if expected is not None and token_id != expected:
-            raise ModelLoadError(
-                f"{where} do not fit: the tokenizer gives {token} id {token_id}, the model's config.json says "
-                f"{key}={expected}. Use the ice_text.model and tokenizer_config.json that came with this checkpoint."
-            )
 
 
 def check_adapter_folder(path: Path) -> None:
@@ -219,18 +165,6 @@ def ptuning_base_folder(folder: Path, how_to_name_base: str | None = BASE_IN_PYT
         raise ModelLoadError(f"the P-Tuning checkpoint {folder} was trained on {base}, which is not a folder here: "
                              f"pass the base model folder as the model and this folder as the adapter{how}.")
     return Path(base)
-
-
-def tokenizer_folder(*candidates: Path | None) -> Path:
-    """The first folder holding the tokenizer: a training output's own copy wins over the base model's."""
-    folders = [folder for folder in candidates if folder is not None]
-    for folder in folders:
-        if (folder / TOKENIZER_FILE).is_file():
-            return folder
-    raise ModelLoadError(
-        f"no tokenizer: none of {', '.join(map(str, folders))} holds {TOKENIZER_FILE}. Copy ice_text.model and "
-        "tokenizer_config.json from the ChatGLM-6B checkpoint into the model folder."
-    )
 
 
 def default_device() -> str:

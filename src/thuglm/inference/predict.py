@@ -39,17 +39,15 @@ from ..data.classification import (
 from ..data.loading import guess_text_column
 from ..data.processing import layout_ids
 from ..data.samples import DEFAULT_MAX_SEQ_LEN
+from ..models.folders import ModelLoadError, check_model_folder, tokenizer_folder
 from .generate import write_jsonl
 from .loading import (
     CLASSIFIER_TASKS,
-    ModelLoadError,
     adapter_base_folder,
-    check_model_folder,
     default_device,
     is_adapter_folder,
     resolve_dtype,
     row_length,
-    tokenizer_folder,
 )
 from .quantized import quantize_kwargs
 

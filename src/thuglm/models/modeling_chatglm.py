@@ -745,7 +745,7 @@ class ChatGLMForSequenceClassification(ChatGLMPreTrainedModel):
         last = last_token_indices(input_ids, attention_mask, self.config.pad_token_id, batch, seq)
         pooled = hidden_states[torch.arange(batch, device=hidden_states.device), last]
         # The head may be fp32 over a half-precision transformer (fp16 training keeps it so: see
-        # thuglm.training.classification.load_classifier).
+        # thuglm.training.tasks.classification.load_classifier).
         pooled_logits = self.score(pooled.to(self.score.weight.dtype))
         loss = None
         if labels is not None:

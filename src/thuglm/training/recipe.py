@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import yaml
 
-from ..inference.loading import check_model_folder, check_tokenizer_fits, tokenizer_folder
+from ..models.folders import check_model_folder, check_tokenizer_fits, tokenizer_folder
 from ..models.losses import perplexity
 from .batch_size import automatic_batch_rows, find_batch_size, longest_row
 from .checkpoints import (
@@ -271,10 +271,9 @@ def describe_optimizer(config: TrainConfig) -> str:
 def choose_attention_kernels(attn_implementation: str) -> None:
     """On a GPU, SDPA without its cuDNN kernel, for this process.
 
-    For GLM's explicit prefix mask SDPA picks cuDNN's attention, whose every call costs ~1 ms of CPU for ~0.1-0.2 ms
-    of GPU work, and the LoRA step became host-bound (GPU 63 % busy). With cuDNN off SDPA takes its memory-efficient
-    kernel: `thuglm train` LoRA b4 s512 on the 6B shape went from 6,650 to 9,330 tokens/s on an H200 at the same peak
-    memory (benchmarks/README.md, "the recipe's LoRA step").
+    For GLM's explicit prefix mask SDPA picks cuDNN's attention, whose every call costs far more CPU time than GPU
+    work, so the LoRA step became host-bound. With cuDNN off SDPA takes its memory-efficient kernel, at the same
+    peak memory; the step's tokens/s before and after: benchmarks/README.md, "The recipe's LoRA step".
     """
     if attn_implementation == "sdpa" and torch.cuda.is_available():
         torch.backends.cuda.enable_cudnn_sdp(False)
