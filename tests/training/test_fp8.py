@@ -3,6 +3,7 @@ model's base to torchao's Float8Linear, checked on the CPU with torchao's emulat
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 
@@ -14,7 +15,9 @@ from thuglm.training import fp8, methods, recipe
 
 from .test_train_e2e import OFFICIAL_TINY, assert_losses_fall, base_settings, write_config
 
-pytest.importorskip("torchao", reason='precision fp8 needs torchao: pip install "thuglm[fp8]"')
+# The conversion tests (those taking `emulated`) need torchao, the [fp8] extra, which the test extra leaves out:
+# transformers imports torchao whenever it is installed, and on a CPU-only torch that import writes warnings to
+# stderr (its CUDA kernels do not load) in every thuglm process. The refusals need no torchao.
 
 BASE_LINEARS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
 
@@ -46,7 +49,9 @@ def test_a_gpu_older_than_ada_is_named_with_its_compute_capability(capability, n
     with pytest.raises(fp8.ConfigError, match=rf"{name} has compute capability {capability[0]}\.{capability[1]}"):
         fp8.require_fp8()
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args: (9, 0))
-    assert fp8.require_fp8() == "bf16"  # an H100: the run goes on as a bf16 run
+    real_find_spec = fp8.importlib.util.find_spec
+    monkeypatch.setattr(fp8.importlib.util, "find_spec", lambda name: object() if name == "torchao" else real_find_spec(name))
+    assert fp8.require_fp8() == "bf16"  # an H100 with torchao: the run goes on as a bf16 run
 
 
 def test_missing_torchao_names_the_extra(monkeypatch):
@@ -72,6 +77,8 @@ def test_fp8_needs_lora_on_a_bf16_base_compiled(overrides, named, tmp_path, caps
 
 @pytest.fixture
 def emulated(monkeypatch):
+    if importlib.util.find_spec("torchao") is None:
+        pytest.skip('the FP8 conversion needs torchao: pip install -e ".[fp8]"')
     monkeypatch.setattr(fp8, "EMULATE", True)
 
 
