@@ -9,6 +9,7 @@ import logging
 
 import pytest
 import torch
+import yaml
 
 from thuglm.cli import main
 from thuglm.training import fp8, methods, recipe
@@ -147,3 +148,6 @@ def test_thuglm_train_with_fp8_trains_a_plain_lora_adapter(tmp_path, emulated, m
     assert_losses_fall(out)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 8
+    # Recorded as fp8, so that the run's own thuglm_train.yaml repeats it (it runs as bf16 with an FP8 base).
+    assert metrics["precision"] == "fp8"
+    assert yaml.safe_load((out / "thuglm_train.yaml").read_text())["precision"] == "fp8"

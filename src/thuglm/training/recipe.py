@@ -328,9 +328,15 @@ def write_resolved_config(config: TrainConfig, model_dir: Path, precision: str, 
     resolved = config.to_dict()
     resolved.update(
         model=str(model_dir) if config.model != "tiny" else "tiny",
-        precision=precision,
+        precision=run_precision(config, precision),
     )
     out_file.write_text(yaml.safe_dump(resolved, allow_unicode=True, sort_keys=False), encoding="utf-8")
+
+
+def run_precision(config: TrainConfig, precision: str) -> str:
+    """The precision a run records: `fp8` is a bf16 run (`precision`, what autocast and the weights take) whose
+    frozen base multiplies in FP8, and is written as fp8 so that the recorded config repeats it."""
+    return "fp8" if config.precision == "fp8" else precision
 
 
 def _evaluated_at(log_history: list[dict], step: int) -> bool:
@@ -361,7 +367,7 @@ def run_metrics(trainer, result, trainable: int, total: int, config: TrainConfig
         "trainable_parameters": trainable,
         "total_parameters": total,
         "method": config.method,
-        "precision": precision,
+        "precision": run_precision(config, precision),
         "skipped_nonfinite_steps": trainer.skipped_nonfinite_steps,
     }
     if metrics["perplexity"] is not None and not math.isfinite(metrics["perplexity"]):
