@@ -286,12 +286,15 @@ def test_random_init_is_used_for_fresh_models(tokenizer):
 def test_stopping_a_stream_stops_generation(model, tokenizer):
     import threading
 
-    before = threading.active_count()
+    # Compare thread objects, not counts: a thread an earlier test left behind may end meanwhile.
+    before = set(threading.enumerate())
     stream = model.stream_chat(tokenizer, "你好", do_sample=False, max_length=None, max_new_tokens=200,
                                eos_token_id=None)
     next(stream)
+    started = set(threading.enumerate()) - before
+    assert started, "stream_chat generates on a thread of its own"
     stream.close()
-    assert threading.active_count() == before
+    assert not any(thread.is_alive() for thread in started)
 
 
 def test_ids_in_the_models_padded_vocab_tail_decode_to_nothing(model, tokenizer):
