@@ -130,6 +130,29 @@ def test_generation_positions_follow_the_official_rule(model, tokenizer):
     ]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_rotary_computes_the_official_per_half_products_bit_for_bit(dtype):
+    """apply_glm_rotary (both halves, query and key at once) against the official formula: each half rotated by its
+    own position, `x * cos + cat(-x2, x1) * sin`, then concatenated. Equal bits, not a tolerance: the same products."""
+    from thuglm.models.modeling_chatglm import ChatGLMRotaryEmbedding, apply_glm_rotary
+
+    def rotate_half(x):
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((-x2, x1), dim=-1)
+
+    head_dim, generator = 128, torch.Generator().manual_seed(0)
+    rotary = ChatGLMRotaryEmbedding(type("Config", (), {"head_dim": head_dim})())
+    position_ids = torch.stack([torch.randint(0, 2048, (2, 50), generator=generator),
+                                torch.randint(0, 100, (2, 50), generator=generator)], dim=1)
+    query_key = torch.randn(2, 50, 4, 2, head_dim, generator=generator).to(dtype)  # [batch, seq, heads, (q, k), d]
+    freqs = position_ids[..., None].float() * rotary.inv_freq(position_ids.device)
+    angles = torch.cat((freqs, freqs), dim=-1)  # [batch, (position, block position), seq, head_dim / 2]
+    cos, sin = angles.cos().to(dtype)[:, :, :, None, None], angles.sin().to(dtype)[:, :, :, None, None]
+    official = torch.cat([half * cos[:, i] + rotate_half(half) * sin[:, i]
+                          for i, half in enumerate(query_key.chunk(2, dim=-1))], dim=-1)
+    assert torch.equal(apply_glm_rotary(query_key, *rotary(query_key, position_ids)), official)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_forward_and_backward(tiny_dir, tokenizer, dtype):
     model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=dtype)

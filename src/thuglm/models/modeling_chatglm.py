@@ -81,24 +81,31 @@ class ChatGLMRotaryEmbedding(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """position_ids [batch, 2, seq] -> cos, sin [batch, 2, seq, dim] in x's dtype."""
-        freqs = position_ids[..., None].float() * self.inv_freq(position_ids.device)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        """position_ids [batch, 2, seq] -> cos, signed sin [batch, seq, 1, 1, head_dim] in x's dtype, for
+        `apply_glm_rotary`: the first half of a head's dimensions rotates by the position, the second by the block
+        position, and within each half the sine of the first quarter is negated (rotate-half's minus sign)."""
+        freqs = position_ids[..., None].float() * self.inv_freq(position_ids.device)  # [batch, 2, seq, dim / 2]
+        sin = freqs.sin()
+        cos = torch.cat((freqs, freqs), dim=-1).cos()
+        signed_sin = torch.cat((-sin, sin), dim=-1)
+        # [batch, 2 halves, seq, dim] -> [batch, seq, head_dim], broadcast over heads and over (query, key).
+        cos, signed_sin = (t.transpose(1, 2).flatten(2)[:, :, None, None, :].to(x.dtype) for t in (cos, signed_sin))
+        return cos, signed_sin
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def swap_quarters(x: torch.Tensor) -> torch.Tensor:
+    """[x1 x2 | x3 x4] -> [x2 x1 | x4 x3] over the last dimension: rotate-half within each half, its sign left to
+    the signed sine."""
+    return x.unflatten(-1, (2, 2, -1)).flip(-2).flatten(-3)
 
 
-def apply_glm_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [batch, heads, seq, head_dim]; cos/sin [batch, 2, seq, head_dim // 2]."""
-    halves = []
-    for half, c, s in zip(x.chunk(2, dim=-1), cos.unbind(1), sin.unbind(1)):
-        c, s = c[:, None], s[:, None]
-        halves.append(half * c + rotate_half(half) * s)
-    return torch.cat(halves, dim=-1)
+def apply_glm_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """GLM's 2D rotary on x [..., head_dim] with the tables of `ChatGLMRotaryEmbedding`.
+
+    The official code rotates each half by its own position and concatenates; this computes the same products
+    (x * cos + rotate_half(x) * sin, each half alike, -a * b written as a * -b) as four kernels over both halves at
+    once, and over query and key together: the fewer kernels are what an eager step at small batch waits on."""
+    return x * cos + swap_quarters(x) * signed_sin
 
 
 def glm_eager_attention_forward(
@@ -145,10 +152,10 @@ class ChatGLMAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch, seq, _ = hidden_states.shape
         # The fused projection is laid out per head as [q | k | v], as in the official checkpoint.
-        mixed = self.query_key_value(hidden_states).view(batch, seq, self.num_heads, 3 * self.head_dim)
-        query, key, value = (t.transpose(1, 2) for t in mixed.split(self.head_dim, dim=-1))
-        cos, sin = position_embeddings
-        query, key = apply_glm_rotary(query, cos, sin), apply_glm_rotary(key, cos, sin)
+        mixed = self.query_key_value(hidden_states).view(batch, seq, self.num_heads, 3, self.head_dim)
+        query_key, value = mixed.split((2, 1), dim=3)  # one split: its gradient is one concatenation
+        query, key = apply_glm_rotary(query_key, *position_embeddings).unbind(3)
+        query, key, value = (t.transpose(1, 2) for t in (query, key, value.squeeze(3)))
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, self.layer_idx)
         if prefix_key_value is not None:  # P-Tuning v2: the prefix's keys and values come first (see prefix.py)
