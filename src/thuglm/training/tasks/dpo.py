@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import logging
+import warnings
 from types import SimpleNamespace
 
 import torch
@@ -72,19 +73,27 @@ def preference_loss(
     rejected_mean = rejected_logps / rejected_tokens.clamp(min=1)
     settings = _trl_loss_settings(loss_type, beta, simpo_gamma, chosen_logps.device)
     if loss_type == "orpo":
-        from trl.experimental.orpo import ORPOTrainer
-
+        ORPOTrainer = experimental_trl("orpo").ORPOTrainer
         ratio_losses, chosen_rewards, rejected_rewards, _, _ = ORPOTrainer.odds_ratio_loss(settings, chosen_mean,
                                                                                            rejected_mean)
         # ORPOTrainer: the chosen answers' NLL (over all their tokens) minus the odds-ratio term.
         nll = -chosen_logps.sum() / chosen_tokens.sum().clamp(min=1)
         return nll - ratio_losses.mean(), chosen_rewards, rejected_rewards
     if loss_type == "simpo":
-        from trl.experimental.cpo import CPOTrainer
-
+        CPOTrainer = experimental_trl("cpo").CPOTrainer
         losses, chosen_rewards, rejected_rewards = CPOTrainer.cpo_loss(settings, chosen_mean, rejected_mean)
         return losses.mean(), chosen_rewards, rejected_rewards  # SimPO proper: cpo_alpha 0, no NLL term
     raise ValueError(f"unknown loss_type {loss_type!r}; known: sigmoid, ipo, orpo, simpo")
+
+
+def experimental_trl(name: str):
+    """`trl.experimental.<name>`, imported without TRL's notice that experimental APIs may change: that notice is for
+    whoever writes the import (thuglm pins the TRL versions it is tested with), not for a user who chose a loss."""
+    from trl.import_utils import TRLExperimentalWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TRLExperimentalWarning)
+        return importlib.import_module(f"trl.experimental.{name}")
 
 
 def _trl_loss_settings(loss_type: str, beta: float, simpo_gamma: float, device: torch.device) -> SimpleNamespace:
