@@ -243,9 +243,13 @@ def test_a_resumed_run_takes_the_steps_of_an_uninterrupted_one(tmp_path, tiny_di
     assert metrics["steps"] == 4 and math.isfinite(metrics["rewards/accuracies"])
 
 
-def test_two_processes_train_like_one(tmp_path, tiny_dir):
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_two_processes_train_like_one(tmp_path, tiny_dir, method):
+    """LoRA (the reference: the adapter off, through DDP's wrapper) and full fine-tuning (each process computes the
+    reference log-probs of the pairs before DDP wraps the model)."""
     data = write_json(tmp_path / "pairs.json", surface_pairs(INSTRUCTIONS[:32]))
-    config = dpo_config(tmp_path, tiny_dir, [data], max_steps=3, batch_size=2, global_batch_size=4)
+    config = dpo_config(tmp_path, tiny_dir, [data], max_steps=3, batch_size=2, global_batch_size=4, method=method,
+                        learning_rate=1e-2 if method == "lora" else 1e-3)
     two = tmp_path / "two"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     launched = subprocess.run([sys.executable, "-m", "thuglm", "train", "--nproc", "2", str(config),
@@ -255,6 +259,7 @@ def test_two_processes_train_like_one(tmp_path, tiny_dir):
     assert main(["train", str(config), f"output_dir={one}"]) == 0
     expected, got = loss_history(one), loss_history(two)
     assert sorted(got) == sorted(expected) == [1, 2, 3]
+    assert got[1] == pytest.approx(math.log(2), abs=1e-5)  # before any update, policy and reference agree everywhere
     for step in (1, 2, 3):
         assert got[step] == pytest.approx(expected[step], rel=2e-2), (got, expected)
     metrics = json.loads((two / "metrics.json").read_text())
