@@ -171,7 +171,12 @@ def test_half_precision_forward_and_backward(tiny_dir, tokenizer, dtype):
     assert generated.shape[1] == batch["input_ids"].shape[1] + 3
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(model, tokenizer):
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_gradient_checkpointing_gives_the_same_gradients(model, tokenizer, reentrant):
+    """Both forms of torch's checkpoint (thuglm train takes the reentrant one, FSDP / DeepSpeed the other); a forward
+    without autograd in training mode (a DPO reference) runs the layers as they are, with no checkpoint's warning."""
+    import warnings
+
     batch = tokenizer(PROMPTS, padding=True, return_tensors="pt")
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
     model.train()
@@ -182,11 +187,14 @@ def test_gradient_checkpointing_gives_the_same_gradients(model, tokenizer):
         return {name: p.grad.clone() for name, p in model.named_parameters()}
 
     plain = grads()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     assert model.is_gradient_checkpointing
     checkpointed = grads()
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-6)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(model(**batch, labels=labels).loss, model(**batch, labels=labels).loss)
 
 
 def test_peft_lora_trains_a_step_in_bf16(tiny_dir, tokenizer):

@@ -196,6 +196,14 @@ class ChatGLMBlock(GradientCheckpointingLayer):
         self.mlp = ChatGLMMLP(config)
         self.residual_scale = RESIDUAL_SCALE
 
+    def __call__(self, *args, **kwargs):
+        # Without autograd (a reference model's no_grad forward in training mode, as DPO's) there is nothing to
+        # recompute: run the layer as is, rather than through a reentrant checkpoint that would warn of inputs
+        # without gradients.
+        if self.gradient_checkpointing and self.training and not torch.is_grad_enabled():
+            return nn.Module.__call__(self, *args, **kwargs)
+        return super().__call__(*args, **kwargs)
+
     def forward(
         self,
         hidden_states: torch.Tensor,

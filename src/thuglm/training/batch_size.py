@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .config import ConfigError, TrainConfig
+from .distributed import checkpointing_arguments
 
 logger = logging.getLogger("thuglm.train")
 
@@ -86,7 +87,7 @@ def find_batch_size(model: torch.nn.Module, collator: Callable, row: dict, rows_
     _, total = torch.cuda.mem_get_info(device)
     budget = int(total * (1 - MEMORY_MARGIN))
     if gradient_checkpointing and not model.is_gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_arguments())
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
                 if precision in ("bf16", "fp16") else contextlib.nullcontext())
 
