@@ -9,20 +9,27 @@ launched the next, so the step takes about as long as the host needs to dispatch
 defaults, b1, packed to 512 tokens, with and without gradient checkpointing. Every aten operation one training step
 (forward and backward) dispatches is counted by a TorchDispatchMode, split into those that run a kernel and views
 (shape changes, no kernel). On a GPU, fused ops (dropout) are one kernel where the CPU runs several: read the
-counts as the host's share, not as the GPU's kernel count. Any config key can be overridden (`key=value`).
+counts as the host's share, not as the GPU's kernel count. Then the host time itself: the same run at 32 tokens a
+row, where the tiny layers' arithmetic is negligible, timed over 40 training steps on one thread (the fastest
+step, the least disturbed by other work on the machine, and the median). Any config key can be overridden
+(`key=value`).
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import datetime
 import json
 import sys
+import statistics
 import tempfile
+import time
 from pathlib import Path
 
 from bench_host_walks import cpu_name
+import torch
 from common import commit_id
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -43,19 +50,20 @@ class OperationCount(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def count_a_training_step(overrides: list[str]) -> collections.Counter[str]:
-    """Run `thuglm train` with `overrides` and count the operations of its COUNTED_STEP-th training_step."""
+def count_a_training_step(overrides: list[str]) -> tuple[collections.Counter[str], list[float]]:
+    """Run `thuglm train` with `overrides`: the operations of its COUNTED_STEP-th training_step, and every
+    training_step's wall time in ms."""
     from thuglm.cli import main
     from thuglm.training.trainer import GlmTrainer
 
-    original, calls, counted = GlmTrainer.training_step, [0], OperationCount()
+    original, times, counted = GlmTrainer.training_step, [], OperationCount()
 
     def training_step(self, *args, **kwargs):
-        calls[0] += 1
-        if calls[0] != COUNTED_STEP:
-            return original(self, *args, **kwargs)
-        with counted:
-            return original(self, *args, **kwargs)
+        start = time.perf_counter()
+        with counted if len(times) + 1 == COUNTED_STEP else contextlib.nullcontext():
+            result = original(self, *args, **kwargs)
+        times.append(1e3 * (time.perf_counter() - start))
+        return result
 
     GlmTrainer.training_step = training_step
     try:
@@ -63,7 +71,7 @@ def count_a_training_step(overrides: list[str]) -> collections.Counter[str]:
             sys.exit(f"thuglm train {' '.join(overrides)} failed")
     finally:
         GlmTrainer.training_step = original
-    return counted.counts
+    return counted.counts, times
 
 
 def main() -> None:
@@ -86,20 +94,29 @@ def main() -> None:
                      "max_seq_len=512", "batch_size=1", "global_batch_size=1", "max_steps=4", "save_steps=100",
                      "data.validation_split=0", f"gradient_checkpointing={str(checkpointing).lower()}",
                      f"output_dir={work / f'out-{checkpointing}'}", *args.overrides]
-        counts = count_a_training_step(overrides)
+        counts, _ = count_a_training_step(overrides)
         kernels = sum(n for name, n in counts.items() if name not in VIEWS)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            _, times = count_a_training_step([*overrides, "max_seq_len=32", "max_steps=40", "overwrite_output_dir=true"])
+        finally:
+            torch.set_num_threads(threads)
+        steady = times[COUNTED_STEP:]
         rows.append({
             "run_id": run_id, "date": datetime.date.today().isoformat(), "commit": commit_id(), "device": cpu_name(),
             "card": "cpu (host side of a GPU step)", "impl": "thuglm-train", "mode": "host-ops-lora", "layers": 28,
             "seq": 512, "batch": 1, "gradient_checkpointing": checkpointing, "status": "ok",
             "kernel_ops": kernels, "view_ops": sum(counts.values()) - kernels, "all_ops": sum(counts.values()),
+            "host_ms_min": round(min(steady), 1), "host_ms_median": round(statistics.median(steady), 1),
             "top_ops": dict(counts.most_common(12)), "overrides": args.overrides,
             "command": "python benchmarks/bench_host_ops.py " + " ".join(args.overrides),
         })
-    print(f"{'checkpointing':14s} {'kernel ops':>10s} {'view ops':>9s} {'all':>6s} {'kernel ops a layer':>19s}")
+    print(f"{'checkpointing':14s} {'kernel ops':>10s} {'view ops':>9s} {'all':>6s} {'kernel ops a layer':>19s} "
+          f"{'host ms (min / median)':>23s}")
     for row in rows:
         print(f"{str(row['gradient_checkpointing']):14s} {row['kernel_ops']:10d} {row['view_ops']:9d} "
-              f"{row['all_ops']:6d} {row['kernel_ops'] / 28:19.1f}")
+              f"{row['all_ops']:6d} {row['kernel_ops'] / 28:19.1f} {row['host_ms_min']:11.1f} / {row['host_ms_median']:.1f}")
     if args.record:
         with open(args.record, "a", encoding="utf-8") as handle:
             handle.writelines(json.dumps(row) + "\n" for row in rows)
