@@ -312,7 +312,7 @@ def training_arguments(config: TrainConfig, precision: str, has_eval: bool, accu
         gradient_checkpointing_kwargs=checkpointing_arguments(),
         use_cpu=not torch.cuda.is_available(),  # without it, processes on a CPU machine would not form a DDP group
         # Every trainable parameter (LoRA, all, or the last layers) gets a gradient at every step: no search for
-        # unused ones, which also keeps DDP and non-reentrant checkpointing together.
+        # unused ones, which also keeps DDP and gradient checkpointing together.
         ddp_find_unused_parameters=False,
         report_to=config.report_to,
         # The Trainer's filter reads every micro-batch's loss on the host (a synchronisation); on_nan=stop already
