@@ -81,3 +81,16 @@ def test_every_option_of_every_subcommand_has_help_and_shows_its_default(capsys)
     serve, demo = subcommand_parsers()["serve"], subcommand_parsers()["demo"]
     assert "--port PORT the TCP port to listen on (default: 8000)" in " ".join(serve.format_help().split())
     assert "answer tokens at most (default: 48)" in " ".join(demo.format_help().split())  # demo's own default
+
+
+def test_bitsandbytes_notice_of_an_optional_cpu_kernel_is_dropped_and_its_other_messages_kept(caplog):
+    import logging
+
+    from thuglm.cli import quiet_optional_kernel_notice
+
+    quiet_optional_kernel_notice()
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    with caplog.at_level(logging.WARNING, logger=logger.name):
+        logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: No module named 'kernels'.")
+        logger.warning("another bitsandbytes warning")
+    assert [record.getMessage() for record in caplog.records] == ["another bitsandbytes warning"]

@@ -395,9 +395,21 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def quiet_optional_kernel_notice() -> None:
+    """Drop bitsandbytes' notice that an optional CPU kernel for 4-bit matmuls (the `kernels` package) is missing.
+
+    bitsandbytes logs it when imported on a CPU with AVX512-BF16, and peft imports bitsandbytes in every LoRA run,
+    so every command would open with it; 4-bit on a CPU runs without that kernel (its own fallback)."""
+    import logging
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+        lambda record: "kernels-community" not in record.getMessage())
+
+
 def main(argv: list[str] | None = None) -> int:
     from .errors import INTERRUPTED_STATUS, ThuglmError
 
+    quiet_optional_kernel_notice()
     args = parse_arguments(argv)
     try:
         return args.func(args)
