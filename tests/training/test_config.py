@@ -158,3 +158,22 @@ def test_demo_configs_load(name):
 
     config = load_config(resource_path("configs", name), ["model=tiny", "data.files=x"])
     assert config.precision == "fp32"
+
+
+@pytest.mark.parametrize("sharding", [None, "FSDP"])
+def test_checkpointing_is_reentrant_unless_sharded_and_set_without_deprecated_names(tmp_path, monkeypatch, sharding):
+    """The Trainer gets torch's reentrant checkpoint (its first forward builds no graph: less host work a step), FSDP /
+    DeepSpeed the non-reentrant one; under the names the installed transformers has, so no deprecation warning."""
+    import warnings
+
+    from thuglm.training import activation_checkpointing
+    from thuglm.training.recipe import training_arguments
+
+    monkeypatch.setattr(activation_checkpointing, "sharding_plugin", lambda: sharding)
+    config = load_config(write(tmp_path, f"model: tiny\ndata:\n  files: x.csv\noutput_dir: {tmp_path / 'out'}\n"
+                                         "gradient_checkpointing: true\n"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        args = training_arguments(config, "fp32", has_eval=False)
+    assert args.gradient_checkpointing is True  # the old name mirrors the new one where transformers renamed it
+    assert args.gradient_checkpointing_kwargs == {"use_reentrant": sharding is None}

@@ -18,8 +18,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from .activation_checkpointing import enable_checkpointing
 from .config import ConfigError, TrainConfig
-from .distributed import checkpointing_arguments
 
 logger = logging.getLogger("thuglm.train")
 
@@ -86,8 +86,8 @@ def find_batch_size(model: torch.nn.Module, collator: Callable, row: dict, rows_
     optimizer_bytes = sum(p.numel() for p in trainable) * OPTIMIZER_STATE_BYTES[optimizer]
     _, total = torch.cuda.mem_get_info(device)
     budget = int(total * (1 - MEMORY_MARGIN))
-    if gradient_checkpointing and not model.is_gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_arguments())
+    if gradient_checkpointing:
+        enable_checkpointing(model)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
                 if precision in ("bf16", "fp16") else contextlib.nullcontext())
 

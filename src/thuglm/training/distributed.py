@@ -111,17 +111,6 @@ def sharding_plugin() -> str | None:
     return None
 
 
-def checkpointing_arguments() -> dict[str, bool]:
-    """torch.utils.checkpoint's arguments for gradient checkpointing: reentrant, except where the model is sharded.
-
-    The reentrant form runs each layer's first forward without autograd (no graph, no saved-tensor hooks) and builds
-    the graph once, in the recomputation; the non-reentrant form builds it in both. At batch 1 a step waits on the
-    host, and the reentrant form's step takes a third less host time (benchmarks/README.md, issue #23). FSDP and
-    DeepSpeed keep the non-reentrant form, which their sharded parameters need.
-    """
-    return {"use_reentrant": sharding_plugin() is None}
-
-
 def fsdp_checkpoints_layers() -> bool:
     """True under an accelerate FSDP config with `fsdp_activation_checkpointing: true`.
 

@@ -31,9 +31,9 @@ from .checkpoints import (
     staging_root,
     start_afresh,
 )
+from .activation_checkpointing import training_argument_fields
 from .config import ConfigError, TrainConfig, check_max_seq_len, check_optimizer_placement, load_config
 from .distributed import (
-    checkpointing_arguments,
     data_parallel_size,
     fsdp_checkpoints_layers,
     main_process_first,
@@ -308,8 +308,7 @@ def training_arguments(config: TrainConfig, precision: str, has_eval: bool, accu
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         # Under an FSDP config with fsdp_activation_checkpointing, FSDP checkpoints the layers itself.
-        gradient_checkpointing=config.gradient_checkpointing and not fsdp_checkpoints_layers(),
-        gradient_checkpointing_kwargs=checkpointing_arguments(),
+        **training_argument_fields(config.gradient_checkpointing and not fsdp_checkpoints_layers()),
         use_cpu=not torch.cuda.is_available(),  # without it, processes on a CPU machine would not form a DDP group
         # Every trainable parameter (LoRA, all, or the last layers) gets a gradient at every step: no search for
         # unused ones, which also keeps DDP and gradient checkpointing together.
