@@ -199,7 +199,7 @@ class ChatGLMBlock(GradientCheckpointingLayer):
     def __call__(self, *args, **kwargs):
         # Without autograd (a reference model's no_grad forward in training mode, as DPO's) there is nothing to
         # recompute: run the layer as is, rather than through a reentrant checkpoint that would warn of inputs
-        # without gradients.
+        # without gradients. transformers 5.2x's GradientCheckpointingLayer does the same; 5.17's does not.
         if self.gradient_checkpointing and self.training and not torch.is_grad_enabled():
             return nn.Module.__call__(self, *args, **kwargs)
         return super().__call__(*args, **kwargs)
