@@ -1,6 +1,7 @@
 """How many operations one `thuglm train` step sends to the device: the host work of a small-batch step (CPU only).
 
     PYTHONPATH=src python benchmarks/bench_host_ops.py [--record benchmarks/results.jsonl] [key=value ...]
+    PYTHONPATH=src python benchmarks/bench_host_ops.py --smoke    # 2 layers, a few steps: the script runs (CI)
 
 At batch 1 a LoRA step of ChatGLM-6B on a GPU is host-bound: the GPU finishes each small kernel before the host has
 launched the next, so the step takes about as long as the host needs to dispatch its operations. This counts them:
@@ -77,13 +78,15 @@ def count_a_training_step(overrides: list[str]) -> tuple[collections.Counter[str
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--record", help="append one row per run (JSON) to this file")
+    parser.add_argument("--smoke", action="store_true", help="2 layers and 6 timed steps: the script runs end to end")
     parser.add_argument("overrides", nargs="*", help="config keys for every run (key=value)")
     args = parser.parse_args()
+    layers, timed_steps = (2, 6) if args.smoke else (28, 40)
 
     from thuglm.models.tiny import build_tiny_chatglm
 
     work = Path(tempfile.mkdtemp(prefix="bench-host-ops-"))
-    model = build_tiny_chatglm(work / "model", num_layers=28)
+    model = build_tiny_chatglm(work / "model", num_layers=layers)
     corpus = Path(__file__).resolve().parents[1] / "src" / "thuglm" / "resources" / "corpus"
     config = work / "lora.yaml"
     config.write_text("method: lora\nprecision: fp32\n")
@@ -99,13 +102,14 @@ def main() -> None:
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            _, times = count_a_training_step([*overrides, "max_seq_len=32", "max_steps=40", "overwrite_output_dir=true"])
+            _, times = count_a_training_step([*overrides, "max_seq_len=32", f"max_steps={timed_steps}",
+                                                   "overwrite_output_dir=true"])
         finally:
             torch.set_num_threads(threads)
         steady = times[COUNTED_STEP:]
         rows.append({
             "run_id": run_id, "date": datetime.date.today().isoformat(), "commit": commit_id(), "device": cpu_name(),
-            "card": "cpu (host side of a GPU step)", "impl": "thuglm-train", "mode": "host-ops-lora", "layers": 28,
+            "card": "cpu (host side of a GPU step)", "impl": "thuglm-train", "mode": "host-ops-lora", "layers": layers,
             "seq": 512, "batch": 1, "gradient_checkpointing": checkpointing, "status": "ok",
             "kernel_ops": kernels, "view_ops": sum(counts.values()) - kernels, "all_ops": sum(counts.values()),
             "host_ms_min": round(min(steady), 1), "host_ms_median": round(statistics.median(steady), 1),
@@ -116,7 +120,7 @@ def main() -> None:
           f"{'host ms (min / median)':>23s}")
     for row in rows:
         print(f"{str(row['gradient_checkpointing']):14s} {row['kernel_ops']:10d} {row['view_ops']:9d} "
-              f"{row['all_ops']:6d} {row['kernel_ops'] / 28:19.1f} {row['host_ms_min']:11.1f} / {row['host_ms_median']:.1f}")
+              f"{row['all_ops']:6d} {row['kernel_ops'] / layers:19.1f} {row['host_ms_min']:11.1f} / {row['host_ms_median']:.1f}")
     if args.record:
         with open(args.record, "a", encoding="utf-8") as handle:
             handle.writelines(json.dumps(row) + "\n" for row in rows)
