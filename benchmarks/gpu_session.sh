@@ -11,8 +11,9 @@
 #   bash benchmarks/gpu_session.sh speed    # 1 GPU: issue #23's `thuglm train` rows beside the official code (b1 with
 #       checkpointing eager and compiled, b16 compiled, batch_size auto), then issue #21's DPO step of the 6B shape
 #       (RUN_ID names the rows; the official side needs .official and .whl_bench/official, else it is left out)
-# Wheels the machine lacks are carried in .whl (datasets), .whl_ds (DeepSpeed and its needs); the official code and
-# its transformers 4.34.1 wheels in .official and .whl_bench/official (git-ignored, never committed).
+# Wheels the machine lacks are carried in .whl (datasets, trl, bitsandbytes), .whl_ds (DeepSpeed and its needs); the
+# official code and its transformers 4.34.1 wheels in .official and .whl_bench/official (git-ignored, never
+# committed): `bash benchmarks/device_wheels.sh official` fetches them here first.
 # Logs and result rows go to $OUT (or ./gpu-out).
 set -uo pipefail
 cd "$(dirname "$0")/.."
