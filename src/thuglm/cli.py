@@ -133,7 +133,7 @@ def cmd_generate(args) -> int:
 
     # The input is read as the run read its data (its thuglm_train.yaml), with data.KEY=value overrides on top.
     spec = run_data_spec(args.adapter or args.model, args.input, args.overrides)
-    with data_settings_named(DataSettingNames(files=None)):  # one --input file: not a list to remove it from
+    with data_settings_named(DataSettingNames(files=None, unread_columns="left out")):  # one --input file
         if spec is None and Path(args.input).suffix in (".json", ".jsonl"):  # a model without a run's settings
             from .data.sources import guess_dialogue_spec
 
@@ -167,7 +167,8 @@ def cmd_eval(args) -> int:
     spec = run_data_spec(args.adapter or args.model, args.data, [*given, *args.overrides])
     tokenizer, model = _load_model(args)
     # Data messages name eval's flags where it has one; the encoding and bad rows are data.KEY=value overrides.
-    with data_settings_named(DataSettingNames(files="--data", text_column="--text-column NAME")):
+    with data_settings_named(DataSettingNames(files="--data", text_column="--text-column NAME",
+                                               unread_columns="left out")):
         if spec is None and args.format in (None, "text") or spec is not None and spec.format == "text":
             metrics = evaluate_perplexity(
                 model, tokenizer, args.data, text_column=args.text_column,
@@ -194,7 +195,8 @@ def cmd_predict(args) -> int:
     # Data messages name predict's flags: its one FILE is not a list to remove a file from, and it has no flag
     # for the encoding or bad rows, so those are not offered.
     with data_settings_named(
-        DataSettingNames(files=None, encoding=None, on_bad_row=None, text_column="--text-column NAME")
+        DataSettingNames(files=None, encoding=None, on_bad_row=None, text_column="--text-column NAME",
+                         unread_columns="left out")
     ):
         predict_file(
             args.model, args.file, args.output, batch_size=args.batch_size, max_seq_len=args.max_seq_len,

@@ -102,8 +102,27 @@ def test_evaluate_alpaca_needs_outputs(loaded, tmp_path):
     tokenizer, model = loaded
     path = tmp_path / "eval.json"
     path.write_text(json.dumps([{"instruction": "你好", "input": ""}]), encoding="utf-8")
-    with pytest.raises(DataError, match="no `output`"):
+    with pytest.raises(DataError, match="no `output`") as refused:
         evaluate_alpaca(model, tokenizer, [str(path)])
+    assert "task: dpo" not in str(refused.value)
+
+
+def test_eval_of_ranking_pairs_points_to_where_a_dpo_run_measures_them(tiny_dir, tmp_path, capsys, caplog):
+    """`thuglm eval` on LLaMA-Factory ranking rows (no `output`): exit 2 with one line naming what measures pairs,
+    and their two answer columns called left out, not "not trained"."""
+    import logging
+
+    from thuglm.cli import main
+
+    path = tmp_path / "pairs.json"
+    path.write_text(json.dumps([{"instruction": "你好", "input": "", "chosen": "好的", "rejected": "不行"}] * 2,
+                               ensure_ascii=False), encoding="utf-8")
+    with caplog.at_level(logging.WARNING, logger="thuglm.data"):
+        assert main(["eval", str(tiny_dir), "--data", str(path), "--format", "alpaca"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "no `output`" in error and "task: dpo" in error and "data.eval_files" in error
+    (warning,) = [record.message for record in caplog.records if "read by nothing" in record.message]
+    assert "left out" in warning and "not trained" not in warning
 
 
 def test_scoring_without_the_eval_extra_says_how_to_install_it(monkeypatch):

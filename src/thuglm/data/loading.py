@@ -63,6 +63,9 @@ class DataSettingNames:
     encoding: str | None = "data.encoding=NAME"
     on_bad_row: str | None = "data.on_bad_row={policy}"
     text_column: str | None = "data.text_column=NAME"
+    unread_columns: str = "not trained"
+    """What becomes of the columns the data format reads nothing from: trained on nowhere, or left out of a command
+    that only reads the data (eval, generate)."""
 
 
 CONFIG_KEYS = DataSettingNames()
@@ -81,6 +84,11 @@ def data_settings_named(names: DataSettingNames) -> Iterator[None]:
         yield
     finally:
         _setting_names.reset(token)
+
+
+def setting_names() -> DataSettingNames:
+    """How the running command's user sets each data option (see `data_settings_named`)."""
+    return _setting_names.get()
 
 
 def _remove_or_export_again() -> str:

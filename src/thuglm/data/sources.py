@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 
 from ..models.prompt import build_prompt
 from .formats import FORMATS, BadRow, FormatBinding, SourceSpec, get_format
-from .loading import DataError, load_raw_dataset, resolve_data_files
+from .loading import DataError, load_raw_dataset, resolve_data_files, setting_names
 from .processing import dataset_columns
 
 logger = logging.getLogger("thuglm.data")
@@ -162,8 +162,9 @@ def _warn_unused(spec: SourceSpec, fmt, binding: FormatBinding, unused: dict[str
     columns = ", ".join(f"`{column}` ({', '.join(files[:3])}{' ...' if len(files) > 3 else ''})"
                         for column, files in unused.items())
     hint = fmt.unused_hint(binding, list(unused))
-    logger.warning("%s: column(s) %s read by nothing with data.format=%s: not trained. %s", spec.describe(), columns,
-                   spec.format, hint or "Map them with data.columns if they hold what should be trained.")
+    outcome = setting_names().unread_columns
+    logger.warning("%s: column(s) %s read by nothing with data.format=%s: %s. %s", spec.describe(), columns,
+                   spec.format, outcome, hint or "Map them with data.columns if they hold what should be read.")
 
 
 def _first_rows(canonical, count: int, spec: SourceSpec, streaming: bool):

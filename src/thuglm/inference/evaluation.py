@@ -125,6 +125,18 @@ def generation_scores(predictions: Sequence[str], references: Sequence[str]) -> 
     return {key: float(np.mean([row[key] for row in rows])) for key in ("bleu-4", *ROUGE_KEYS)}
 
 
+RANKING_COLUMNS = ("chosen", "rejected")
+
+
+def ranking_rows_hint(files: Sequence[str]) -> str:
+    """Where rows carry two answers (LLaMA-Factory's ranking data), where their measure is."""
+    if not set(RANKING_COLUMNS) <= set(load_raw_dataset(list(files)).column_names):
+        return ""
+    return ("; they hold pairs of answers (`chosen`, `rejected`) for `task: dpo`, whose reward accuracy on held-out "
+            "pairs thuglm train measures: data.eval_files=FILE (or data.validation_split) puts "
+            "eval_rewards/accuracies and eval_rewards/margins in the run's metrics.json")
+
+
 def evaluate_alpaca(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -146,7 +158,8 @@ def evaluate_alpaca(
         rows = [prompt_row(row, source) for row in load_raw_dataset(list(files))]
     unscored = [index for index, row in enumerate(rows) if "reference" not in row]
     if unscored:
-        raise DataError(f"{source}: rows {unscored[:5]} have no `output` to score the answers against")
+        raise DataError(f"{source}: rows {unscored[:5]} have no `output` to score the answers against"
+                        + ranking_rows_hint(files))
     predictions = generate_responses(
         model, tokenizer, [row["prompt"] for row in rows], batch_size=batch_size, max_new_tokens=max_new_tokens
     )
