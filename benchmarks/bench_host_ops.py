@@ -23,14 +23,14 @@ import collections
 import contextlib
 import datetime
 import json
-import sys
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from bench_host_walks import cpu_name
 import torch
+from bench_host_walks import cpu_name
 from common import commit_id
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -119,7 +119,7 @@ def main() -> None:
     print(f"{'checkpointing':14s} {'kernel ops':>10s} {'view ops':>9s} {'all':>6s} {'kernel ops a layer':>19s} "
           f"{'host ms (min / median)':>23s}")
     for row in rows:
-        print(f"{str(row['gradient_checkpointing']):14s} {row['kernel_ops']:10d} {row['view_ops']:9d} "
+        print(f"{row['gradient_checkpointing']!s:14} {row['kernel_ops']:10d} {row['view_ops']:9d} "
               f"{row['all_ops']:6d} {row['kernel_ops'] / layers:19.1f} {row['host_ms_min']:11.1f} / {row['host_ms_median']:.1f}")
     if args.record:
         with open(args.record, "a", encoding="utf-8") as handle:

@@ -24,6 +24,7 @@ from ..data import (
     guess_text_column,
     load_raw_dataset,
 )
+from ..data.preference import ANSWERS
 from ..data.samples import DEFAULT_MAX_SEQ_LEN
 from ..errors import ThuglmError
 from ..models.losses import IGNORE_INDEX, perplexity
@@ -125,12 +126,9 @@ def generation_scores(predictions: Sequence[str], references: Sequence[str]) -> 
     return {key: float(np.mean([row[key] for row in rows])) for key in ("bleu-4", *ROUGE_KEYS)}
 
 
-RANKING_COLUMNS = ("chosen", "rejected")
-
-
 def ranking_rows_hint(files: Sequence[str]) -> str:
     """Where rows carry two answers (LLaMA-Factory's ranking data), where their measure is."""
-    if not set(RANKING_COLUMNS) <= set(load_raw_dataset(list(files)).column_names):
+    if not set(ANSWERS) <= set(load_raw_dataset(list(files)).column_names):
         return ""
     return ("; they hold pairs of answers (`chosen`, `rejected`) for `task: dpo`, whose reward accuracy on held-out "
             "pairs thuglm train measures: data.eval_files=FILE (or data.validation_split) puts "

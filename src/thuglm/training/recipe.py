@@ -23,6 +23,7 @@ import yaml
 
 from ..models.folders import check_model_folder, check_tokenizer_fits, tokenizer_folder
 from ..models.losses import perplexity
+from .activation_checkpointing import training_argument_fields
 from .batch_size import automatic_batch_rows, find_batch_size, longest_row
 from .checkpoints import (
     check_output_dir,
@@ -31,7 +32,6 @@ from .checkpoints import (
     staging_root,
     start_afresh,
 )
-from .activation_checkpointing import training_argument_fields
 from .config import ConfigError, TrainConfig, check_max_seq_len, check_optimizer_placement, load_config
 from .distributed import (
     data_parallel_size,
