@@ -177,3 +177,21 @@ def test_checkpointing_is_reentrant_unless_sharded_and_set_without_deprecated_na
         args = training_arguments(config, "fp32", has_eval=False)
     assert args.gradient_checkpointing is True  # the old name mirrors the new one where transformers renamed it
     assert args.gradient_checkpointing_kwargs == {"use_reentrant": sharding is None}
+
+
+def test_enable_checkpointing_turns_it_on_once_through_a_peft_wrapper(tiny_dir):
+    """What batch_size: auto calls before probing, on the model inside peft, under either transformers' names."""
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from thuglm.training.activation_checkpointing import enable_checkpointing
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    wrapped = get_peft_model(model, LoraConfig(r=2, target_modules=["dense"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        enable_checkpointing(wrapped)
+        enable_checkpointing(wrapped)  # already on: left as it is
+    assert all(layer.gradient_checkpointing for layer in model.transformer.layers)

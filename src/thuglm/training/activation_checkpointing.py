@@ -36,7 +36,8 @@ def training_argument_fields(enabled: bool) -> dict:
 
 def enable_checkpointing(model: torch.nn.Module) -> None:
     """Turn checkpointing on for `model` (a PreTrainedModel or a peft model around one), if it is not on yet."""
-    if any(getattr(module, "gradient_checkpointing", False) is True for module in model.modules()):
+    renamed = hasattr(model, "activation_checkpointing_enable")
+    if model.is_activation_checkpointing if renamed else model.is_gradient_checkpointing:
         return
-    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable = model.activation_checkpointing_enable if renamed else model.gradient_checkpointing_enable
     enable(checkpointing_arguments())  # positional: the keyword was renamed with the method
