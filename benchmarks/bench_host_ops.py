@@ -106,7 +106,7 @@ def main() -> None:
                                                    "overwrite_output_dir=true"])
         finally:
             torch.set_num_threads(threads)
-        steady = times[COUNTED_STEP:]
+        steady = times[COUNTED_STEP:]  # after the warm-up steps and the counted one (counting slows it)
         rows.append({
             "run_id": run_id, "date": datetime.date.today().isoformat(), "commit": commit_id(), "device": cpu_name(),
             "card": "cpu (host side of a GPU step)", "impl": "thuglm-train", "mode": "host-ops-lora", "layers": layers,
