@@ -8,9 +8,10 @@
 #   bash benchmarks/gpu_session.sh profile  # 1 GPU: the recipe's LoRA step as is, with cuDNN attention, compiled
 #   bash benchmarks/gpu_session.sh single   # 1 GPU: decoding and training against the official code
 #   bash benchmarks/gpu_session.sh quant    # 1 GPU: QLoRA, 4-bit / 8-bit chat (benchmarks/bench_quant.py)
-#   bash benchmarks/gpu_session.sh speed    # 1 GPU: issue #23's `thuglm train` rows beside the official code (b1 with
-#       checkpointing eager and compiled, b16 compiled, batch_size auto), then issue #21's DPO step of the 6B shape
-#       (RUN_ID names the rows; the official side needs .official and .whl_bench/official, else it is left out)
+#   bash benchmarks/gpu_session.sh speed    # 1 GPU: issue #21's DPO step of the 6B shape, issue #23's `thuglm train`
+#       rows beside the official code (b1 with checkpointing eager and compiled, b16 compiled, batch_size auto)
+#       (PARTS picks and orders them, DEADLINE_S bounds the call, RUN_ID names the rows; the official side needs
+#        .official and .whl_bench/official, else it is left out)
 # Wheels the machine lacks are carried in .whl (datasets, trl, bitsandbytes), .whl_ds (DeepSpeed and its needs); the
 # official code and its transformers 4.34.1 wheels in .official and .whl_bench/official (git-ignored, never
 # committed): `bash benchmarks/device_wheels.sh official` fetches them here first.
@@ -111,33 +112,50 @@ quant)
     grep '^{"run_id"' "$OUT/quant.log" | cut -c1-400
     ;;
 speed)
+    # Parts in the order given (PARTS; default: all, most wanted first), each under its own cap and the call's
+    # DEADLINE_S (570 s): one that cannot start with 45 s left is skipped and said so, for a second call to pick up.
     run_id=${RUN_ID:-speed-$(date -u +%Y%m%dT%H%M%S)}
     rows="$OUT/rows_speed.jsonl"
-    if [ -d .official ] && [ -d .whl_bench/official ]; then  # the official code's b1-with-checkpointing and b8 rows
-        mkdir -p /tmp/official_site && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-            --target /tmp/official_site .whl_bench/official/*.whl
-        timeout 240 python3 benchmarks/bench_train.py --impl official --record "$rows" --commit "$commit" \
-            --run-id "$run_id" --official-site /tmp/official_site --official-dir .official --modes lora --seconds 8 \
-            --only '[{"mode": "lora", "seq": 512, "batch": 1, "grad_ckpt": true},
-                     {"mode": "lora", "seq": 512, "batch": 8, "grad_ckpt": false}]' > "$OUT/official.log" 2>&1
-        grep -A4 "^impl " "$OUT/official.log" | tail -4
-    fi
+    python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from common import build_6b_folder; from pathlib import Path; build_6b_folder(Path('/tmp/thuglm-multi-gpu') / 'glm6b')"
+    echo "6B folder ready at ${SECONDS} s"
     # `thuglm train` itself, each run its median step after the third (profile_recipe.py --no-profile).
-    variants=("lora-bf16-b1-ckpt:batch_size=1 gradient_checkpointing=true max_steps=40"
-              "lora-bf16-b1-ckpt-compiled:batch_size=1 gradient_checkpointing=true compile=true max_steps=60"
-              "lora-bf16-b16-compiled:batch_size=16 compile=true max_steps=30"
-              "lora-bf16-auto:batch_size=auto global_batch_size=32 compile=true max_steps=20")
-    for variant in "${variants[@]}"; do
-        mode=${variant%%:*}
-        echo "== $mode at ${SECONDS} s"
-        timeout ${SPEED_TIMEOUT_S:-200} python3 benchmarks/profile_recipe.py --no-profile --record "$rows" \
-            --run-id "$run_id" --commit "$commit" --mode "$mode" precision=bf16 ${variant#*:} \
-            > "$OUT/$mode.log" 2>&1
-        grep -hE "^run:|Error|error" "$OUT/$mode.log" | tail -3
+    declare -A recipe=(
+        [lora-bf16-b1-ckpt]="batch_size=1 gradient_checkpointing=true max_steps=40"
+        [lora-bf16-b1-ckpt-compiled]="batch_size=1 gradient_checkpointing=true compile=true max_steps=60"
+        [lora-bf16-b16-compiled]="batch_size=16 compile=true max_steps=30"
+        [lora-bf16-auto]="batch_size=auto global_batch_size=32 compile=true max_steps=20")
+    for part in ${PARTS:-dpo lora-bf16-b1-ckpt official lora-bf16-b1-ckpt-compiled lora-bf16-b16-compiled lora-bf16-auto}; do
+        limit=$(( ${DEADLINE_S:-570} - SECONDS ))
+        if (( limit < 45 )); then echo "skipped (deadline): $part"; continue; fi
+        echo "== $part at ${SECONDS} s"
+        case "$part" in
+        dpo)  # issue #21's DPO step of the 6B shape
+            timeout $(( limit < 200 ? limit : 200 )) python3 benchmarks/bench_dpo.py --record "$rows" \
+                --commit "$commit" --steps 10 --model-folder /tmp/thuglm-multi-gpu/glm6b > "$OUT/dpo.log" 2>&1
+            grep -E "^ROW|Error" "$OUT/dpo.log" | cut -c1-400
+            ;;
+        official)  # the official code's b1-with-checkpointing and b8 rows
+            if [ ! -d .official ] || [ ! -d .whl_bench/official ]; then echo "skipped: no .official"; continue; fi
+            mkdir -p /tmp/official_site && python3 -m pip install -q --no-index --no-deps --no-compile \
+                --no-cache-dir --target /tmp/official_site .whl_bench/official/*.whl
+            timeout $(( limit < 240 ? limit : 240 )) python3 benchmarks/bench_train.py --impl official \
+                --record "$rows" --commit "$commit" --run-id "$run_id" --official-site /tmp/official_site \
+                --official-dir .official --modes lora --seconds 8 \
+                --only '[{"mode": "lora", "seq": 512, "batch": 1, "grad_ckpt": true},
+                         {"mode": "lora", "seq": 512, "batch": 8, "grad_ckpt": false}]' > "$OUT/official.log" 2>&1
+            grep -A4 "^impl " "$OUT/official.log" | tail -4
+            ;;
+        *)
+            if [ -z "${recipe[$part]:-}" ]; then echo "unknown part: $part" >&2; continue; fi
+            cap=${SPEED_TIMEOUT_S:-200}
+            timeout $(( limit < cap ? limit : cap )) python3 benchmarks/profile_recipe.py --no-profile \
+                --record "$rows" --run-id "$run_id" --commit "$commit" --mode "$part" precision=bf16 \
+                ${recipe[$part]} > "$OUT/$part.log" 2>&1
+            grep -hE "^run:|Error|error" "$OUT/$part.log" | tail -3
+            ;;
+        esac
     done
-    timeout 200 python3 benchmarks/bench_dpo.py --record "$rows" --commit "$commit" --steps 10 \
-        --model-folder /tmp/thuglm-multi-gpu/glm6b > "$OUT/dpo.log" 2>&1
-    grep -E "^ROW|Error" "$OUT/dpo.log" | cut -c1-400
+    echo "done at ${SECONDS} s"
     ;;
 *)
     echo "usage: $0 multi|saves|profile|profile-ddp|single|quant|speed" >&2
