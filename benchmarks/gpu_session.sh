@@ -123,7 +123,11 @@ speed)
         [lora-bf16-b1-ckpt]="batch_size=1 gradient_checkpointing=true max_steps=40"
         [lora-bf16-b1-ckpt-compiled]="batch_size=1 gradient_checkpointing=true compile=true max_steps=60"
         [lora-bf16-b16-compiled]="batch_size=16 compile=true max_steps=30"
-        [lora-bf16-auto]="batch_size=auto global_batch_size=32 compile=true max_steps=20")
+        [lora-bf16-auto]="batch_size=auto global_batch_size=32 compile=true max_steps=20"
+        # what the b1 step's time and memory are made of: the loss's chunk size, LoRA's dropout
+        [lora-bf16-b1-ckpt-chunk64]="batch_size=1 gradient_checkpointing=true max_steps=40 --loss-chunk-mib 64"
+        [lora-bf16-b1-ckpt-chunk256]="batch_size=1 gradient_checkpointing=true max_steps=40 --loss-chunk-mib 256"
+        [lora-bf16-b1-ckpt-dropout0]="batch_size=1 gradient_checkpointing=true max_steps=40 lora.dropout=0")
     for part in ${PARTS:-dpo lora-bf16-b1-ckpt official lora-bf16-b1-ckpt-compiled lora-bf16-b16-compiled lora-bf16-auto}; do
         limit=$(( ${DEADLINE_S:-570} - SECONDS ))
         if (( limit < 45 )); then echo "skipped (deadline): $part"; continue; fi
@@ -133,6 +137,17 @@ speed)
             timeout $(( limit < 200 ? limit : 200 )) python3 benchmarks/bench_dpo.py --record "$rows" \
                 --commit "$commit" --steps 10 --model-folder /tmp/thuglm-multi-gpu/glm6b > "$OUT/dpo.log" 2>&1
             grep -E "^ROW|Error" "$OUT/dpo.log" | cut -c1-400
+            ;;
+        memory-b1)  # what is alive at the b1-with-checkpointing step's peak (memory_peak.py), and its profile
+            timeout $(( limit < 150 ? limit : 150 )) python3 benchmarks/profile_recipe.py --no-profile \
+                --memory-snapshot "$OUT/memory-b1-ckpt.pickle" precision=bf16 batch_size=1 \
+                gradient_checkpointing=true max_steps=5 > "$OUT/memory-b1.log" 2>&1
+            grep -A34 "^memory snapshot" "$OUT/memory-b1.log" || tail -5 "$OUT/memory-b1.log"
+            ;;
+        profile-b1)
+            timeout $(( limit < 150 ? limit : 150 )) python3 benchmarks/profile_recipe.py precision=bf16 \
+                batch_size=1 gradient_checkpointing=true > "$OUT/profile-b1.log" 2>&1
+            grep -A40 "^profile of" "$OUT/profile-b1.log" | cut -c1-200
             ;;
         official)  # the official code's b1-with-checkpointing and b8 rows
             if [ ! -d .official ] || [ ! -d .whl_bench/official ]; then echo "skipped: no .official"; continue; fi

@@ -10,6 +10,9 @@ full fine-tuning as on a 24 GB card. Options for trying what the recipe does not
     --trainer KEY=VALUE   a TrainingArguments field set after the recipe built them (average_tokens_across_devices, ...)
     --trace FILE.json.gz  also write the profiled steps as a Chrome trace (the first process's)
     --no-profile          only the run's tokens/s: no profiler
+    --memory-snapshot FILE  record every CUDA allocation from before the model loads, write the snapshot (a pickle
+                          for https://pytorch.org/memory_viz) and print what is alive at the peak (memory_peak.py)
+    --loss-chunk-mib N    the loss's smallest chunk of fp32 logits (models/losses.py MIN_CHUNK_BYTES), to try sizes
     --record FILE         append the run as a row (`impl: thuglm-train`, `mode` from --mode, the median step's tokens/s,
                           peak, every step's loss) to FILE; --run-id, --commit and --mode name it
 
@@ -26,6 +29,7 @@ import ast
 import dataclasses
 import json
 import os
+import pickle
 import shutil
 import statistics
 import sys
@@ -132,6 +136,13 @@ def main() -> None:
     traces = option_values(argv, "--trace")
     record = {name: (option_values(argv, f"--{name}") or [None])[-1] for name in ("record", "run-id", "commit", "mode")}
     no_profile = "--no-profile" in argv
+    snapshots, chunk_mib = option_values(argv, "--memory-snapshot"), option_values(argv, "--loss-chunk-mib")
+    if chunk_mib:
+        from thuglm.models import losses
+
+        losses.MIN_CHUNK_BYTES = int(float(chunk_mib[-1]) * 2**20)
+    if snapshots:  # before the model is loaded, so the replay sees every block alive at the peak
+        torch.cuda.memory._record_memory_history(stacks="python", max_entries=3_000_000)
     argv = [arg for arg in argv if arg != "--no-profile"]
     override_trainer(recipe, GlmTrainer, ddp, trainer_fields)
     root = Path("/tmp/thuglm-profile")
@@ -150,6 +161,8 @@ def main() -> None:
         recipe.choose_attention_kernels = lambda attn_implementation: None
     config = recipe.load_config(str(config), overrides)
     metrics = recipe.train(config)
+    if snapshots and FIRST_PROCESS:
+        write_snapshot(Path(snapshots[-1]))
     if not FIRST_PROCESS:  # the first reports, then deletes the output
         return
     history = json.loads((root / "out" / "trainer_state.json").read_text())["log_history"]
@@ -165,6 +178,17 @@ def main() -> None:
     if record["record"]:
         write_row(record, config, metrics, history, statistics.median(unprofiled) if unprofiled else None)
     shutil.rmtree(root / "out", ignore_errors=True)  # a full fine-tune's model is 12 GB
+
+
+def write_snapshot(path: Path) -> None:
+    from memory_peak import summarise
+
+    snapshot = torch.cuda.memory._snapshot()
+    torch.cuda.memory._record_memory_history(enabled=None)
+    with open(path, "wb") as handle:
+        pickle.dump(snapshot, handle)
+    print(f"memory snapshot: {path} (max_memory_allocated {torch.cuda.max_memory_allocated() / 2**30:.3f} GiB)\n"
+          + summarise(snapshot, top=30), flush=True)
 
 
 def write_row(record: dict, config, metrics: dict, history: list[dict], step_tokens_per_s: float | None) -> None:
