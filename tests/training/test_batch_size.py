@@ -64,6 +64,8 @@ def test_train_finds_the_batch_size_keeps_the_global_batch_and_a_resume_keeps_th
 
     def fits_two(model, collator, row, rows_per_process, **settings):  # a GPU on which 2 rows of 4 fit
         probed.append(rows_per_process)
+        # the probe's passes build no KV cache, as training's do (a compiled layer would recompile for each layer's)
+        assert model.config.use_cache is False
         assert collator([row] * 2)["input_ids"].shape[0] == 2  # the task's collator makes the probe's batches
         return 2
 

@@ -127,6 +127,11 @@ def train(config: TrainConfig) -> dict[str, Any] | None:
         from .fp8 import convert_base_to_fp8
 
         convert_base_to_fp8(model)
+    # No KV cache while training (and in batch_size auto's probe): FSDP's activation checkpointing recomputes each
+    # ChatGLMBlock in the backward pass, and a cache filled in the forward pass would grow a second time there; a
+    # compiled layer would recompile for each layer's cache until torch.compile's limit, then run eager. The saved
+    # model keeps its setting.
+    use_cache, model.config.use_cache = model.config.use_cache, False
     if config.compile:
         compiled = compile_blocks(model, gradient_checkpointing=config.gradient_checkpointing)
         logger.info("compile: %d layers compiled on first use (the first steps take longer)", compiled)
@@ -168,9 +173,6 @@ def train(config: TrainConfig) -> dict[str, Any] | None:
             start_afresh(output_dir)
         write_resolved_config(config, model_dir, precision, output_dir / "thuglm_train.yaml")
 
-    # No KV cache while training: FSDP's activation checkpointing recomputes each ChatGLMBlock in the backward pass,
-    # and a cache filled in the forward pass would grow a second time there. The saved model keeps its setting.
-    use_cache, model.config.use_cache = model.config.use_cache, False
     with stop_on_signals():
         try:
             result = trainer.train(resume_from_checkpoint=resume)
