@@ -45,32 +45,35 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets, normalizer, chunk_tokens):
         # hidden [N, H]; weight [V, H]; targets [N] with IGNORE_INDEX where no loss is taken; normalizer: scalar.
         need_hidden_grad, need_weight_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_hidden = torch.empty_like(hidden) if need_hidden_grad else None
+        grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_hidden_grad else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight_grad else None
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        # What depends on the tokens only is made once, not per chunk: at batch 1 a step has 16 chunks, and each
+        # operation is a kernel launch the GPU waits for (the step is host-bound there).
+        valid = targets != IGNORE_INDEX
+        safe_targets = targets.masked_fill(~valid, 0)[:, None]
+        token_weights = (valid / normalizer)[:, None]  # d(mean loss)/d(token loss): 1/normalizer, 0 where ignored
+        token_losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        minus_one = torch.full((min(chunk_tokens, hidden.shape[0]), 1), -1.0, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_tokens):
-            chunk = hidden[start : start + chunk_tokens]
-            target = targets[start : start + chunk_tokens]
-            valid = target != IGNORE_INDEX
-            safe_target = target.masked_fill(~valid, 0)[:, None]
+            end = min(start + chunk_tokens, hidden.shape[0])
+            chunk, target = hidden[start:end], safe_targets[start:end]
             # One fp32 buffer per chunk, transformed in place: logits -> shifted -> exp -> softmax -> its gradient.
             logits = (chunk @ weight.T).float()
             logits.sub_(logits.amax(dim=-1, keepdim=True))
-            target_logit = logits.gather(1, safe_target).squeeze(1)
+            target_logit = logits.gather(1, target).squeeze(1)
             sum_exp = logits.exp_().sum(dim=-1)
-            total += torch.where(valid, sum_exp.log() - target_logit, 0.0).sum()
+            torch.sub(sum_exp.log(), target_logit, out=token_losses[start:end])
             if grad_hidden is None and grad_weight is None:
                 continue
             grad_logits = logits.div_(sum_exp[:, None])
-            grad_logits.scatter_add_(1, safe_target, torch.full_like(target_logit, -1.0)[:, None])
-            grad_logits.mul_((valid / normalizer)[:, None])
-            grad_logits = grad_logits.to(chunk.dtype)
+            grad_logits.scatter_add_(1, target, minus_one[: end - start])
+            grad_logits = grad_logits.mul_(token_weights[start:end]).to(chunk.dtype)
             if grad_hidden is not None:
-                grad_hidden[start : start + chunk_tokens] = grad_logits @ weight
+                torch.mm(grad_logits, weight, out=grad_hidden[start:end])
             if grad_weight is not None:
                 grad_weight += (grad_logits.T @ chunk).float()
         ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype) if grad_weight is not None else None)
-        return total / normalizer
+        return torch.where(valid, token_losses, 0.0).sum() / normalizer
 
     @staticmethod
     def backward(ctx, grad_output):
