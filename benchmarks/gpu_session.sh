@@ -29,6 +29,17 @@ commit=${COMMIT:-unknown}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 
 df -h /tmp "$PWD" | tail -n +2
+build_6b_folder() {  # the 6B-shape folder every 1-GPU mode trains (built once a machine)
+    python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from common import build_6b_folder; from pathlib import Path; build_6b_folder(Path('/tmp/thuglm-multi-gpu') / 'glm6b')"
+}
+install_official_site() {  # the official code's transformers 4.34.1 and its pins, apart from thuglm's
+    mkdir -p /tmp/official_site && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+        --target /tmp/official_site .whl_bench/official/*.whl
+}
+capped() {  # the smaller of a part's own cap ($1) and the seconds left before the deadline ($limit)
+    echo $(( limit < $1 ? limit : $1 ))
+}
+
 case "${1:-}" in
 multi)
     python3 benchmarks/bench_multi_gpu.py --record "$OUT/rows_multi.jsonl" --commit "$commit" \
@@ -43,7 +54,7 @@ saves)
 profile-ddp)  # where the second GPU's ~29 ms a step go: the recipe's LoRA step on 1 and 2 processes, profiled
     # (Chrome traces of the first process to $OUT), then DDP and Trainer settings tried one at a time. VARIANTS picks
     # some ("1:ARGS;2:ARGS;..."), each started while DEADLINE_S (570) seconds are not up.
-    python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from common import build_6b_folder; from pathlib import Path; build_6b_folder(Path('/tmp/thuglm-multi-gpu') / 'glm6b')"
+    build_6b_folder
     echo "6B folder ready at ${SECONDS} s"
     steps="max_steps=40 logging_steps=5"
     default="1:--trace $OUT/trace_1gpu.json.gz $steps;2:--trace $OUT/trace_2gpu.json.gz $steps;1:--no-profile $steps;\
@@ -84,8 +95,7 @@ single)
          gradient_checkpointing=true batch_size=1 > "$OUT/profile_full.log" 2>&1
      timeout 150 python3 benchmarks/profile_recipe.py > "$OUT/profile_lora.log" 2>&1) &
     export CUDA_VISIBLE_DEVICES=0
-    mkdir -p /tmp/official_site && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-        --target /tmp/official_site .whl_bench/official/*.whl
+    install_official_site
     python3 benchmarks/bench_decode.py --record "$OUT/rows_decode.jsonl" --commit "$commit" --no-numerics \
         --grid '[[1, 32, 128]]' --variants dynamic,static-compiled,static-compiled-late-stop --repeats 5 \
         --official-code .official --official-site /tmp/official_site --work-dir /tmp > "$OUT/decode.log" 2>&1
@@ -103,8 +113,7 @@ quant)
     # Needs the bitsandbytes wheel in .whl (pip download bitsandbytes==0.50.2 --no-deps -d .whl).
     official=()
     if [ -d .official ] && [ -d .whl_bench/official ]; then  # the official bf16 code to compare decoding with
-        mkdir -p /tmp/official_site && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-            --target /tmp/official_site .whl_bench/official/*.whl
+        install_official_site
         official=(--official-code .official --official-site /tmp/official_site)
     fi
     python3 benchmarks/bench_quant.py --record "$OUT/rows_quant.jsonl" --commit "$commit" "${official[@]}" \
@@ -116,7 +125,7 @@ speed)
     # DEADLINE_S (570 s): one that cannot start with 45 s left is skipped and said so, for a second call to pick up.
     run_id=${RUN_ID:-speed-$(date -u +%Y%m%dT%H%M%S)}
     rows="$OUT/rows_speed.jsonl"
-    python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from common import build_6b_folder; from pathlib import Path; build_6b_folder(Path('/tmp/thuglm-multi-gpu') / 'glm6b')"
+    build_6b_folder
     echo "6B folder ready at ${SECONDS} s"
     # `thuglm train` itself, each run its median step after the third (profile_recipe.py --no-profile).
     declare -A recipe=(
@@ -134,26 +143,25 @@ speed)
         echo "== $part at ${SECONDS} s"
         case "$part" in
         dpo)  # issue #21's DPO step of the 6B shape
-            timeout $(( limit < 200 ? limit : 200 )) python3 benchmarks/bench_dpo.py --record "$rows" \
+            timeout $(capped 200) python3 benchmarks/bench_dpo.py --record "$rows" \
                 --commit "$commit" --steps 10 --model-folder /tmp/thuglm-multi-gpu/glm6b > "$OUT/dpo.log" 2>&1
             grep -E "^ROW|Error" "$OUT/dpo.log" | cut -c1-400
             ;;
-        memory-b1)  # what is alive at the b1-with-checkpointing step's peak (memory_peak.py), and its profile
-            timeout $(( limit < 150 ? limit : 150 )) python3 benchmarks/profile_recipe.py --no-profile \
+        memory-b1)  # what is alive at the b1-with-checkpointing step's peak (memory_peak.py)
+            timeout $(capped 150) python3 benchmarks/profile_recipe.py --no-profile \
                 --memory-snapshot "$OUT/memory-b1-ckpt.pickle" precision=bf16 batch_size=1 \
                 gradient_checkpointing=true max_steps=5 > "$OUT/memory-b1.log" 2>&1
             grep -A34 "^memory snapshot" "$OUT/memory-b1.log" || tail -5 "$OUT/memory-b1.log"
             ;;
-        profile-b1)
-            timeout $(( limit < 150 ? limit : 150 )) python3 benchmarks/profile_recipe.py precision=bf16 \
+        profile-b1)  # where the b1-with-checkpointing step's time goes (torch.profiler)
+            timeout $(capped 150) python3 benchmarks/profile_recipe.py precision=bf16 \
                 batch_size=1 gradient_checkpointing=true > "$OUT/profile-b1.log" 2>&1
             grep -A40 "^profile of" "$OUT/profile-b1.log" | cut -c1-200
             ;;
         official)  # the official code's b1-with-checkpointing and b8 rows
             if [ ! -d .official ] || [ ! -d .whl_bench/official ]; then echo "skipped: no .official"; continue; fi
-            mkdir -p /tmp/official_site && python3 -m pip install -q --no-index --no-deps --no-compile \
-                --no-cache-dir --target /tmp/official_site .whl_bench/official/*.whl
-            timeout $(( limit < 240 ? limit : 240 )) python3 benchmarks/bench_train.py --impl official \
+            install_official_site
+            timeout $(capped 240) python3 benchmarks/bench_train.py --impl official \
                 --record "$rows" --commit "$commit" --run-id "$run_id" --official-site /tmp/official_site \
                 --official-dir .official --modes lora --seconds 8 \
                 --only '[{"mode": "lora", "seq": 512, "batch": 1, "grad_ckpt": true},
@@ -162,8 +170,7 @@ speed)
             ;;
         *)
             if [ -z "${recipe[$part]:-}" ]; then echo "unknown part: $part" >&2; continue; fi
-            cap=${SPEED_TIMEOUT_S:-200}
-            timeout $(( limit < cap ? limit : cap )) python3 benchmarks/profile_recipe.py --no-profile \
+            timeout $(capped "${SPEED_TIMEOUT_S:-200}") python3 benchmarks/profile_recipe.py --no-profile \
                 --record "$rows" --run-id "$run_id" --commit "$commit" --mode "$part" precision=bf16 \
                 ${recipe[$part]} > "$OUT/$part.log" 2>&1
             grep -hE "^run:|Error|error" "$OUT/$part.log" | tail -3
