@@ -136,7 +136,10 @@ speed)
         # what the b1 step's time and memory are made of: the loss's chunk size, LoRA's dropout
         [lora-bf16-b1-ckpt-chunk64]="batch_size=1 gradient_checkpointing=true max_steps=40 --loss-chunk-mib 64"
         [lora-bf16-b1-ckpt-chunk256]="batch_size=1 gradient_checkpointing=true max_steps=40 --loss-chunk-mib 256"
-        [lora-bf16-b1-ckpt-dropout0]="batch_size=1 gradient_checkpointing=true max_steps=40 lora.dropout=0")
+        [lora-bf16-b1-ckpt-dropout0]="batch_size=1 gradient_checkpointing=true max_steps=40 lora.dropout=0"
+        # the large-batch step: the benchmark's best batch, and LoRA's dropout there
+        [lora-bf16-b24-compiled]="batch_size=24 compile=true max_steps=30"
+        [lora-bf16-b16-compiled-dropout0]="batch_size=16 compile=true max_steps=30 lora.dropout=0")
     for part in ${PARTS:-dpo lora-bf16-b1-ckpt official lora-bf16-b1-ckpt-compiled lora-bf16-b16-compiled lora-bf16-auto}; do
         limit=$(( ${DEADLINE_S:-570} - SECONDS ))
         if (( limit < 45 )); then echo "skipped (deadline): $part"; continue; fi
@@ -157,6 +160,11 @@ speed)
             timeout $(capped 150) python3 benchmarks/profile_recipe.py precision=bf16 \
                 batch_size=1 gradient_checkpointing=true > "$OUT/profile-b1.log" 2>&1
             grep -A40 "^profile of" "$OUT/profile-b1.log" | cut -c1-200
+            ;;
+        profile-b16-compiled)  # where the large-batch compiled step's time goes
+            timeout $(capped 200) python3 benchmarks/profile_recipe.py precision=bf16 \
+                batch_size=16 compile=true > "$OUT/profile-b16-compiled.log" 2>&1
+            grep -A40 "^profile of" "$OUT/profile-b16-compiled.log" | cut -c1-200
             ;;
         official)  # the official code's b1-with-checkpointing and b8 rows
             if [ ! -d .official ] || [ ! -d .whl_bench/official ]; then echo "skipped: no .official"; continue; fi
