@@ -139,7 +139,10 @@ speed)
         [lora-bf16-b1-ckpt-dropout0]="batch_size=1 gradient_checkpointing=true max_steps=40 lora.dropout=0"
         # the large-batch step: the benchmark's best batch, and LoRA's dropout there
         [lora-bf16-b24-compiled]="batch_size=24 compile=true max_steps=30"
-        [lora-bf16-b16-compiled-dropout0]="batch_size=16 compile=true max_steps=30 lora.dropout=0")
+        [lora-bf16-b16-compiled-dropout0]="batch_size=16 compile=true max_steps=30 lora.dropout=0"
+        # batches padded to their longest row (as before), and without the epoch's last, shorter batch
+        [lora-bf16-b16-compiled-ragged]="batch_size=16 compile=true max_steps=30 --pad-to-longest"
+        [lora-bf16-b16-compiled-droplast]="batch_size=16 compile=true max_steps=30 --trainer dataloader_drop_last=true")
     for part in ${PARTS:-dpo lora-bf16-b1-ckpt official lora-bf16-b1-ckpt-compiled lora-bf16-b16-compiled lora-bf16-auto}; do
         limit=$(( ${DEADLINE_S:-570} - SECONDS ))
         if (( limit < 45 )); then echo "skipped (deadline): $part"; continue; fi

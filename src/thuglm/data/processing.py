@@ -3,7 +3,7 @@
 * Text: `[gMASK] <sop> text <eop>`, loss on every text token and `<eop>`. A text longer than `max_seq_len` becomes
   several windows `[gMASK] <sop> chunk`; nothing is cut away.
 * Alpaca: the official chat prompt, then `[gMASK] <sop> output <eop>`; labels -100 over the prompt.
-* Packing: whole samples fill each row in order; `attention_mask` numbers them 1, 2, 3, ... so the model gives each
+* Packing: whole samples fill rows, each into the row it fits best; `attention_mask` numbers them 1, 2, 3, ... so the model gives each
   its own positions and a block-diagonal mask, exactly as if it were alone.
 
 `datasets.map` does the work in two batched steps: tokenize (one row in, one row out, so skipped and shortened rows
@@ -14,6 +14,7 @@ is not stable between processes, and tokenize everything again on every run.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import logging
@@ -29,7 +30,7 @@ from .samples import IGNORE_INDEX, causal_lm_sample
 
 logger = logging.getLogger("thuglm.data")
 
-LAYOUT_VERSION = 2  # bump when the layout of the rows changes, so that old cache files are not reused
+LAYOUT_VERSION = 3  # bump when the layout of the rows changes (3: best-fit packing), so that old cache files are not reused
 MAP_BATCH_SIZE = 1000
 COLUMNS = ["input_ids", "labels", "attention_mask"]
 TOKEN_IDS = datasets.Sequence(datasets.Value("int32"))  # half the cache of the int64 that Python ints would give
@@ -206,23 +207,39 @@ def _holds_only_scalars(feature) -> bool:
 
 # ---- rows ------------------------------------------------------------------------------------------------------------
 def pack_samples(samples: Iterable[dict], max_seq_len: int) -> list[dict]:
-    """Fill rows of at most `max_seq_len` tokens with whole samples, in order; `attention_mask` numbers them.
+    """Fill rows of at most `max_seq_len` tokens with whole samples; `attention_mask` numbers them.
+
+    Best fit, longest first: each sample, longest first, goes into the row whose free space it fills most closely,
+    else a new row. Filling rows in order leaves on average half a sample empty at the end of each (~7 % of a row of
+    512 on the bundled corpus); this leaves next to none, so more of each step's tokens are trained and fewer rows
+    make an epoch. The rows come out in the order they were opened (the Trainer shuffles them); in a row, samples
+    keep the order they were placed in.
 
     Every sample starts with labels -100 (`[gMASK]` or its prompt), so the shifted loss never predicts one sample
     from the last token of the one before it.
     """
-    rows: list[dict] = []
+    samples = list(samples)
     for sample in samples:
-        length = len(sample["input_ids"])
-        if length > max_seq_len:
-            raise ValueError(f"a sample of {length} tokens cannot be packed into rows of max_seq_len={max_seq_len}")
-        if not rows or len(rows[-1]["input_ids"]) + length > max_seq_len:
+        if len(sample["input_ids"]) > max_seq_len:
+            raise ValueError(f"a sample of {len(sample['input_ids'])} tokens cannot be packed into rows of "
+                             f"max_seq_len={max_seq_len}")
+    rows: list[dict] = []
+    free: list[tuple[int, int]] = []  # (free tokens, row index) of every row that is not full, sorted
+    for index in sorted(range(len(samples)), key=lambda i: -len(samples[i]["input_ids"])):  # stable: ties in order
+        sample, length = samples[index], len(samples[index]["input_ids"])
+        slot = bisect.bisect_left(free, (length, -1))
+        if slot == len(free):
             rows.append({"input_ids": [], "labels": [], "attention_mask": []})
-        row = rows[-1]
+            room, row_index = max_seq_len, len(rows) - 1
+        else:
+            room, row_index = free.pop(slot)
+        row = rows[row_index]
         number = row["attention_mask"][-1] + 1 if row["attention_mask"] else 1
         row["input_ids"].extend(sample["input_ids"])
         row["labels"].extend(sample["labels"])
         row["attention_mask"].extend([number] * length)
+        if room > length:
+            bisect.insort(free, (room - length, row_index))
     return rows
 
 

@@ -68,4 +68,9 @@ class CausalLM(Task):
         return train_dataset, eval_dataset
 
     def collator(self, tokenizer, model):
-        return GlmCollator.for_model(tokenizer.pad_token_id, model.config)
+        """Packed rows are padded to `max_seq_len`, one shape for every batch: they are nearly full anyway, and a
+        compiled layer then compiles once instead of again (and then for any length) when a batch's longest row
+        changes; unpacked rows to the batch's longest."""
+        config = self.config
+        return GlmCollator.for_model(tokenizer.pad_token_id, model.config,
+                                    pad_to_multiple_of=config.max_seq_len if config.packing else None)
