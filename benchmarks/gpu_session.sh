@@ -155,7 +155,7 @@ speed)
             ;;
         memory-b1)  # what is alive at the b1-with-checkpointing step's peak (memory_peak.py)
             timeout $(capped 150) python3 benchmarks/profile_recipe.py --no-profile \
-                --memory-snapshot "$OUT/memory-b1-ckpt.pickle" precision=bf16 batch_size=1 \
+                --memory-snapshot /tmp/memory-b1-ckpt.pickle precision=bf16 batch_size=1 \
                 gradient_checkpointing=true max_steps=5 > "$OUT/memory-b1.log" 2>&1
             grep -A34 "^memory snapshot" "$OUT/memory-b1.log" || tail -5 "$OUT/memory-b1.log"
             ;;
