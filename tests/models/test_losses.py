@@ -46,6 +46,22 @@ def test_frozen_weight_gets_no_gradient_and_hidden_still_does():
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("weight_trained", [False, True])
+def test_under_autocast_fp32_hidden_states_and_a_bf16_weight_give_autocast_s_loss_and_gradients(weight_trained):
+    """What a bf16 run on a GPU hands the loss: the final layer norm's fp32 output (autocast runs norms in fp32) and
+    the bf16 lm_head weight. The loss's matmuls must take autocast's dtype as the plain path does."""
+    h, w, labels = make(vocab=300, hidden=32)
+    w = w.detach().to(torch.bfloat16).requires_grad_(weight_trained)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        actual = linear_cross_entropy(h, w, labels, chunk_tokens=4)
+        expected = plain_loss(h, w, labels)
+    tensors = (h, w) if weight_trained else (h,)
+    torch.testing.assert_close(actual, expected.float(), rtol=1e-3, atol=1e-3)
+    for a, e in zip(grads(actual, *tensors), grads(expected, *tensors)):
+        assert a.dtype == e.dtype
+        torch.testing.assert_close(a, e, rtol=2e-2, atol=2e-3)
+
+
 def test_default_chunk_bounds_the_fp32_logits():
     assert default_chunk_tokens(130528, 512) == 32  # batch 1: a sixteenth of the tokens, 16 MB
     assert default_chunk_tokens(130528, 16384) == 512  # large batches: 256 MB of fp32 logits

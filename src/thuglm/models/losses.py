@@ -68,8 +68,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_logits = logits.div_(sum_exp[:, None])
             grad_logits.scatter_add_(1, target, minus_one[: end - start])
             grad_logits = grad_logits.mul_(token_weights[start:end]).to(chunk.dtype)
-            if grad_hidden is not None:
+            if grad_hidden is not None and grad_logits.dtype == weight.dtype == grad_hidden.dtype:
                 torch.mm(grad_logits, weight, out=grad_hidden[start:end])
+            elif grad_hidden is not None:  # under autocast (fp32 hidden states, a bf16 weight): autocast's product
+                grad_hidden[start:end] = grad_logits @ weight
             if grad_weight is not None:
                 grad_weight += (grad_logits.T @ chunk).float()
         ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype) if grad_weight is not None else None)
