@@ -444,3 +444,24 @@ def test_generate_reads_dialogues_for_a_model_without_run_settings(tmp_path, tin
     got = generate(tiny_dir, write_json(tmp_path / "chat.jsonl", rows, lines=True), tmp_path / "out.jsonl")
     assert [row["prompt"] for row in got] == [build_prompt("再见", [("你好", "您好")], "简短")]
     assert "reference" not in got[0]
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_packed_batches_take_one_shape_and_unpacked_ones_their_longest_row(tmp_path, tiny_dir, tokenizer_of, packing):
+    """Packed rows are padded to max_seq_len, so a compiled layer sees one shape whatever rows a batch draws."""
+    folder = tmp_path / "corpus"
+    write_csv(folder / "a.csv", "content", ["春天来了", "夏天到了，天气很热", "秋天的风"])
+    config = write_config(tmp_path, tiny_dir, {"files": [str(folder)]}, packing=packing, max_seq_len=48)
+    task = CausalLM(recipe.load_config(str(config), []))
+    rows, _ = task.build_datasets(tokenizer_of)
+
+    class ModelStandIn:  # the collator reads the model's config only
+        config = type("Config", (), {"bos_token_id": tokenizer_of.bos_token_id,
+                                     "mask_token_id": tokenizer_of.mask_token_id,
+                                     "gmask_token_id": tokenizer_of.gmask_token_id})()
+
+    batch = task.collator(tokenizer_of, ModelStandIn())(list(rows))
+    longest = max(len(row["input_ids"]) for row in rows)
+    assert longest < 48
+    assert batch["input_ids"].shape == (len(rows), 48 if packing else longest)
+    assert batch["position_ids"].shape[-1] == batch["input_ids"].shape[1]

@@ -3,8 +3,8 @@
 * Text: `[gMASK] <sop> text <eop>`, loss on every text token and `<eop>`. A text longer than `max_seq_len` becomes
   several windows `[gMASK] <sop> chunk`; nothing is cut away.
 * Alpaca: the official chat prompt, then `[gMASK] <sop> output <eop>`; labels -100 over the prompt.
-* Packing: whole samples fill rows, each into the row it fits best; `attention_mask` numbers them 1, 2, 3, ... so the model gives each
-  its own positions and a block-diagonal mask, exactly as if it were alone.
+* Packing: whole samples fill rows, each into the row it fits best; `attention_mask` numbers them 1, 2, 3, ... so
+  the model gives each its own positions and a block-diagonal mask, exactly as if it were alone.
 
 `datasets.map` does the work in two batched steps: tokenize (one row in, one row out, so skipped and shortened rows
 can be counted exactly), then lay out and pack. The cache key of each step is computed here from the input's
@@ -30,7 +30,7 @@ from .samples import IGNORE_INDEX, causal_lm_sample
 
 logger = logging.getLogger("thuglm.data")
 
-LAYOUT_VERSION = 3  # bump when the layout of the rows changes (3: best-fit packing), so that old cache files are not reused
+LAYOUT_VERSION = 3  # bump when the layout of rows changes, so old cache files are not reused (3: best-fit packing)
 MAP_BATCH_SIZE = 1000
 COLUMNS = ["input_ids", "labels", "attention_mask"]
 TOKEN_IDS = datasets.Sequence(datasets.Value("int32"))  # half the cache of the int64 that Python ints would give
