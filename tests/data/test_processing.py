@@ -90,12 +90,13 @@ def test_short_text_is_one_sample_and_tiny_rows_are_refused():
 
 
 # ---- packing ---------------------------------------------------------------------------------------------------------
-def test_pack_samples_numbers_samples_and_puts_each_where_it_fits_best_longest_first():
+def test_pack_samples_puts_each_where_it_fits_best_longest_first_and_keeps_the_samples_order():
     samples = [{"input_ids": [n] * n, "labels": [n] * n} for n in (3, 4, 2, 5, 1, 8)]
     rows = pack_samples(samples, 8)
-    # 8 fills a row; 5 opens one (3 free), 4 another (4 free); 3 fits the first exactly, 2 and 1 the second
-    assert [r["input_ids"] for r in rows] == [[8] * 8, [5] * 5 + [3] * 3, [4] * 4 + [2] * 2 + [1]]
-    assert [r["attention_mask"] for r in rows] == [[1] * 8, [1] * 5 + [2] * 3, [1] * 4 + [2] * 2 + [3]]
+    # 8 fills a row; 5 opens one (3 free), 4 another (4 free); 3 fits the first exactly, 2 and 1 the second. The rows
+    # come where their first samples came (3, then 4, then 8), each sample in its row in the order of the input.
+    assert [r["input_ids"] for r in rows] == [[3] * 3 + [5] * 5, [4] * 4 + [2] * 2 + [1], [8] * 8]
+    assert [r["attention_mask"] for r in rows] == [[1] * 3 + [2] * 5, [1] * 4 + [2] * 2 + [3], [1] * 8]
     assert [r["labels"] for r in rows] == [r["input_ids"] for r in rows]
     with pytest.raises(ValueError, match="9 tokens"):
         pack_samples([{"input_ids": [1] * 9, "labels": [1] * 9}], 8)
@@ -114,6 +115,8 @@ def test_pack_samples_keeps_every_sample_whole_and_fills_rows_closer_than_in_ord
             assert len(set(ids)) == 1 and labels == [-ids[0]] * len(ids)  # one whole sample, its own labels
             found.append((ids[0], len(ids)))
     assert sorted(found) == list(enumerate(lengths))  # every sample once, at its length
+    firsts = [row["input_ids"][0] for row in rows]
+    assert firsts == sorted(firsts)  # rows in the order of their first samples: long ones are not all first
     in_order = 1 + sum(1 for _ in _in_order_breaks(lengths, 512))
     assert len(rows) == -(-sum(lengths) // 512) < in_order  # as few rows as the tokens allow
 

@@ -212,34 +212,37 @@ def pack_samples(samples: Iterable[dict], max_seq_len: int) -> list[dict]:
     Best fit, longest first: each sample, longest first, goes into the row whose free space it fills most closely,
     else a new row. Filling rows in order leaves on average half a sample empty at the end of each (~7 % of a row of
     512 on the bundled corpus); this leaves next to none, so more of each step's tokens are trained and fewer rows
-    make an epoch. The rows come out in the order they were opened (the Trainer shuffles them); in a row, samples
-    keep the order they were placed in.
+    make an epoch. The rows then keep the order of the samples: a row comes where its first sample came, and holds
+    its samples in their order (a stream is not shuffled again, so rows of long samples must not come first).
 
     Every sample starts with labels -100 (`[gMASK]` or its prompt), so the shifted loss never predicts one sample
     from the last token of the one before it.
     """
     samples = list(samples)
-    for sample in samples:
-        if len(sample["input_ids"]) > max_seq_len:
-            raise ValueError(f"a sample of {len(sample['input_ids'])} tokens cannot be packed into rows of "
-                             f"max_seq_len={max_seq_len}")
-    rows: list[dict] = []
-    free: list[tuple[int, int]] = []  # (free tokens, row index) of every row that is not full, sorted
-    for index in sorted(range(len(samples)), key=lambda i: -len(samples[i]["input_ids"])):  # stable: ties in order
-        sample, length = samples[index], len(samples[index]["input_ids"])
-        slot = bisect.bisect_left(free, (length, -1))
+    lengths = [len(sample["input_ids"]) for sample in samples]
+    for length in lengths:
+        if length > max_seq_len:
+            raise ValueError(f"a sample of {length} tokens cannot be packed into rows of max_seq_len={max_seq_len}")
+    members: list[list[int]] = []  # the samples of each row
+    free: list[tuple[int, int]] = []  # (free tokens, row) of every row that is not full, sorted
+    for index in sorted(range(len(samples)), key=lambda i: -lengths[i]):  # stable: equal lengths in order
+        slot = bisect.bisect_left(free, (lengths[index], -1))
         if slot == len(free):
-            rows.append({"input_ids": [], "labels": [], "attention_mask": []})
-            room, row_index = max_seq_len, len(rows) - 1
+            members.append([])
+            room, row = max_seq_len, len(members) - 1
         else:
-            room, row_index = free.pop(slot)
-        row = rows[row_index]
-        number = row["attention_mask"][-1] + 1 if row["attention_mask"] else 1
-        row["input_ids"].extend(sample["input_ids"])
-        row["labels"].extend(sample["labels"])
-        row["attention_mask"].extend([number] * length)
-        if room > length:
-            bisect.insort(free, (room - length, row_index))
+            room, row = free.pop(slot)
+        members[row].append(index)
+        if room > lengths[index]:
+            bisect.insort(free, (room - lengths[index], row))
+    rows = []
+    for indices in sorted((sorted(indices) for indices in members), key=lambda indices: indices[0]):
+        row = {"input_ids": [], "labels": [], "attention_mask": []}
+        for number, index in enumerate(indices, start=1):
+            row["input_ids"].extend(samples[index]["input_ids"])
+            row["labels"].extend(samples[index]["labels"])
+            row["attention_mask"].extend([number] * lengths[index])
+        rows.append(row)
     return rows
 
 
