@@ -190,10 +190,11 @@ speed)
     done
     echo "done at ${SECONDS} s"
     # The rows in the output too: only the first few files under $OUT come back from the lent machine.
-    [ -f "$rows" ] && python3 -c "import json, sys
+    if [ -f "$rows" ]; then python3 -c "import json, sys
 for row in map(json.loads, open(sys.argv[1])):
     print(json.dumps({key: row.get(key) for key in ('run_id', 'device', 'impl', 'mode', 'batch', 'grad_ckpt', 'compile',
                                                    'tokens_per_s', 'run_tokens_per_s', 'peak_gib', 'status')}))" "$rows"
+    fi
     ;;
 *)
     echo "usage: $0 multi|saves|profile|profile-ddp|single|quant|speed" >&2
