@@ -17,6 +17,7 @@ import json
 import logging
 import random
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -24,7 +25,7 @@ import yaml
 from thuglm.cli import main
 from thuglm.data.samples import IGNORE_INDEX
 from thuglm.inference.chat import build_prompt
-from thuglm.models import ChatGLMTokenizer
+from thuglm.models import ChatGLMConfig, ChatGLMTokenizer
 from thuglm.training import recipe
 from thuglm.training.tasks.causal_lm import CausalLM
 
@@ -454,13 +455,8 @@ def test_packed_batches_take_one_shape_and_unpacked_ones_their_longest_row(tmp_p
     config = write_config(tmp_path, tiny_dir, {"files": [str(folder)]}, packing=packing, max_seq_len=48)
     task = CausalLM(recipe.load_config(str(config), []))
     rows, _ = task.build_datasets(tokenizer_of)
-
-    class ModelStandIn:  # the collator reads the model's config only
-        config = type("Config", (), {"bos_token_id": tokenizer_of.bos_token_id,
-                                     "mask_token_id": tokenizer_of.mask_token_id,
-                                     "gmask_token_id": tokenizer_of.gmask_token_id})()
-
-    batch = task.collator(tokenizer_of, ModelStandIn())(list(rows))
+    model = SimpleNamespace(config=ChatGLMConfig.from_pretrained(tiny_dir))  # the collator reads the config only
+    batch = task.collator(tokenizer_of, model)(list(rows))
     longest = max(len(row["input_ids"]) for row in rows)
     assert longest < 48
     assert batch["input_ids"].shape == (len(rows), 48 if packing else longest)
