@@ -347,6 +347,33 @@ def test_mixed_precision_autocast_keeps_padded_batches_finite(tiny_dir, tokenize
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
+def test_a_half_precision_residual_stream_stays_half_where_autocast_runs_layer_norm_in_fp32(tiny_dir, tokenizer,
+                                                                                            monkeypatch):
+    """CUDA autocast returns layer_norm's output in fp32 (CPU autocast does not: that policy is added here).
+    GLM's residual is the normalised input, so without the cast back every layer would hand the next (and gradient
+    checkpointing would keep) fp32 hidden states: twice the bytes of the official code's half-precision stream."""
+    layer_norm = torch.nn.functional.layer_norm
+
+    def cuda_autocast_layer_norm(x, shape, weight=None, bias=None, eps=1e-5):
+        return layer_norm(x.float(), shape, None if weight is None else weight.float(),
+                          None if bias is None else bias.float(), eps)
+
+    monkeypatch.setattr(torch.nn.functional, "layer_norm", cuda_autocast_layer_norm)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.bfloat16)
+    plain = torch.nn.LayerNorm(8).bfloat16()
+    assert plain(torch.ones(1, 8, dtype=torch.bfloat16)).dtype == torch.float32  # the policy, on a plain LayerNorm
+    outputs = []
+    for layer in model.transformer.layers:
+        layer.register_forward_hook(lambda module, args, output: outputs.append(output))
+    batch = tokenizer(PROMPTS, padding=True, return_tensors="pt")
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(**batch, labels=labels, output_hidden_states=True)
+    assert [o.dtype for o in outputs] == [torch.bfloat16] * len(model.transformer.layers)
+    assert out.hidden_states[-1].dtype == torch.bfloat16 and torch.isfinite(out.loss)
+    out.loss.backward()
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [({"quantization_bit": 2}, "int4 or int8"), ({"position_encoding_2d": False}, "2D positions")],

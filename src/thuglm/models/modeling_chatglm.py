@@ -181,6 +181,19 @@ class ChatGLMMLP(nn.Module):
         return self.dense_4h_to_h(nn.functional.gelu(self.dense_h_to_4h(hidden_states), approximate="tanh"))
 
 
+class ChatGLMLayerNorm(nn.LayerNorm):
+    """A LayerNorm whose output keeps its input's dtype.
+
+    CUDA autocast runs layer_norm in fp32 and returns fp32. GLM's residual is the normalised input, so under a bf16
+    run's autocast the whole residual stream would turn fp32 from the first layer on: every checkpointed layer input
+    twice the bytes, and a cast back to bf16 before each matmul. The official code, run in half precision, keeps the
+    stream in half; so does this (the normalisation itself is still computed in fp32, as the half kernel does too).
+    """
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return super().forward(hidden_states).to(hidden_states.dtype)
+
+
 # The official GLMBlock computes alpha = sqrt(2 * num_layers) from a constructor default of 28 that ChatGLMModel
 # never overrides, so every checkpoint in this format, whatever its depth, was trained and runs with sqrt(56).
 # For ChatGLM-6B (28 layers) this is sqrt(2 * num_layers); for smaller models it is what the official code computes.
@@ -190,9 +203,9 @@ RESIDUAL_SCALE = (2 * 28) ** 0.5
 class ChatGLMBlock(GradientCheckpointingLayer):
     def __init__(self, config: ChatGLMConfig, layer_idx: int):
         super().__init__()
-        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+        self.input_layernorm = ChatGLMLayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
         self.attention = ChatGLMAttention(config, layer_idx)
-        self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+        self.post_attention_layernorm = ChatGLMLayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
         self.mlp = ChatGLMMLP(config)
         self.residual_scale = RESIDUAL_SCALE
 
@@ -285,7 +298,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
             )
         self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(ChatGLMBlock(config, i) for i in range(config.num_layers))
-        self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+        self.final_layernorm = ChatGLMLayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
         self.rotary_emb = ChatGLMRotaryEmbedding(config)
         # P-Tuning v2 (the official `ptuning/`): trained keys and values in front of every layer's (see prefix.py).
         self.prefix_encoder = ChatGLMPrefixEncoder(config) if config.pre_seq_len else None
