@@ -176,8 +176,10 @@ def main() -> None:
     history = json.loads((root / "out" / "trainer_state.json").read_text())["log_history"]
     # A log's rate covers the steps since the previous log: leave out those that cover a profiled step (1-based).
     profiled = range(PROFILED.start + 1, PROFILED.stop + config.logging_steps + 1) if not no_profile else range(0)
+    # A log covers the logging_steps steps up to its own: those after the third (compilation and warm-up) count.
     unprofiled = [entry["tokens_per_s"] for entry in history
-                  if "tokens_per_s" in entry and entry["step"] > 3 and entry["step"] not in profiled]
+                  if "tokens_per_s" in entry and entry["step"] - config.logging_steps >= 3
+                  and entry["step"] not in profiled]
     print("run: " + ", ".join(f"{key} {metrics.get(key)}" for key in
                               ("tokens_per_s", "peak_memory_gib", "peak_memory_kind", "final_train_loss"))
           + f", median unprofiled step tokens_per_s {statistics.median(unprofiled) if unprofiled else None}"
@@ -209,6 +211,7 @@ def write_row(record: dict, config, metrics: dict, history: list[dict], step_tok
            "impl": "thuglm-train", "mode": record["mode"] or f"{config.method}-{config.precision}",
            "method": config.method, "precision": config.precision, "seq": config.max_seq_len,
            "batch": config.batch_size, "grad_ckpt": config.gradient_checkpointing, "compile": config.compile,
+           "logging_steps": config.logging_steps,
            "steps": metrics.get("steps"), "status": "ok", "tokens_per_s": step_tokens_per_s,
            "run_tokens_per_s": metrics.get("tokens_per_s"), "peak_gib": metrics.get("peak_memory_gib"),
            "final_train_loss": metrics.get("final_train_loss"), "losses": losses,
