@@ -12,7 +12,8 @@
 #       rows beside the official code (b1 with checkpointing eager and compiled, b16 compiled, batch_size auto)
 #       (PARTS picks and orders them, DEADLINE_S bounds the call, RUN_ID names the rows; the official side needs
 #        .official and .whl_bench/official, else it is left out)
-# Wheels the machine lacks are carried in .whl (datasets, trl, bitsandbytes), .whl_ds (DeepSpeed and its needs); the
+# Wheels the machine lacks are carried in .whl (datasets, trl, bitsandbytes), .whl_ds (DeepSpeed and its needs),
+# .whl_fp8 (torchao, for `precision: fp8`); the
 # official code and its transformers 4.34.1 wheels in .official and .whl_bench/official (git-ignored, never
 # committed): `bash benchmarks/device_wheels.sh official` fetches them here first.
 # Logs and result rows go to $OUT (or ./gpu-out).
@@ -23,7 +24,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 site=/tmp/site
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $site .whl/*.whl \
-    $( [ -d .whl_ds ] && ls .whl_ds/*.whl ) || exit 1
+    $( [ -d .whl_ds ] && ls .whl_ds/*.whl ) $( [ -d .whl_fp8 ] && ls .whl_fp8/*.whl ) || exit 1
 export PYTHONPATH=$site:$PWD/src
 commit=${COMMIT:-unknown}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
@@ -128,6 +129,8 @@ speed)
     build_6b_folder
     echo "6B folder ready at ${SECONDS} s"
     # `thuglm train` itself, each run its median step after the third (profile_recipe.py --no-profile).
+    curve="data.files=$PWD/src/thuglm/resources/alpaca/instructions.json data.format=alpaca packing=true \
+batch_size=16 max_steps=200 compile=true learning_rate=2e-4 warmup_ratio=0 lora.dropout=0"
     declare -A recipe=(
         [lora-bf16-b1-ckpt]="batch_size=1 gradient_checkpointing=true max_steps=40"
         [lora-bf16-b1-ckpt-compiled]="batch_size=1 gradient_checkpointing=true compile=true max_steps=60"
@@ -145,7 +148,13 @@ speed)
         [lora-bf16-b16-compiled-droplast]="batch_size=16 compile=true max_steps=30 --trainer dataloader_drop_last=true"
         # thuglm's default logging (a log, and its host-device sync, every 10 steps instead of every step)
         [lora-bf16-b16-compiled-log10]="batch_size=16 compile=true max_steps=40 logging_steps=10"
-        [lora-bf16-b1-ckpt-log10]="batch_size=1 gradient_checkpointing=true max_steps=60 logging_steps=10")
+        [lora-bf16-b1-ckpt-log10]="batch_size=1 gradient_checkpointing=true max_steps=60 logging_steps=10"
+        # issue #23's FP8 loss goal: 200 steps of one fixed SFT stream (the bundled instructions packed to 512 tokens,
+        # a seeded order), bf16 against fp8; LoRA's dropout off in both, so that only the arithmetic differs
+        # (needs .whl_fp8; each ~190 s on an H100)
+        [fp8-curve-bf16]="$curve precision=bf16"
+        [fp8-curve-fp8]="$curve precision=fp8")
+    declare -A cap=([fp8-curve-bf16]=300 [fp8-curve-fp8]=300)
     for part in ${PARTS:-dpo lora-bf16-b1-ckpt official lora-bf16-b1-ckpt-compiled lora-bf16-b16-compiled lora-bf16-auto}; do
         limit=$(( ${DEADLINE_S:-570} - SECONDS ))
         if (( limit < 45 )); then echo "skipped (deadline): $part"; continue; fi
@@ -184,7 +193,7 @@ speed)
             ;;
         *)
             if [ -z "${recipe[$part]:-}" ]; then echo "unknown part: $part" >&2; continue; fi
-            timeout $(capped "${SPEED_TIMEOUT_S:-200}") python3 benchmarks/profile_recipe.py --no-profile \
+            timeout $(capped "${cap[$part]:-${SPEED_TIMEOUT_S:-200}}") python3 benchmarks/profile_recipe.py --no-profile \
                 --record "$rows" --run-id "$run_id" --commit "$commit" --mode "$part" precision=bf16 \
                 ${recipe[$part]} > "$OUT/$part.log" 2>&1
             grep -hE "^run:|Error|error" "$OUT/$part.log" | tail -3
