@@ -131,6 +131,7 @@ speed)
     # `thuglm train` itself, each run its median step after the third (profile_recipe.py --no-profile).
     curve="data.files=$PWD/src/thuglm/resources/alpaca/instructions.json data.format=alpaca packing=true \
 batch_size=16 max_steps=200 compile=true learning_rate=2e-4 warmup_ratio=0 lora.dropout=0"
+    tutorial="lora.target_modules=[dense,dense_h_to_4h,dense_4h_to_h] lora.dropout=0.1"
     declare -A recipe=(
         [lora-bf16-b1-ckpt]="batch_size=1 gradient_checkpointing=true max_steps=40"
         [lora-bf16-b1-ckpt-compiled]="batch_size=1 gradient_checkpointing=true compile=true max_steps=60"
@@ -146,6 +147,9 @@ batch_size=16 max_steps=200 compile=true learning_rate=2e-4 warmup_ratio=0 lora.
         # batches padded to their longest row (as before), and without the epoch's last, shorter batch
         [lora-bf16-b16-compiled-ragged]="batch_size=16 compile=true max_steps=30 --pad-to-longest"
         [lora-bf16-b16-compiled-droplast]="batch_size=16 compile=true max_steps=30 --trainer dataloader_drop_last=true"
+        # the official side's adapters (the tutorial's three linears, dropout 0.1): the same work on both sides
+        [lora-bf16-b16-compiled-tutorial]="batch_size=16 compile=true max_steps=30 $tutorial"
+        [lora-bf16-b24-compiled-tutorial]="batch_size=24 compile=true max_steps=30 $tutorial"
         # thuglm's default logging (a log, and its host-device sync, every 10 steps instead of every step)
         [lora-bf16-b16-compiled-log10]="batch_size=16 compile=true max_steps=40 logging_steps=10"
         [lora-bf16-b1-ckpt-log10]="batch_size=1 gradient_checkpointing=true max_steps=60 logging_steps=10"
