@@ -62,6 +62,30 @@ def test_under_autocast_fp32_hidden_states_and_a_bf16_weight_give_autocast_s_los
         torch.testing.assert_close(a, e, rtol=2e-2, atol=2e-3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_compiled_chunk_arithmetic_a_gpu_runs_gives_the_written_out_loss_and_gradients(monkeypatch, dtype):
+    """On a GPU each chunk's softmax, loss and logit gradient run compiled (`_fused_on`); here the same compilation on
+    the CPU (inductor's CPU backend) against the code as written, chunks of two lengths (one graph, dynamic)."""
+    from thuglm.models import losses
+
+    h, w, labels = make(vocab=300, hidden=32)
+    h, w = h.detach().to(dtype).requires_grad_(), w.detach().to(dtype).requires_grad_()
+    written = linear_cross_entropy(h, w, labels, chunk_tokens=8)
+    written_grads = grads(written, h, w)
+    compiled: dict = {}
+    monkeypatch.setattr(losses, "_fused_on", lambda device, fn: compiled.setdefault(
+        fn.__name__, torch.compile(fn, dynamic=True)))
+    fused = linear_cross_entropy(h, w, labels, chunk_tokens=8)  # 33 tokens: four chunks of 8, one of 1
+    assert set(compiled) == {"_token_losses", "_token_losses_and_logit_grads"}
+    tolerance = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
+    torch.testing.assert_close(fused, written, **tolerance)
+    for a, e in zip(grads(fused, h, w), written_grads):
+        assert a.dtype == e.dtype == dtype
+        torch.testing.assert_close(a, e, **tolerance)
+    with torch.no_grad():  # evaluation: the losses alone
+        torch.testing.assert_close(linear_cross_entropy(h, w, labels, chunk_tokens=8), written.detach(), **tolerance)
+
+
 def test_default_chunk_bounds_the_fp32_logits():
     assert default_chunk_tokens(130528, 512) == 32  # batch 1: a sixteenth of the tokens, 16 MB
     assert default_chunk_tokens(130528, 16384) == 512  # large batches: 256 MB of fp32 logits

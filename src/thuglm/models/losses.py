@@ -40,6 +40,46 @@ def default_chunk_tokens(vocab_size: int, tokens: int) -> int:
     return 1 << (size.bit_length() - 1)
 
 
+def _token_losses(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """logits [n, vocab], target [n, 1] -> each token's loss, log-sum-exp minus the target's logit, in fp32."""
+    logits = logits.float()
+    shifted = logits - logits.amax(dim=-1, keepdim=True)
+    return shifted.exp().sum(dim=-1).log() - shifted.gather(1, target).squeeze(1)
+
+
+def _token_losses_and_logit_grads(
+    logits: torch.Tensor, target: torch.Tensor, token_weights: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The losses of `_token_losses` and the gradient of the weighted loss by the logits, (softmax - one-hot) times
+    each token's weight, in the logits' dtype (what the products back to the hidden states and weight take)."""
+    dtype, logits = logits.dtype, logits.float()
+    shifted = logits - logits.amax(dim=-1, keepdim=True)
+    exp = shifted.exp()
+    sum_exp = exp.sum(dim=-1, keepdim=True)
+    losses = sum_exp.log().squeeze(1) - shifted.gather(1, target).squeeze(1)
+    is_target = torch.arange(logits.shape[-1], device=logits.device) == target
+    return losses, ((exp / sum_exp - is_target.to(exp.dtype)) * token_weights).to(dtype)
+
+
+_compiled: dict[str, object] = {}
+
+
+def _fused_on(device: torch.device, fn):
+    """`fn` as one or two fused kernels on a GPU (torch.compile), as written elsewhere.
+
+    Written out, each step over a chunk's [tokens, vocab] logits (the fp32 copy, the max, the shift, exp, the sum,
+    the division, the one-hot, the weighting, the cast back) is a kernel reading and writing the whole buffer: on a
+    large batch that memory traffic cost about as much as the loss's two products (benchmarks/README.md, #23). Fused,
+    the logits are read for the row's max and sum and once more for the gradient. dynamic=True: one graph for every
+    chunk length. On a CPU the code runs as written (compiling would cost the tests and CPU users seconds for nothing).
+    """
+    if device.type != "cuda":
+        return fn
+    if fn.__name__ not in _compiled:
+        _compiled[fn.__name__] = torch.compile(fn, dynamic=True)
+    return _compiled[fn.__name__]
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, normalizer, chunk_tokens):
@@ -53,21 +93,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
         safe_targets = targets.masked_fill(~valid, 0)[:, None]
         token_weights = (valid / normalizer)[:, None]  # d(mean loss)/d(token loss): 1/normalizer, 0 where ignored
         token_losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-        minus_one = torch.full((min(chunk_tokens, hidden.shape[0]), 1), -1.0, device=hidden.device)
+        losses_only = _fused_on(hidden.device, _token_losses)
+        losses_and_grads = _fused_on(hidden.device, _token_losses_and_logit_grads)
         for start in range(0, hidden.shape[0], chunk_tokens):
             end = min(start + chunk_tokens, hidden.shape[0])
             chunk, target = hidden[start:end], safe_targets[start:end]
-            # One fp32 buffer per chunk, transformed in place: logits -> shifted -> exp -> softmax -> its gradient.
-            logits = (chunk @ weight.T).float()
-            logits.sub_(logits.amax(dim=-1, keepdim=True))
-            target_logit = logits.gather(1, target).squeeze(1)
-            sum_exp = logits.exp_().sum(dim=-1)
-            torch.sub(sum_exp.log(), target_logit, out=token_losses[start:end])
+            logits = chunk @ weight.T
             if grad_hidden is None and grad_weight is None:
+                token_losses[start:end] = losses_only(logits, target)
                 continue
-            grad_logits = logits.div_(sum_exp[:, None])
-            grad_logits.scatter_add_(1, target, minus_one[: end - start])
-            grad_logits = grad_logits.mul_(token_weights[start:end]).to(chunk.dtype)
+            token_losses[start:end], grad_logits = losses_and_grads(logits, target, token_weights[start:end])
             if grad_hidden is not None and grad_logits.dtype == weight.dtype == grad_hidden.dtype:
                 torch.mm(grad_logits, weight, out=grad_hidden[start:end])
             elif grad_hidden is not None:  # under autocast (fp32 hidden states, a bf16 weight): autocast's product
