@@ -65,7 +65,7 @@ _compiled: dict[str, object] = {}
 
 
 def _fused_on(device: torch.device, fn):
-    """`fn` as one or two fused kernels on a GPU (torch.compile), as written elsewhere.
+    """`fn` compiled into one or two fused kernels on a GPU (torch.compile); on other devices `fn` as written.
 
     Written out, each step over a chunk's [tokens, vocab] logits (the fp32 copy, the max, the shift, exp, the sum,
     the division, the one-hot, the weighting, the cast back) is a kernel reading and writing the whole buffer: on a
