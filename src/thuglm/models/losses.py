@@ -17,6 +17,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .compiling import compiled
+
 IGNORE_INDEX = -100
 """The label of a token no loss is taken on (a prompt, `[gMASK]`, `<sop>`, padding): transformers' and torch's
 `ignore_index`. Every layout, collator and loss of thuglm imports this one."""
@@ -61,23 +63,16 @@ def _token_losses_and_logit_grads(
     return losses, ((exp / sum_exp - is_target.to(exp.dtype)) * token_weights).to(dtype)
 
 
-_compiled: dict[str, object] = {}
-
-
 def _fused_on(device: torch.device, fn):
     """`fn` compiled into one or two fused kernels on a GPU (torch.compile); on other devices `fn` as written.
 
     Written out, each step over a chunk's [tokens, vocab] logits (the fp32 copy, the max, the shift, exp, the sum,
     the division, the one-hot, the weighting, the cast back) is a kernel reading and writing the whole buffer: on a
     large batch that memory traffic cost about as much as the loss's two products (benchmarks/README.md, #23). Fused,
-    the logits are read for the row's max and sum and once more for the gradient. dynamic=True: one graph for every
-    chunk length. On a CPU the code runs as written (compiling would cost the tests and CPU users seconds for nothing).
+    the logits are read for the row's max and sum and once more for the gradient. On a CPU the code runs as written
+    (compiling would cost the tests and CPU users seconds for nothing).
     """
-    if device.type != "cuda":
-        return fn
-    if fn.__name__ not in _compiled:
-        _compiled[fn.__name__] = torch.compile(fn, dynamic=True)
-    return _compiled[fn.__name__]
+    return compiled(fn) if device.type == "cuda" else fn
 
 
 class _LinearCrossEntropy(torch.autograd.Function):

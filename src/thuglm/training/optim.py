@@ -25,6 +25,8 @@ from collections.abc import Callable, Iterable
 
 import torch
 
+from ..models.compiling import compiled
+
 logger = logging.getLogger(__name__)
 
 # Rows of a matrix updated at once on the eager path: 16 M elements, a 64 MB fp32 working set.
@@ -85,17 +87,6 @@ def _matrix_step(param, grad, row_var, col_var, step, lr, decay_exponent, eps, c
     row_scale, col_scale = _factored_scales(grad, row_var, col_var, step**decay_exponent, eps)
     step_size = _step_size((_update_square_sum(grad, row_scale, col_scale) / grad.numel()).sqrt(), lr, clip_threshold)
     _round_into(param, param.float() * (1 - lr * weight_decay) - step_size * _scaled_update(grad, row_scale, col_scale))
-
-
-_compiled: dict[str, object] = {}
-
-
-def _fused(fn):
-    # dynamic=True: one compiled graph for every shape. The step count and the learning rate are device tensors, so
-    # nothing recompiles from one step to the next (a Python float would be compiled in as a constant).
-    if fn.__name__ not in _compiled:
-        _compiled[fn.__name__] = torch.compile(fn, dynamic=True)
-    return _compiled[fn.__name__]
 
 
 class Adafactor(torch.optim.Optimizer):
@@ -188,12 +179,14 @@ class Adafactor(torch.optim.Optimizer):
                     "clip_threshold": group["clip_threshold"], "weight_decay": group["weight_decay"]}
         if self._use_fused(grad):
             try:
+                # The step count and the learning rate are device tensors, so nothing recompiles from one step to
+                # the next (a Python float would be compiled in as a constant).
                 lr = self._lr_tensor(group, grad.device)
                 if factored:
-                    _fused(_matrix_step)(param, grad, state["row_var"], state["col_var"], state["step"], lr,
-                                         **settings)
+                    compiled(_matrix_step)(param, grad, state["row_var"], state["col_var"], state["step"], lr,
+                                           **settings)
                 else:
-                    _fused(_vector_step)(param, grad, state["var"], state["step"], lr, **settings)
+                    compiled(_vector_step)(param, grad, state["var"], state["step"], lr, **settings)
                 return
             except Exception as error:  # noqa: BLE001  (a compiler failure must not stop training)
                 logger.warning("Adafactor: fused update failed (%s); updating eagerly from now on", error)
