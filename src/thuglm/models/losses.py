@@ -17,7 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .compiling import compiled
+from .compiling import compiled_or_eager
 
 IGNORE_INDEX = -100
 """The label of a token no loss is taken on (a prompt, `[gMASK]`, `<sop>`, padding): transformers' and torch's
@@ -70,9 +70,10 @@ def _fused_on(device: torch.device, fn):
     the division, the one-hot, the weighting, the cast back) is a kernel reading and writing the whole buffer: on a
     large batch that memory traffic cost about as much as the loss's two products (benchmarks/README.md, #23). Fused,
     the logits are read for the row's max and sum and once more for the gradient. On a CPU the code runs as written
-    (compiling would cost the tests and CPU users seconds for nothing).
+    (compiling would cost the tests and CPU users seconds for nothing). Where compiling fails, as written too, with a
+    warning.
     """
-    return compiled(fn) if device.type == "cuda" else fn
+    return compiled_or_eager(fn) if device.type == "cuda" else fn
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
