@@ -162,8 +162,11 @@ batch_size=16 max_steps=200 compile=true learning_rate=2e-4 warmup_ratio=0 lora.
         # a seeded order), bf16 against fp8; LoRA's dropout off in both, so that only the arithmetic differs
         # (needs .whl_fp8; each ~190 s on an H100)
         [fp8-curve-bf16]="$curve precision=bf16"
-        [fp8-curve-fp8]="$curve precision=fp8")
-    declare -A cap=([fp8-curve-bf16]=300 [fp8-curve-fp8]=300)
+        [fp8-curve-fp8]="$curve precision=fp8"
+        # the same stream in bf16 with another attention kernel (flex_attention: the same arithmetic, other rounding):
+        # how far two bf16 curves drift apart on this memorising stream, the floor the FP8 comparison is read against
+        [fp8-curve-bf16-flex]="$curve precision=bf16 attn_implementation=flex_attention")
+    declare -A cap=([fp8-curve-bf16]=300 [fp8-curve-fp8]=300 [fp8-curve-bf16-flex]=300)
     for part in ${PARTS:-dpo lora-bf16-b1-ckpt official lora-bf16-b1-ckpt-compiled lora-bf16-b16-compiled lora-bf16-auto}; do
         limit=$(( ${DEADLINE_S:-570} - SECONDS ))
         if (( limit < 45 )); then echo "skipped (deadline): $part"; continue; fi
