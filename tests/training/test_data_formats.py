@@ -231,7 +231,7 @@ def generate(run: Path, file: Path, out: Path, *overrides: str) -> list[dict]:
 
 def memorise(folder: Path, tiny_dir, data: dict, steps: int) -> Path:
     config = write_config(folder, tiny_dir, data, method="full", max_steps=steps, batch_size=16,
-                          learning_rate=1e-2, lr_scheduler="constant", warmup_ratio=0.0, logging_steps=steps)
+                          learning_rate=1e-2, lr_scheduler="linear", warmup_ratio=0.0, logging_steps=steps)
     assert main(["train", str(config)]) == 0
     return folder / "out"
 
@@ -242,7 +242,7 @@ def mixed_run(tmp_path_factory, tiny_dir):
     files = dataset_files(folder / "data", seed=1)
     sources = [{"files": [str(path)], **settings, "weight": 2.0 if name == "text" else 1.0}
                for name, (path, settings, _) in files.items()]
-    return memorise(folder, tiny_dir, {"sources": sources}, steps=150), files
+    return memorise(folder, tiny_dir, {"sources": sources}, steps=250), files
 
 
 @pytest.mark.parametrize("name", ["alpaca", "advertise", "sharegpt", "openai", "firefly"])
@@ -280,7 +280,7 @@ def test_one_sharegpt_file_every_answer_memorised(tmp_path, tiny_dir):
                                {"from": "human", "value": f"再问{i}"}, {"from": "gpt", "value": answer()}]}
             for i in range(3)]
     path = write_json(tmp_path / "dialogues.json", rows)
-    run = memorise(tmp_path, tiny_dir, {"files": [str(path)], "format": "sharegpt"}, steps=60)
+    run = memorise(tmp_path, tiny_dir, {"files": [str(path)], "format": "sharegpt"}, steps=100)
     # The last answers, read back from the file with the run's settings
     got = generate(run, path, tmp_path / "last.jsonl")
     assert [row["response"] for row in got] == [row["conversations"][3]["value"] for row in rows]
