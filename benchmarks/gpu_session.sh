@@ -155,6 +155,10 @@ batch_size=16 max_steps=200 compile=true learning_rate=2e-4 warmup_ratio=0 lora.
         [lora-bf16-b16-compiled-flex]="batch_size=16 compile=true max_steps=30 attn_implementation=flex_attention"
         [lora-bf16-b16-compiled-cudnn]="batch_size=16 compile=true max_steps=30 --sdpa-with-cudnn"
         [lora-bf16-b24-compiled-flex]="batch_size=24 compile=true max_steps=30 attn_implementation=flex_attention"
+        # issue #23's FP8 speed: the b16 step with the frozen base's matmuls in FP8, with either attention kernel
+        [lora-fp8-b16-compiled]="batch_size=16 compile=true max_steps=30 precision=fp8"
+        [lora-fp8-b16-compiled-flex]="batch_size=16 compile=true max_steps=30 precision=fp8 \
+attn_implementation=flex_attention"
         # thuglm's default logging (a log, and its host-device sync, every 10 steps instead of every step)
         [lora-bf16-b16-compiled-log10]="batch_size=16 compile=true max_steps=40 logging_steps=10"
         [lora-bf16-b1-ckpt-log10]="batch_size=1 gradient_checkpointing=true max_steps=60 logging_steps=10"
