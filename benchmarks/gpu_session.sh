@@ -140,6 +140,7 @@ batch_size=16 max_steps=200 compile=true learning_rate=2e-4 warmup_ratio=0 lora.
         # what the b1 step's time and memory are made of: the loss's chunk size, LoRA's dropout
         [lora-bf16-b1-ckpt-chunk64]="batch_size=1 gradient_checkpointing=true max_steps=40 --loss-chunk-mib 64"
         [lora-bf16-b1-ckpt-chunk256]="batch_size=1 gradient_checkpointing=true max_steps=40 --loss-chunk-mib 256"
+        [lora-bf16-b1-ckpt-loss-eager]="batch_size=1 gradient_checkpointing=true max_steps=40 --loss-eager"
         [lora-bf16-b1-ckpt-dropout0]="batch_size=1 gradient_checkpointing=true max_steps=40 lora.dropout=0"
         # the large-batch step: the benchmark's best batch, and LoRA's dropout there
         [lora-bf16-b24-compiled]="batch_size=24 compile=true max_steps=30"

@@ -15,6 +15,7 @@ full fine-tuning as on a 24 GB card. Options for trying what the recipe does not
     --loss-chunk-mib N    the loss's smallest chunk of fp32 logits (models/losses.py MIN_CHUNK_BYTES), to try sizes
     --loss-every-row      the loss makes logits for every token, counted or not (as before models/losses.py's
                           counted_tokens), to measure what leaving out an SFT prompt saves
+    --loss-eager          the loss's chunk arithmetic as written (~10 kernels a chunk), not compiled on the GPU
     --pad-to-longest      pad each batch to its longest row, as thuglm train did before packed batches were padded to
                           max_seq_len (a compiled layer then recompiles, then compiles any length, as the longest changes)
     --record FILE         append the run as a row (`impl: thuglm-train`, `mode` from --mode, the median step's tokens/s,
@@ -151,13 +152,17 @@ def main() -> None:
         from thuglm.models import losses
 
         losses.MIN_SELECTED_ROWS = sys.maxsize
+    if "--loss-eager" in argv:
+        from thuglm.models import losses
+
+        losses._fused_on = lambda device, fn: fn
     if "--pad-to-longest" in argv:
         from thuglm.data import collator
 
         for_model = collator.GlmCollator.for_model.__func__
         collator.GlmCollator.for_model = classmethod(lambda cls, pad_id, config, pad_to_multiple_of=None:
                                                      for_model(cls, pad_id, config))
-    argv = [arg for arg in argv if arg not in ("--no-profile", "--pad-to-longest", "--loss-every-row")]
+    argv = [arg for arg in argv if arg not in ("--no-profile", "--pad-to-longest", "--loss-every-row", "--loss-eager")]
     override_trainer(recipe, GlmTrainer, ddp, trainer_fields)
     root = Path("/tmp/thuglm-profile")
     root.mkdir(parents=True, exist_ok=True)
