@@ -1,4 +1,5 @@
-"""`thuglm train` on a GPU keeps SDPA off cuDNN's attention kernel (host-bound for GLM's mask; see recipe)."""
+"""`thuglm train`'s attention: what `attn_implementation: auto` stands for, and SDPA kept off cuDNN's kernel on a GPU
+(host-bound for GLM's mask; see recipe)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import pytest
 import torch
 
 from thuglm.training import recipe
+from thuglm.training.config import TrainConfig
 
 
 @pytest.mark.parametrize(("attn_implementation", "on_gpu", "turned_off"),
@@ -26,4 +28,37 @@ def test_train_chooses_the_kernels_before_building_anything(tmp_path, monkeypatc
     monkeypatch.setattr(recipe, "choose_attention_kernels", chosen.append)
     config = write_config(tmp_path, **base_settings(tmp_path, max_steps=1, report_to=[]))
     recipe.train(recipe.load_config(str(config), []))
-    assert chosen == ["sdpa"]
+    assert chosen == ["sdpa"]  # auto, on a CPU
+
+
+@pytest.mark.parametrize(("overrides", "gpu", "expected"), [
+    ({"compile": True}, (9, 0), "flex_attention"),
+    ({"compile": True}, (8, 0), "flex_attention"),
+    ({"compile": True}, (7, 5), "sdpa"),  # before Ampere: not measured
+    ({"compile": True}, None, "sdpa"),  # a CPU: no flex_attention backward
+    ({"compile": False}, (9, 0), "sdpa"),  # uncompiled: flex_attention's kernel is generated only in a graph
+    ({"compile": True, "gradient_checkpointing": True}, (9, 0), "sdpa"),  # not measured to pay
+    ({"compile": True, "attn_implementation": "sdpa"}, (9, 0), "sdpa"),  # what the user chose is kept
+    ({"attn_implementation": "flex_attention"}, None, "flex_attention"),
+    ({"attn_implementation": "eager", "compile": True}, (9, 0), "eager"),
+])
+def test_auto_attention_is_flex_attention_only_for_compiled_layers_on_a_recent_gpu(monkeypatch, overrides, gpu,
+                                                                                     expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu is not None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: gpu)
+    assert recipe.resolve_attention(TrainConfig(**overrides)) == expected
+
+
+def test_train_loads_the_model_with_the_attention_auto_chose(tmp_path, monkeypatch):
+    from thuglm.training import methods
+
+    from .test_train_e2e import base_settings, write_config
+
+    loaded, load_base_model = [], methods.load_base_model
+    monkeypatch.setattr(recipe, "resolve_attention", lambda config: "eager")
+    monkeypatch.setattr(methods, "load_base_model", lambda model_dir, dtype, attn_implementation, **kwargs:
+                        loaded.append(attn_implementation) or load_base_model(model_dir, dtype, attn_implementation,
+                                                                               **kwargs))
+    config = write_config(tmp_path, **base_settings(tmp_path, max_steps=1, report_to=[]))
+    recipe.train(recipe.load_config(str(config), []))
+    assert loaded == ["eager"]

@@ -80,7 +80,8 @@ def train(config: TrainConfig) -> dict[str, Any] | None:
     quiet_replicas(state)
     processes = data_parallel_size(state)
     precision = resolve_precision(config.precision)
-    choose_attention_kernels(config.attn_implementation)
+    attn_implementation = resolve_attention(config)
+    choose_attention_kernels(attn_implementation)
     sharding = sharding_plugin()
     check_optimizer_placement(config, processes, precision, sharding)
     # QLoRA: the 4-/8-bit base's loading arguments; a missing bitsandbytes stops here (training/quantization.py)
@@ -120,7 +121,7 @@ def train(config: TrainConfig) -> dict[str, Any] | None:
     # Before the model: under `accelerate launch` with DeepSpeed ZeRO-3 this makes from_pretrained load into shards.
     args = None if probe_batch_size else training_arguments(config, precision, eval_dataset is not None, accumulation)
 
-    model = task.load_model(model_dir, weights_dtype(config.method, precision), config.attn_implementation,
+    model = task.load_model(model_dir, weights_dtype(config.method, precision), attn_implementation,
                             **load_kwargs)
     model = prepare_for_method(model, config)
     if config.precision == "fp8":  # the frozen base's matmuls in FP8 (training/fp8.py), before compile fuses them
@@ -269,6 +270,27 @@ def optimizer_cls_and_kwargs(config: TrainConfig) -> tuple[type[torch.optim.Opti
 
 def describe_optimizer(config: TrainConfig) -> str:
     return f"{config.optimizer}{' in the backward pass' if config.optimizer_in_backward else ''}"
+
+
+FLEX_ATTENTION_CAPABILITY = (8, 0)  # Ampere and later: where flex_attention's compiled kernels were measured
+
+
+def resolve_attention(config: TrainConfig) -> str:
+    """The attention implementation `attn_implementation: auto` stands for here (any other value is kept).
+
+    flex_attention where the layers are compiled (its kernel is generated inside the layer's graph) without gradient
+    checkpointing, on a GPU of compute capability 8.0+: for GLM's packed prefix-LM mask SDPA falls back to its
+    memory-efficient kernel, which computes every masked block, while flex_attention skips them (the b16 LoRA step
+    measured faster; benchmarks/README.md, issue #23). SDPA everywhere else: on a CPU torch has no flex_attention
+    backward, and uncompiled or with checkpointing flex_attention was not measured to pay.
+    """
+    if config.attn_implementation != "auto":
+        return config.attn_implementation
+    flex = (config.compile and not config.gradient_checkpointing and torch.cuda.is_available()
+            and torch.cuda.get_device_capability() >= FLEX_ATTENTION_CAPABILITY)
+    chosen = "flex_attention" if flex else "sdpa"
+    logger.info("attention: %s (attn_implementation auto)", chosen)
+    return chosen
 
 
 def choose_attention_kernels(attn_implementation: str) -> None:
