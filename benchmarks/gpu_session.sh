@@ -156,11 +156,8 @@ batch_size=16 max_steps=200 compile=true learning_rate=2e-4 warmup_ratio=0 lora.
         [lora-bf16-b16-compiled-flex]="batch_size=16 compile=true max_steps=30 attn_implementation=flex_attention"
         [lora-bf16-b16-compiled-cudnn]="batch_size=16 compile=true max_steps=30 --sdpa-with-cudnn"
         [lora-bf16-b24-compiled-flex]="batch_size=24 compile=true max_steps=30 attn_implementation=flex_attention"
-        # SFT rows (the bundled alpaca instructions packed, prompts not counted): logits for the counted tokens only,
-        # against every token's
+        # SFT rows (the bundled alpaca instructions packed, prompts not counted)
         [lora-bf16-b16-compiled-alpaca]="batch_size=16 compile=true max_steps=30 \
-data.files=$PWD/src/thuglm/resources/alpaca/instructions.json data.format=alpaca packing=true"
-        [lora-bf16-b16-compiled-alpaca-every-row]="batch_size=16 compile=true max_steps=30 --loss-every-row \
 data.files=$PWD/src/thuglm/resources/alpaca/instructions.json data.format=alpaca packing=true"
         # issue #23's FP8 speed: the b16 step with the frozen base's matmuls in FP8, with either attention kernel
         [lora-fp8-b16-compiled]="batch_size=16 compile=true max_steps=30 precision=fp8"

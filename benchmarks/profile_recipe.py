@@ -13,8 +13,6 @@ full fine-tuning as on a 24 GB card. Options for trying what the recipe does not
     --memory-snapshot FILE  record every CUDA allocation from before the model loads, write the snapshot (a pickle
                           for https://pytorch.org/memory_viz) and print what is alive at the peak (memory_peak.py)
     --loss-chunk-mib N    the loss's smallest chunk of fp32 logits (models/losses.py MIN_CHUNK_BYTES), to try sizes
-    --loss-every-row      the loss makes logits for every token, counted or not (as before models/losses.py's
-                          counted_tokens), to measure what leaving out an SFT prompt saves
     --loss-eager          the loss's chunk arithmetic as written (~10 kernels a chunk), not compiled on the GPU
     --pad-to-longest      pad each batch to its longest row, as thuglm train did before packed batches were padded to
                           max_seq_len (a compiled layer then recompiles, then compiles any length, as the longest changes)
@@ -148,10 +146,6 @@ def main() -> None:
         losses.MIN_CHUNK_BYTES = int(float(chunk_mib[-1]) * 2**20)
     if snapshots:  # before the model is loaded, so the replay sees every block alive at the peak
         torch.cuda.memory._record_memory_history(stacks="python", max_entries=3_000_000)
-    if "--loss-every-row" in argv:
-        from thuglm.models import losses
-
-        losses.MIN_SELECTED_ROWS = sys.maxsize
     if "--loss-eager" in argv:
         from thuglm.models import losses
 
@@ -162,7 +156,7 @@ def main() -> None:
         for_model = collator.GlmCollator.for_model.__func__
         collator.GlmCollator.for_model = classmethod(lambda cls, pad_id, config, pad_to_multiple_of=None:
                                                      for_model(cls, pad_id, config))
-    argv = [arg for arg in argv if arg not in ("--no-profile", "--pad-to-longest", "--loss-every-row", "--loss-eager")]
+    argv = [arg for arg in argv if arg not in ("--no-profile", "--pad-to-longest", "--loss-eager")]
     override_trainer(recipe, GlmTrainer, ddp, trainer_fields)
     root = Path("/tmp/thuglm-profile")
     root.mkdir(parents=True, exist_ok=True)

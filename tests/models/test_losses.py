@@ -86,65 +86,6 @@ def test_the_compiled_chunk_arithmetic_a_gpu_runs_gives_the_written_out_loss_and
         torch.testing.assert_close(linear_cross_entropy(h, w, labels, chunk_tokens=8), written.detach(), **tolerance)
 
 
-def rows_the_products_see(monkeypatch) -> list[int]:
-    """Spy: the number of hidden-state rows each call of the chunked loss multiplies into logits."""
-    from thuglm.models import losses
-
-    seen: list[int] = []
-    monkeypatch.setattr(losses, "MIN_SELECTED_ROWS", 1)  # the tests' batches are small
-    apply = losses._LinearCrossEntropy.apply
-    monkeypatch.setattr(losses._LinearCrossEntropy, "apply",
-                        lambda hidden, *args: seen.append(hidden.shape[0]) or apply(hidden, *args))
-    return seen
-
-
-@pytest.mark.parametrize("num_items_in_batch", [None, 20])
-def test_logits_are_made_only_for_the_tokens_a_loss_is_taken_on(monkeypatch, num_items_in_batch):
-    """A prompt and padding (IGNORE_INDEX) are not multiplied by the vocabulary; the loss and the gradients stay the
-    plain path's, zero for the hidden states of the tokens nothing was counted on."""
-    h, w, labels = make()
-    seen = rows_the_products_see(monkeypatch)
-    actual = linear_cross_entropy(h, w, labels, num_items_in_batch, chunk_tokens=4)
-    counted = int((labels[:, 1:] != IGNORE_INDEX).sum())  # each position predicts the next label
-    assert seen == [counted] and counted < h.shape[0] * h.shape[1]
-    expected = plain_loss(h, w, labels, num_items_in_batch)
-    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
-    (grad_h, grad_w), expected_grads = grads(actual, h, w), grads(expected, h, w)
-    for a, e in zip((grad_h, grad_w), expected_grads):
-        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
-    assert (grad_h[0, :3] == 0).all() and (grad_h[:, -1] == 0).all()  # they predict a prompt token, or nothing
-
-
-def test_a_batch_with_no_counted_token_has_zero_loss_and_zero_gradients(monkeypatch):
-    h, w, labels = make()
-    seen = rows_the_products_see(monkeypatch)
-    loss = linear_cross_entropy(h, w, torch.full_like(labels, IGNORE_INDEX), chunk_tokens=4)
-    assert seen == [0] and loss.item() == 0.0
-    assert all((grad == 0).all() for grad in grads(loss, h, w))
-
-
-def test_a_small_batch_keeps_its_rows_rather_than_wait_for_the_gpu(monkeypatch):
-    from thuglm.models import losses
-
-    h, w, labels = make()
-    seen = rows_the_products_see(monkeypatch)
-    monkeypatch.setattr(losses, "MIN_SELECTED_ROWS", h.shape[0] * h.shape[1] + 1)
-    loss = linear_cross_entropy(h, w, labels, chunk_tokens=4)
-    assert seen == [h.shape[0] * h.shape[1]]
-    torch.testing.assert_close(loss, plain_loss(h, w, labels), rtol=1e-5, atol=1e-5)
-
-
-def test_inside_traced_code_every_row_is_kept(monkeypatch):
-    """Under torch.compile the number of counted tokens would break the graph: the rows are kept as they are,
-    for the same loss."""
-    h, w, labels = make()
-    seen = rows_the_products_see(monkeypatch)
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    loss = linear_cross_entropy(h, w, labels, chunk_tokens=4)
-    assert seen == [h.shape[0] * h.shape[1]]
-    torch.testing.assert_close(loss, plain_loss(h, w, labels), rtol=1e-5, atol=1e-5)
-
-
 def test_default_chunk_bounds_the_fp32_logits():
     assert default_chunk_tokens(130528, 512) == 32  # batch 1: a sixteenth of the tokens, 16 MB
     assert default_chunk_tokens(130528, 16384) == 512  # large batches: 256 MB of fp32 logits

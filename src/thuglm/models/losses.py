@@ -27,8 +27,6 @@ IGNORE_INDEX = -100
 # batches take 512 tokens a chunk; a small vocabulary takes 16 MB chunks (thousands of tokens).
 CHUNK_BYTES = 256 * 2**20
 MIN_CHUNK_BYTES = 16 * 2**20
-# Batches of at least this many tokens make logits only for the tokens a loss is taken on (`counted_tokens`).
-MIN_SELECTED_ROWS = 2048
 
 
 def perplexity(loss: float) -> float:
@@ -118,26 +116,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None
 
 
-def counted_tokens(hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rows of `hidden` and `targets` a loss is taken on, when some are not (IGNORE_INDEX): no logits are made
-    for a prompt, a padded slot or `[gMASK]`. In SFT the prompt is often half the tokens, and without packing the
-    padding more; the loss's two products over a 130,528-word vocabulary scale with the rows kept. Autograd's
-    gradient of the selection puts zeros where nothing was counted.
-
-    Reading how many rows are counted makes the host wait for the GPU (the shapes depend on it). A step of
-    MIN_SELECTED_ROWS tokens or more is bound by the GPU: after the wait the host queues kernels faster than the GPU
-    runs them, and the products saved are milliseconds. A smaller step is bound by the host, where the wait would
-    cost about what it saves: it keeps its rows, as do code torch.compile traces (where the number would break the
-    graph) and a batch whose every row counts.
-    """
-    if hidden.shape[0] < MIN_SELECTED_ROWS or torch.compiler.is_compiling():
-        return hidden, targets
-    rows = (targets != IGNORE_INDEX).nonzero().squeeze(1)
-    if rows.numel() == targets.numel():
-        return hidden, targets
-    return hidden.index_select(0, rows), targets.index_select(0, rows)
-
-
 def linear_cross_entropy(
     hidden_states: torch.Tensor,
     weight: torch.Tensor,
@@ -154,7 +132,6 @@ def linear_cross_entropy(
     # Shift the labels, not the hidden states: the last position predicts nothing, and no copy is made.
     targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].reshape(-1).to(hidden_states.device)
     hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
-    hidden, targets = counted_tokens(hidden, targets)
     if num_items_in_batch is None:
         normalizer = (targets != IGNORE_INDEX).sum().clamp(min=1).float()
     else:
