@@ -131,6 +131,9 @@ speed)
     # `thuglm train` itself, each run its median step after the third (profile_recipe.py --no-profile).
     curve="data.files=$PWD/src/thuglm/resources/alpaca/instructions.json data.format=alpaca packing=true \
 batch_size=16 max_steps=200 compile=true learning_rate=2e-4 warmup_ratio=0 lora.dropout=0"
+    python3 benchmarks/make_sft_stream.py /tmp/sft_stream.json
+    sft_curve="data.files=/tmp/sft_stream.json data.format=alpaca packing=true batch_size=16 max_steps=200 \
+compile=true learning_rate=2e-4 warmup_ratio=0 lora.dropout=0"
     tutorial="lora.target_modules=[dense,dense_h_to_4h,dense_4h_to_h] lora.dropout=0.1"
     declare -A recipe=(
         [lora-bf16-b1-ckpt]="batch_size=1 gradient_checkpointing=true max_steps=40"
@@ -151,10 +154,12 @@ batch_size=16 max_steps=200 compile=true learning_rate=2e-4 warmup_ratio=0 lora.
         # the official side's adapters (the tutorial's three linears, dropout 0.1): the same work on both sides
         [lora-bf16-b16-compiled-tutorial]="batch_size=16 compile=true max_steps=30 $tutorial"
         [lora-bf16-b24-compiled-tutorial]="batch_size=24 compile=true max_steps=30 $tutorial"
-        # the attention kernel at large batches (SDPA's memory-efficient kernel is 14 % of the b16 step's GPU time):
-        # flex_attention (compiled, masked blocks skipped) and SDPA's cuDNN kernel
+        # the attention kernel at large batches: flex_attention (compiled, masked blocks skipped; what
+        # attn_implementation auto takes here since run speed-20261207T130800), SDPA's memory-efficient kernel (14 %
+        # of the b16 step's GPU time in the H100 profile) and its cuDNN kernel
         [lora-bf16-b16-compiled-flex]="batch_size=16 compile=true max_steps=30 attn_implementation=flex_attention"
-        [lora-bf16-b16-compiled-cudnn]="batch_size=16 compile=true max_steps=30 --sdpa-with-cudnn"
+        [lora-bf16-b16-compiled-sdpa]="batch_size=16 compile=true max_steps=30 attn_implementation=sdpa"
+        [lora-bf16-b16-compiled-cudnn]="batch_size=16 compile=true max_steps=30 attn_implementation=sdpa --sdpa-with-cudnn"
         [lora-bf16-b24-compiled-flex]="batch_size=24 compile=true max_steps=30 attn_implementation=flex_attention"
         # SFT rows (the bundled alpaca instructions packed, prompts not counted)
         [lora-bf16-b16-compiled-alpaca]="batch_size=16 compile=true max_steps=30 \
@@ -163,18 +168,25 @@ data.files=$PWD/src/thuglm/resources/alpaca/instructions.json data.format=alpaca
         [lora-fp8-b16-compiled]="batch_size=16 compile=true max_steps=30 precision=fp8"
         [lora-fp8-b16-compiled-flex]="batch_size=16 compile=true max_steps=30 precision=fp8 \
 attn_implementation=flex_attention"
+        [lora-fp8-b16-compiled-sdpa]="batch_size=16 compile=true max_steps=30 precision=fp8 attn_implementation=sdpa"
         # thuglm's default logging (a log, and its host-device sync, every 10 steps instead of every step)
         [lora-bf16-b16-compiled-log10]="batch_size=16 compile=true max_steps=40 logging_steps=10"
         [lora-bf16-b1-ckpt-log10]="batch_size=1 gradient_checkpointing=true max_steps=60 logging_steps=10"
         # issue #23's FP8 loss goal: 200 steps of one fixed SFT stream (the bundled instructions packed to 512 tokens,
         # a seeded order), bf16 against fp8; LoRA's dropout off in both, so that only the arithmetic differs
         # (needs .whl_fp8; each ~190 s on an H100)
-        [fp8-curve-bf16]="$curve precision=bf16"
-        [fp8-curve-fp8]="$curve precision=fp8"
+        [fp8-curve-bf16]="$curve precision=bf16 attn_implementation=sdpa"
+        [fp8-curve-fp8]="$curve precision=fp8 attn_implementation=sdpa"
         # the same stream in bf16 with another attention kernel (flex_attention: the same arithmetic, other rounding):
         # how far two bf16 curves drift apart on this memorising stream, the floor the FP8 comparison is read against
-        [fp8-curve-bf16-flex]="$curve precision=bf16 attn_implementation=flex_attention")
-    declare -A cap=([fp8-curve-bf16]=300 [fp8-curve-fp8]=300 [fp8-curve-bf16-flex]=300)
+        [fp8-curve-bf16-flex]="$curve precision=bf16 attn_implementation=flex_attention"
+        # the same comparison on a stream that is not memorised (make_sft_stream.py: 60,000 distinct rows learnt by
+        # rule, ~4,000 packed rows, none seen twice in 200 steps of 16), with its own bf16 floor (the other kernel)
+        [sft-curve-bf16]="$sft_curve precision=bf16"
+        [sft-curve-fp8]="$sft_curve precision=fp8"
+        [sft-curve-bf16-sdpa]="$sft_curve precision=bf16 attn_implementation=sdpa")
+    declare -A cap=([fp8-curve-bf16]=300 [fp8-curve-fp8]=300 [fp8-curve-bf16-flex]=300 [sft-curve-bf16]=300
+                    [sft-curve-fp8]=300 [sft-curve-bf16-sdpa]=300)
     for part in ${PARTS:-dpo lora-bf16-b1-ckpt official lora-bf16-b1-ckpt-compiled lora-bf16-b16-compiled lora-bf16-auto}; do
         limit=$(( ${DEADLINE_S:-570} - SECONDS ))
         if (( limit < 45 )); then echo "skipped (deadline): $part"; continue; fi
