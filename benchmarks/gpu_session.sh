@@ -129,11 +129,11 @@ speed)
     build_6b_folder
     echo "6B folder ready at ${SECONDS} s"
     # `thuglm train` itself, each run its median step after the third (profile_recipe.py --no-profile).
-    curve="data.files=$PWD/src/thuglm/resources/alpaca/instructions.json data.format=alpaca packing=true \
-batch_size=16 max_steps=200 compile=true learning_rate=2e-4 warmup_ratio=0 lora.dropout=0"
+    curve_run="data.format=alpaca packing=true batch_size=16 max_steps=200 compile=true learning_rate=2e-4 \
+warmup_ratio=0 lora.dropout=0"
+    curve="data.files=$PWD/src/thuglm/resources/alpaca/instructions.json $curve_run"
     python3 benchmarks/make_sft_stream.py /tmp/sft_stream.json
-    sft_curve="data.files=/tmp/sft_stream.json data.format=alpaca packing=true batch_size=16 max_steps=200 \
-compile=true learning_rate=2e-4 warmup_ratio=0 lora.dropout=0"
+    sft_curve="data.files=/tmp/sft_stream.json $curve_run"
     tutorial="lora.target_modules=[dense,dense_h_to_4h,dense_4h_to_h] lora.dropout=0.1"
     declare -A recipe=(
         [lora-bf16-b1-ckpt]="batch_size=1 gradient_checkpointing=true max_steps=40"
