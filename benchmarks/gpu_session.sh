@@ -161,6 +161,20 @@ warmup_ratio=0 lora.dropout=0"
         [lora-bf16-b16-compiled-sdpa]="batch_size=16 compile=true max_steps=30 attn_implementation=sdpa"
         [lora-bf16-b16-compiled-cudnn]="batch_size=16 compile=true max_steps=30 attn_implementation=sdpa --sdpa-with-cudnn"
         [lora-bf16-b24-compiled-flex]="batch_size=24 compile=true max_steps=30 attn_implementation=flex_attention"
+        # Inductor's own tuning of the compiled layers: Triton matmul templates tried beside cuBLAS (with the bias,
+        # GELU and LoRA's sum fused into their epilogues), and the fused pointwise kernels' launch settings searched
+        [lora-bf16-b16-compiled-autotune]="batch_size=16 compile=true max_steps=30 --inductor max_autotune_gemm=true"
+        [lora-bf16-b16-compiled-coordesc]="batch_size=16 compile=true max_steps=30 \
+--inductor coordinate_descent_tuning=true"
+        # unpacked SFT rows (alpaca's default: each batch padded to its longest row, a new length each batch), as auto
+        # chooses (SDPA since run speed-20261207T150313) and with each kernel named
+        [lora-bf16-b16-compiled-alpaca-unpacked]="batch_size=16 compile=true max_steps=40 \
+data.files=$PWD/src/thuglm/resources/alpaca/instructions.json data.format=alpaca packing=false"
+        [lora-bf16-b16-compiled-alpaca-unpacked-sdpa]="batch_size=16 compile=true max_steps=40 \
+data.files=$PWD/src/thuglm/resources/alpaca/instructions.json data.format=alpaca packing=false attn_implementation=sdpa"
+        [lora-bf16-b16-compiled-alpaca-unpacked-flex]="batch_size=16 compile=true max_steps=40 \
+data.files=$PWD/src/thuglm/resources/alpaca/instructions.json data.format=alpaca packing=false \
+attn_implementation=flex_attention"
         # SFT rows (the bundled alpaca instructions packed, prompts not counted)
         [lora-bf16-b16-compiled-alpaca]="batch_size=16 compile=true max_steps=30 \
 data.files=$PWD/src/thuglm/resources/alpaca/instructions.json data.format=alpaca packing=true"
@@ -186,7 +200,7 @@ attn_implementation=flex_attention"
         [sft-curve-fp8]="$sft_curve precision=fp8"
         [sft-curve-bf16-sdpa]="$sft_curve precision=bf16 attn_implementation=sdpa")
     declare -A cap=([fp8-curve-bf16]=300 [fp8-curve-fp8]=300 [fp8-curve-bf16-flex]=300 [sft-curve-bf16]=300
-                    [sft-curve-fp8]=300 [sft-curve-bf16-sdpa]=300)
+                    [sft-curve-fp8]=300 [sft-curve-bf16-sdpa]=300 [lora-bf16-b16-compiled-autotune]=320)
     for part in ${PARTS:-dpo lora-bf16-b1-ckpt official lora-bf16-b1-ckpt-compiled lora-bf16-b16-compiled lora-bf16-auto}; do
         limit=$(( ${DEADLINE_S:-570} - SECONDS ))
         if (( limit < 45 )); then echo "skipped (deadline): $part"; continue; fi

@@ -14,6 +14,8 @@ full fine-tuning as on a 24 GB card. Options for trying what the recipe does not
                           for https://pytorch.org/memory_viz) and print what is alive at the peak (memory_peak.py)
     --loss-chunk-mib N    the loss's smallest chunk of fp32 logits (models/losses.py MIN_CHUNK_BYTES), to try sizes
     --loss-eager          the loss's chunk arithmetic as written (~10 kernels a chunk), not compiled on the GPU
+    --inductor KEY=VALUE  a torch._inductor.config setting for the compiled layers (max_autotune_gemm=true: Triton
+                          matmul templates beside cuBLAS, with fused epilogues; coordinate_descent_tuning=true, ...)
     --pad-to-longest      pad each batch to its longest row, as thuglm train did before packed batches were padded to
                           max_seq_len (a compiled layer then recompiles, then compiles any length, as the longest changes)
     --record FILE         append the run as a row (`impl: thuglm-train`, `mode` from --mode, the median step's tokens/s,
@@ -136,6 +138,12 @@ def main() -> None:
 
     argv = sys.argv[1:]
     ddp, trainer_fields = parsed(option_values(argv, "--ddp")), parsed(option_values(argv, "--trainer"))
+    for key, value in parsed(option_values(argv, "--inductor")).items():
+        import torch._inductor.config as inductor_config
+
+        if not hasattr(inductor_config, key):
+            raise SystemExit(f"--inductor {key}: torch._inductor.config has no such setting")
+        setattr(inductor_config, key, value)
     traces = option_values(argv, "--trace")
     record = {name: (option_values(argv, f"--{name}") or [None])[-1] for name in ("record", "run-id", "commit", "mode")}
     no_profile = "--no-profile" in argv
