@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from thuglm.training import recipe
-from thuglm.training.config import TrainConfig
+from thuglm.training.config import DataConfig, TrainConfig
 
 
 @pytest.mark.parametrize(("attn_implementation", "on_gpu", "turned_off"),
@@ -38,11 +38,14 @@ def test_train_chooses_the_kernels_before_building_anything(tmp_path, monkeypatc
     ({"compile": True}, None, "sdpa"),  # a CPU: no flex_attention backward
     ({"compile": False}, (9, 0), "sdpa"),  # uncompiled: flex_attention's kernel is generated only in a graph
     ({"compile": True, "gradient_checkpointing": True}, (9, 0), "sdpa"),  # not measured to pay
+    ({"compile": True, "packing": False}, (9, 0), "sdpa"),  # a new row length each batch: measured slower
+    ({"compile": True, "data": DataConfig(format="alpaca")}, (9, 0), "sdpa"),  # alpaca is unpacked by default
+    ({"compile": True, "data": DataConfig(format="alpaca"), "packing": True}, (9, 0), "flex_attention"),
     ({"compile": True, "attn_implementation": "sdpa"}, (9, 0), "sdpa"),  # what the user chose is kept
     ({"attn_implementation": "flex_attention"}, None, "flex_attention"),
     ({"attn_implementation": "eager", "compile": True}, (9, 0), "eager"),
 ])
-def test_auto_attention_is_flex_attention_only_for_compiled_layers_on_a_recent_gpu(monkeypatch, overrides, gpu,
+def test_auto_attention_is_flex_attention_only_for_packed_rows_through_compiled_layers_on_a_recent_gpu(monkeypatch, overrides, gpu,
                                                                                      expected):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu is not None)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: gpu)

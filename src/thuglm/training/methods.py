@@ -101,7 +101,7 @@ def prepare_for_method(model: torch.nn.Module, config: TrainConfig) -> torch.nn.
 COMPILE_BACKEND = "inductor"
 
 
-def compile_blocks(model: torch.nn.Module, gradient_checkpointing: bool) -> int:
+def compile_blocks(model: torch.nn.Module, gradient_checkpointing: bool, fixed_length: bool = True) -> int:
     """torch.compile every ChatGLMBlock in place (`Module.compile`); returns how many.
 
     In place rather than `torch.compile(model)`: the state dict keeps its names (no `_orig_mod.`), peft and the
@@ -111,11 +111,17 @@ def compile_blocks(model: torch.nn.Module, gradient_checkpointing: bool) -> int:
     transformers 5.2x checkpoints a layer inside its `forward`, a compiled layer would hold the checkpoint in its
     graph, and its recomputation then draws other dropout masks than the forward did (seen as diverging losses with
     LoRA dropout). Compiled parts keep the checkpoint outside, where it replays the random state as in eager mode.
+
+    `fixed_length`: every batch has the same row length (packed rows, padded to max_seq_len), so the graph is made
+    for that shape. Otherwise (each batch padded to its longest row) it is made for any length from the start:
+    made for the first batch's shape, dynamo would compile again at the second length, then again for each variant
+    (the first layer's input needs no gradient, the others' do; a shorter last batch; evaluation), and past its
+    recompile limit (8) it runs the layer uncompiled for good.
     """
     blocks = [module for module in model.modules() if isinstance(module, ChatGLMBlock)]
     for block in blocks:
         for part in (block.attention, block.mlp) if gradient_checkpointing else (block,):
-            part.compile(backend=COMPILE_BACKEND)
+            part.compile(backend=COMPILE_BACKEND, dynamic=None if fixed_length else True)
     return len(blocks)
 
 

@@ -32,7 +32,14 @@ from .checkpoints import (
     staging_root,
     start_afresh,
 )
-from .config import ConfigError, TrainConfig, check_max_seq_len, check_optimizer_placement, load_config
+from .config import (
+    ConfigError,
+    TrainConfig,
+    check_max_seq_len,
+    check_optimizer_placement,
+    default_packing,
+    load_config,
+)
 from .distributed import (
     data_parallel_size,
     fsdp_checkpoints_layers,
@@ -134,7 +141,8 @@ def train(config: TrainConfig) -> dict[str, Any] | None:
     # model keeps its setting.
     use_cache, model.config.use_cache = model.config.use_cache, False
     if config.compile:
-        compiled = compile_blocks(model, gradient_checkpointing=config.gradient_checkpointing)
+        compiled = compile_blocks(model, gradient_checkpointing=config.gradient_checkpointing,
+                                  fixed_length=config.packing)
         logger.info("compile: %d layers compiled on first use (the first steps take longer)", compiled)
     if probe_batch_size:  # on the device this process trains on
         config.batch_size = find_batch_size(
@@ -278,15 +286,18 @@ FLEX_ATTENTION_CAPABILITY = (8, 0)  # Ampere and later: where flex_attention's c
 def resolve_attention(config: TrainConfig) -> str:
     """The attention implementation `attn_implementation: auto` stands for here (any other value is kept).
 
-    flex_attention where the layers are compiled (its kernel is generated inside the layer's graph) without gradient
-    checkpointing, on a GPU of compute capability 8.0+: for GLM's packed prefix-LM mask SDPA falls back to its
-    memory-efficient kernel, which computes every masked block, while flex_attention skips them (the b16 LoRA step
-    measured faster; benchmarks/README.md, issue #23). SDPA everywhere else: on a CPU torch has no flex_attention
-    backward, and uncompiled or with checkpointing flex_attention was not measured to pay.
+    flex_attention where packed rows go through layers compiled (its kernel is generated inside the layer's graph)
+    without gradient checkpointing, on a GPU of compute capability 8.0+: for GLM's packed prefix-LM mask SDPA falls
+    back to its memory-efficient kernel, which computes every masked block, while flex_attention skips them (the b16
+    LoRA step measured faster; benchmarks/README.md, issue #23). SDPA everywhere else: on a CPU torch has no
+    flex_attention backward; uncompiled or with checkpointing flex_attention was not measured to pay; and unpacked
+    rows, a new length each batch, measured slower with it (a block mask built each batch for short rows, and more
+    recompilations of the layers).
     """
     if config.attn_implementation != "auto":
         return config.attn_implementation
-    flex = (config.compile and not config.gradient_checkpointing and torch.cuda.is_available()
+    packed = config.packing if config.packing is not None else default_packing(config)
+    flex = (packed and config.compile and not config.gradient_checkpointing and torch.cuda.is_available()
             and torch.cuda.get_device_capability() >= FLEX_ATTENTION_CAPABILITY)
     chosen = "flex_attention" if flex else "sdpa"
     logger.info("attention: %s (attn_implementation auto)", chosen)
