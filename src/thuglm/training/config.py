@@ -277,9 +277,10 @@ class TrainConfig:
     GPU of compute capability 8.9+): a bf16 run whose frozen base weights multiply in FP8 (training/fp8.py)."""
     gradient_checkpointing: bool = False
     attn_implementation: Literal["auto", "sdpa", "eager", "flex_attention"] = "auto"
-    """`auto`: `flex_attention` (GLM's mask as a BlockMask: masked blocks are skipped, not computed) where layers are
-    compiled without gradient_checkpointing on a GPU of compute capability 8.0+, where it measured faster than SDPA;
-    `sdpa` elsewhere (benchmarks/README.md, issue #23). torch has no flex_attention backward on a CPU."""
+    """`auto`: `flex_attention` (GLM's mask as a BlockMask: masked blocks are skipped, not computed) where packed rows
+    go through layers compiled without gradient_checkpointing on a GPU of compute capability 8.0+, where it measured
+    faster than SDPA; `sdpa` elsewhere, unpacked rows included (benchmarks/README.md, issue #23). torch has no
+    flex_attention backward on a CPU."""
     compile: bool = False
     """torch.compile each transformer layer (one graph all layers share; with gradient_checkpointing, each layer's
     attention and MLP, so the checkpoint stays outside the compiled code): fewer, fused kernels and far less host

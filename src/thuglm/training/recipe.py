@@ -291,8 +291,8 @@ def resolve_attention(config: TrainConfig) -> str:
     back to its memory-efficient kernel, which computes every masked block, while flex_attention skips them (the b16
     LoRA step measured faster; benchmarks/README.md, issue #23). SDPA everywhere else: on a CPU torch has no
     flex_attention backward; uncompiled or with checkpointing flex_attention was not measured to pay; and unpacked
-    rows, a new length each batch, measured slower with it (a block mask built each batch for short rows, and more
-    recompilations of the layers).
+    rows, a new length each batch, measured slower with it (short rows leave few masked blocks to skip) and made the
+    layers recompile more often (the block mask's shape changes with the length too).
     """
     if config.attn_implementation != "auto":
         return config.attn_implementation
