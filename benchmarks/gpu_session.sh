@@ -183,9 +183,15 @@ data.files=$PWD/src/thuglm/resources/alpaca/instructions.json data.format=alpaca
         [lora-fp8-b16-compiled-flex]="batch_size=16 compile=true max_steps=30 precision=fp8 \
 attn_implementation=flex_attention"
         [lora-fp8-b16-compiled-sdpa]="batch_size=16 compile=true max_steps=30 precision=fp8 attn_implementation=sdpa"
-        # thuglm's default logging (a log, and its host-device sync, every 10 steps instead of every step)
-        [lora-bf16-b16-compiled-log10]="batch_size=16 compile=true max_steps=40 logging_steps=10"
+        # thuglm's default logging (a log, and its host-device syncs, every 10 steps instead of every step: what users
+        # run; the other parts log every step), and without the one sync a step left then (on_nan's check)
+        [lora-bf16-b16-compiled-log10]="batch_size=16 compile=true max_steps=50 logging_steps=10"
+        [lora-bf16-b16-compiled-log10-nocheck]="batch_size=16 compile=true max_steps=50 logging_steps=10 \
+--nan-check-off"
+        [lora-fp8-b16-compiled-log10]="batch_size=16 compile=true max_steps=50 logging_steps=10 precision=fp8"
         [lora-bf16-b1-ckpt-log10]="batch_size=1 gradient_checkpointing=true max_steps=60 logging_steps=10"
+        [lora-bf16-b1-ckpt-log10-nocheck]="batch_size=1 gradient_checkpointing=true max_steps=60 logging_steps=10 \
+--nan-check-off"
         # issue #23's FP8 loss goal: 200 steps of one fixed SFT stream (the bundled instructions packed to 512 tokens,
         # a seeded order), bf16 against fp8; LoRA's dropout off in both, so that only the arithmetic differs
         # (needs .whl_fp8; each ~190 s on an H100)

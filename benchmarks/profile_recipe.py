@@ -16,6 +16,8 @@ full fine-tuning as on a 24 GB card. Options for trying what the recipe does not
     --loss-eager          the loss's chunk arithmetic as written (~10 kernels a chunk), not compiled on the GPU
     --inductor KEY=VALUE  a torch._inductor.config setting for the compiled layers (max_autotune_gemm=true: Triton
                           matmul templates beside cuBLAS, with fused epilogues; coordinate_descent_tuning=true, ...)
+    --nan-check-off       no NaN / inf check before each optimizer step (on_nan's guard and the host-device
+                          synchronisation it costs a step): what a check that does not wait for the GPU could gain
     --pad-to-longest      pad each batch to its longest row, as thuglm train did before packed batches were padded to
                           max_seq_len (a compiled layer then recompiles, then compiles any length, as the longest changes)
     --record FILE         append the run as a row (`impl: thuglm-train`, `mode` from --mode, the median step's tokens/s,
@@ -164,7 +166,12 @@ def main() -> None:
         for_model = collator.GlmCollator.for_model.__func__
         collator.GlmCollator.for_model = classmethod(lambda cls, pad_id, config, pad_to_multiple_of=None:
                                                      for_model(cls, pad_id, config))
-    argv = [arg for arg in argv if arg not in ("--no-profile", "--pad-to-longest", "--loss-eager")]
+    if "--nan-check-off" in argv:
+        from thuglm.training.parts.nonfinite_guard import NonFiniteGuard
+
+        NonFiniteGuard._get_grad_norm = lambda self, model, grad_norm=None: super(
+            NonFiniteGuard, self)._get_grad_norm(model, grad_norm=grad_norm)
+    argv = [arg for arg in argv if arg not in ("--no-profile", "--pad-to-longest", "--loss-eager", "--nan-check-off")]
     override_trainer(recipe, GlmTrainer, ddp, trainer_fields)
     root = Path("/tmp/thuglm-profile")
     root.mkdir(parents=True, exist_ok=True)
