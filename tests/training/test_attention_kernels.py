@@ -45,8 +45,8 @@ def test_train_chooses_the_kernels_before_building_anything(tmp_path, monkeypatc
     ({"attn_implementation": "flex_attention"}, None, "flex_attention"),
     ({"attn_implementation": "eager", "compile": True}, (9, 0), "eager"),
 ])
-def test_auto_attention_is_flex_attention_only_for_packed_rows_through_compiled_layers_on_a_recent_gpu(monkeypatch, overrides, gpu,
-                                                                                     expected):
+def test_auto_attention_is_flex_attention_only_for_packed_rows_in_compiled_layers_on_a_recent_gpu(
+        monkeypatch, overrides, gpu, expected):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu is not None)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: gpu)
     assert recipe.resolve_attention(TrainConfig(**overrides)) == expected
