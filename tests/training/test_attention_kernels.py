@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from thuglm.training import recipe
-from thuglm.training.config import DataConfig, TrainConfig
+from thuglm.training.config import DataConfig, TrainConfig, resolve_defaults
 
 
 @pytest.mark.parametrize(("attn_implementation", "on_gpu", "turned_off"),
@@ -49,7 +49,9 @@ def test_auto_attention_is_flex_attention_only_for_packed_rows_in_compiled_layer
         monkeypatch, overrides, gpu, expected):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu is not None)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: gpu)
-    assert recipe.resolve_attention(TrainConfig(**overrides)) == expected
+    config = TrainConfig(**overrides)
+    resolve_defaults(config)  # as load_config does: packing's default follows the data's format
+    assert recipe.resolve_attention(config) == expected
 
 
 def test_train_loads_the_model_with_the_attention_auto_chose(tmp_path, monkeypatch):

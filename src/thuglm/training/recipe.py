@@ -32,14 +32,7 @@ from .checkpoints import (
     staging_root,
     start_afresh,
 )
-from .config import (
-    ConfigError,
-    TrainConfig,
-    check_max_seq_len,
-    check_optimizer_placement,
-    default_packing,
-    load_config,
-)
+from .config import ConfigError, TrainConfig, check_max_seq_len, check_optimizer_placement, load_config
 from .distributed import (
     data_parallel_size,
     fsdp_checkpoints_layers,
@@ -296,8 +289,7 @@ def resolve_attention(config: TrainConfig) -> str:
     """
     if config.attn_implementation != "auto":
         return config.attn_implementation
-    packed = config.packing if config.packing is not None else default_packing(config)
-    flex = (packed and config.compile and not config.gradient_checkpointing and torch.cuda.is_available()
+    flex = (config.packing and config.compile and not config.gradient_checkpointing and torch.cuda.is_available()
             and torch.cuda.get_device_capability() >= FLEX_ATTENTION_CAPABILITY)
     chosen = "flex_attention" if flex else "sdpa"
     logger.info("attention: %s (attn_implementation auto)", chosen)
