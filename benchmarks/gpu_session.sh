@@ -131,7 +131,9 @@ speed)
     # `thuglm train` itself, each run its median step after the third (profile_recipe.py --no-profile).
     curve_run="data.format=alpaca packing=true batch_size=16 max_steps=200 compile=true learning_rate=2e-4 \
 warmup_ratio=0 lora.dropout=0"
-    curve="data.files=$PWD/src/thuglm/resources/alpaca/instructions.json $curve_run"
+    alpaca_file=$PWD/src/thuglm/resources/alpaca/instructions.json  # the bundled SFT rows
+    alpaca="data.files=$alpaca_file data.format=alpaca"
+    curve="data.files=$alpaca_file $curve_run"
     python3 benchmarks/make_sft_stream.py /tmp/sft_stream.json
     sft_curve="data.files=/tmp/sft_stream.json $curve_run"
     tutorial="lora.target_modules=[dense,dense_h_to_4h,dense_4h_to_h] lora.dropout=0.1"
@@ -168,16 +170,13 @@ warmup_ratio=0 lora.dropout=0"
 --inductor coordinate_descent_tuning=true"
         # unpacked SFT rows (alpaca's default: each batch padded to its longest row, a new length each batch), as auto
         # chooses (SDPA since run speed-20261207T150313) and with each kernel named
-        [lora-bf16-b16-compiled-alpaca-unpacked]="batch_size=16 compile=true max_steps=40 \
-data.files=$PWD/src/thuglm/resources/alpaca/instructions.json data.format=alpaca packing=false"
-        [lora-bf16-b16-compiled-alpaca-unpacked-sdpa]="batch_size=16 compile=true max_steps=40 \
-data.files=$PWD/src/thuglm/resources/alpaca/instructions.json data.format=alpaca packing=false attn_implementation=sdpa"
-        [lora-bf16-b16-compiled-alpaca-unpacked-flex]="batch_size=16 compile=true max_steps=40 \
-data.files=$PWD/src/thuglm/resources/alpaca/instructions.json data.format=alpaca packing=false \
+        [lora-bf16-b16-compiled-alpaca-unpacked]="batch_size=16 compile=true max_steps=40 $alpaca packing=false"
+        [lora-bf16-b16-compiled-alpaca-unpacked-sdpa]="batch_size=16 compile=true max_steps=40 $alpaca packing=false \
+attn_implementation=sdpa"
+        [lora-bf16-b16-compiled-alpaca-unpacked-flex]="batch_size=16 compile=true max_steps=40 $alpaca packing=false \
 attn_implementation=flex_attention"
         # SFT rows (the bundled alpaca instructions packed, prompts not counted)
-        [lora-bf16-b16-compiled-alpaca]="batch_size=16 compile=true max_steps=30 \
-data.files=$PWD/src/thuglm/resources/alpaca/instructions.json data.format=alpaca packing=true"
+        [lora-bf16-b16-compiled-alpaca]="batch_size=16 compile=true max_steps=30 $alpaca packing=true"
         # issue #23's FP8 speed: the b16 step with the frozen base's matmuls in FP8, with either attention kernel
         [lora-fp8-b16-compiled]="batch_size=16 compile=true max_steps=30 precision=fp8"
         [lora-fp8-b16-compiled-flex]="batch_size=16 compile=true max_steps=30 precision=fp8 \

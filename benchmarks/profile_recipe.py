@@ -140,9 +140,9 @@ def main() -> None:
 
     argv = sys.argv[1:]
     ddp, trainer_fields = parsed(option_values(argv, "--ddp")), parsed(option_values(argv, "--trainer"))
-    for key, value in parsed(option_values(argv, "--inductor")).items():
-        import torch._inductor.config as inductor_config
+    import torch._inductor.config as inductor_config
 
+    for key, value in parsed(option_values(argv, "--inductor")).items():
         if not hasattr(inductor_config, key):
             raise SystemExit(f"--inductor {key}: torch._inductor.config has no such setting")
         setattr(inductor_config, key, value)
