@@ -191,6 +191,12 @@ attn_implementation=flex_attention"
         [lora-bf16-b1-ckpt-log10]="batch_size=1 gradient_checkpointing=true max_steps=60 logging_steps=10"
         [lora-bf16-b1-ckpt-log10-nocheck]="batch_size=1 gradient_checkpointing=true max_steps=60 logging_steps=10 \
 --nan-check-off"
+        # LoRA's dropout as peft draws it (a dropped copy of each adapted input, kept for the backward) instead of
+        # inside the adapters' products (lora.fused_dropout, the default)
+        [lora-bf16-b16-compiled-log10-unfused]="batch_size=16 compile=true max_steps=50 logging_steps=10 \
+lora.fused_dropout=false"
+        [lora-bf16-b1-ckpt-log10-unfused]="batch_size=1 gradient_checkpointing=true max_steps=60 logging_steps=10 \
+lora.fused_dropout=false"
         # issue #23's FP8 loss goal: 200 steps of one fixed SFT stream (the bundled instructions packed to 512 tokens,
         # a seeded order), bf16 against fp8; LoRA's dropout off in both, so that only the arithmetic differs
         # (needs .whl_fp8; each ~190 s on an H100)
@@ -231,6 +237,10 @@ attn_implementation=flex_attention"
             timeout $(capped 200) python3 benchmarks/profile_recipe.py precision=bf16 \
                 batch_size=16 compile=true > "$OUT/profile-b16-compiled.log" 2>&1
             grep -A40 "^profile of" "$OUT/profile-b16-compiled.log" | cut -c1-200
+            ;;
+        lora-dropout-check)  # the fused dropout's kernels against the mask applied by hand, and each adapter's time
+            timeout $(capped 150) python3 benchmarks/check_lora_dropout.py > "$OUT/lora-dropout-check.log" 2>&1
+            grep -E "^check|^adapter|^lora|Error" "$OUT/lora-dropout-check.log" | cut -c1-300
             ;;
         official)  # the official code's b1-with-checkpointing and b8 rows
             if [ ! -d .official ] || [ ! -d .whl_bench/official ]; then echo "skipped: no .official"; continue; fi

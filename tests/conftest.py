@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
-import pytest
+import os
+
 import torch
+
+# Without a GPU, Triton kernels (LoRA's fused dropout) run in Triton's CPU interpreter. Triton reads this when a kernel
+# is defined, its own library's included, so it is set before anything imports triton (thuglm does, through
+# transformers).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
 
 import thuglm  # noqa: F401  (registers the Auto classes)
 from thuglm.models import ChatGLMForConditionalGeneration, ChatGLMTokenizer

@@ -159,6 +159,9 @@ class LoraSettings:
     alpha: int = 16
     dropout: float = 0.05
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+    fused_dropout: bool = True
+    """On a CUDA GPU, draw the dropout inside each adapter's first product instead of writing a dropped copy of its
+    input (training/lora_dropout.py); false keeps peft's dropout module."""
 
 
 @dataclass
@@ -523,6 +526,8 @@ def check_config(config: TrainConfig) -> None:
                           "trained too: use `method: lora` (it trains the head with the adapter) or full/freeze")
     if config.method == "lora" and not config.lora.target_modules:
         raise ConfigError("config key `lora.target_modules` is empty: name the linear layers LoRA adapts")
+    if not 0 <= config.lora.dropout < 1:
+        raise ConfigError(f"config key `lora.dropout` must be at least 0 and below 1; got {config.lora.dropout}")
     if config.quantization.bits is not None and config.method not in ("lora", "ptuning"):
         raise ConfigError(f"`quantization.bits: {config.quantization.bits}` freezes the base in {config.quantization.bits}"
                           f" bits, which `method: {config.method}` would have to train: use `method: lora` (QLoRA) or "

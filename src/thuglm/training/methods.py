@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from pathlib import Path
 
@@ -17,7 +18,6 @@ from .tasks import get_task
 logger = logging.getLogger("thuglm.train")
 
 
-
 def resolve_precision(precision: str) -> str:
     """`auto` becomes bf16 on a GPU that has it, fp16 (mixed, with loss scaling) on an older GPU and fp32 on CPU."""
     if precision == "fp8":  # a bf16 run whose frozen base weights multiply in FP8, or one line saying why not here
@@ -29,6 +29,11 @@ def resolve_precision(precision: str) -> str:
             logger.warning("precision %s on CPU is slow and only partly supported by torch; fp32 is the CPU default", precision)
         return precision
     return auto_precision(without_bf16="fp16")
+
+
+def fused_dropout_available() -> bool:
+    """LoRA's fused dropout needs a CUDA GPU and Triton (which CUDA builds of torch bring)."""
+    return torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
 
 
 def resolve_model_dir(model: str) -> Path:
@@ -79,6 +84,10 @@ def prepare_for_method(model: torch.nn.Module, config: TrainConfig) -> torch.nn.
         )
         # peft keeps the adapter weights in fp32 under a bf16/fp16 base (autocast_adapter_dtype).
         model = get_peft_model(model, peft_config)
+        if lora.dropout > 0 and lora.fused_dropout and fused_dropout_available():
+            from .lora_dropout import fuse_lora_dropout
+
+            logger.info("LoRA dropout drawn inside %d adapters' products (lora.fused_dropout)", fuse_lora_dropout(model))
     elif config.method == "ptuning":
         model = prepare_ptuning(model, config)
     elif config.method == "freeze":
