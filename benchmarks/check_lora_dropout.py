@@ -5,7 +5,7 @@ fused, and of each fused kernel, at ChatGLM-6B's input widths.
     python3 benchmarks/check_lora_dropout.py [--tokens 8192]
 
 Prints one line per check and per shape; exits 1 when a result is off. The speed that counts is `thuglm train`'s
-(gpu_session.sh speed, parts `-log10` against `-log10-unfused`): this says where a difference comes from.
+(gpu_session.sh speed, parts `-log10-fused` against `-log10`): this says where a difference comes from.
 """
 
 from __future__ import annotations

@@ -191,12 +191,13 @@ attn_implementation=flex_attention"
         [lora-bf16-b1-ckpt-log10]="batch_size=1 gradient_checkpointing=true max_steps=60 logging_steps=10"
         [lora-bf16-b1-ckpt-log10-nocheck]="batch_size=1 gradient_checkpointing=true max_steps=60 logging_steps=10 \
 --nan-check-off"
-        # LoRA's dropout as peft draws it (a dropped copy of each adapted input, kept for the backward) instead of
-        # inside the adapters' products (lora.fused_dropout, the default)
-        [lora-bf16-b16-compiled-log10-unfused]="batch_size=16 compile=true max_steps=50 logging_steps=10 \
-lora.fused_dropout=false"
-        [lora-bf16-b1-ckpt-log10-unfused]="batch_size=1 gradient_checkpointing=true max_steps=60 logging_steps=10 \
-lora.fused_dropout=false"
+        # LoRA's dropout drawn inside the adapters' products (lora.fused_dropout) instead of as peft draws it (a dropped
+        # copy of each adapted input, kept for the backward); run speed-20261207T172652 ran the fused one as the
+        # default under the names above and peft's as `-unfused`
+        [lora-bf16-b16-compiled-log10-fused]="batch_size=16 compile=true max_steps=50 logging_steps=10 \
+lora.fused_dropout=true"
+        [lora-bf16-b1-ckpt-log10-fused]="batch_size=1 gradient_checkpointing=true max_steps=60 logging_steps=10 \
+lora.fused_dropout=true"
         # issue #23's FP8 loss goal: 200 steps of one fixed SFT stream (the bundled instructions packed to 512 tokens,
         # a seeded order), bf16 against fp8; LoRA's dropout off in both, so that only the arithmetic differs
         # (needs .whl_fp8; each ~190 s on an H100)

@@ -106,7 +106,8 @@ def test_evaluation_drops_nothing_and_fp32_inputs_take_torchs_dropout():
 
 
 def lora_model(tmp_path, **lora):
-    settings = base_settings(tmp_path, method="lora", report_to=[], lora={"dropout": 0.1, **lora})
+    settings = base_settings(tmp_path, method="lora", report_to=[],
+                             lora={"dropout": 0.1, "fused_dropout": True, **lora})
     config = recipe.load_config(str(write_config(tmp_path, **settings)), [])
     model = methods.load_base_model(OFFICIAL_TINY, torch.float32, "sdpa")
     return methods.prepare_for_method(model, config)
@@ -156,7 +157,8 @@ def test_thuglm_train_fuses_the_dropout_and_saves_a_plain_lora_adapter(tmp_path,
 
     monkeypatch.setattr(methods, "fused_dropout_available", lambda: True)
     caplog.set_level(logging.INFO, logger="thuglm.train")
-    settings = base_settings(tmp_path, method="lora", report_to=[], save_steps=0, lora={"dropout": 0.1})
+    settings = base_settings(tmp_path, method="lora", report_to=[], save_steps=0,
+                             lora={"dropout": 0.1, "fused_dropout": True})
     assert main(["train", str(write_config(tmp_path, **settings))]) == 0
     assert "LoRA dropout drawn inside 8 adapters' products" in caplog.text
     out = tmp_path / "out"
@@ -165,3 +167,12 @@ def test_thuglm_train_fuses_the_dropout_and_saves_a_plain_lora_adapter(tmp_path,
     loaded = PeftModel.from_pretrained(base, out)
     assert all(type(module.lora_A["default"]) is torch.nn.Linear
                for module in loaded.modules() if hasattr(module, "lora_A"))
+
+
+@pytest.mark.parametrize("dropout", ["1.0", "-0.1"])
+def test_a_dropout_outside_zero_to_one_is_refused_in_one_line(tmp_path, capsys, dropout):
+    settings = base_settings(tmp_path, method="lora", report_to=[])
+    assert main(["train", str(write_config(tmp_path, **settings)), f"lora.dropout={dropout}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "`lora.dropout` must be at least 0 and below 1" in err, err
+    assert not (tmp_path / "out").exists()

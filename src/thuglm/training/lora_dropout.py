@@ -15,7 +15,7 @@ Philox's, as torch's dropout on a GPU, with the same probability; only which ele
 `nn.Dropout`, as it does between any two seeds. Half-precision inputs on a CUDA GPU only: elsewhere (a CPU, fp32)
 the layer does what peft does.
 
-`lora.fused_dropout: false` keeps peft's dropout module.
+`lora.fused_dropout: true` turns it on (benchmarks/README.md, issue #23, has what it saves and costs).
 """
 
 from __future__ import annotations
