@@ -2,7 +2,7 @@
 then the time of lora_A's product (forward and backward, compiled) after peft's dropout module, after none and
 fused, and of each fused kernel, at ChatGLM-6B's input widths.
 
-    python3 benchmarks/check_lora_dropout.py [--tokens 8192]
+    python3 benchmarks/check_lora_dropout.py [--tokens 8192 512]
 
 Prints one line per check and per shape; exits 1 when a result is off. The speed that counts is `thuglm train`'s
 (gpu_session.sh speed, parts `-log10-fused` against `-log10`): this says where a difference comes from.
@@ -96,12 +96,12 @@ def time_first_product(tokens: int, width: int, p: float) -> dict[str, float]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--tokens", type=int, nargs="+", default=[8192, 512], help="tokens a step (b16, b1 of 512)")
     args = parser.parse_args()
     ok = check_against_mask(1000, 4096, 8, 0.05)
     ok &= check_against_mask(4096, 16384, 16, 0.3)
     # ChatGLM-6B's four adapted linears: (input width, output width)
-    for tokens in (args.tokens, 512):  # b16 and b1 of 512-token rows
+    for tokens in args.tokens:
         for width in (4096, 16384):  # the input widths of ChatGLM-6B's adapted linears
             times = time_first_product(tokens, width, 0.05)
             print(f"adapter [{tokens}, {width}] lora_A, dropout 0.05, ms: "
