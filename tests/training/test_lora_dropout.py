@@ -113,8 +113,11 @@ def lora_model(tmp_path, **lora):
     return methods.prepare_for_method(model, config)
 
 
-def test_a_gpu_runs_lora_with_the_fused_dropout_and_the_adapter_keeps_its_keys(tmp_path, monkeypatch):
-    plain = lora_model(tmp_path)
+def test_a_gpu_runs_lora_with_the_fused_dropout_and_the_adapter_keeps_its_keys(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(methods, "fused_dropout_available", lambda: False)
+    plain = lora_model(tmp_path)  # asked for, where it cannot run: said, and peft's dropout kept
+    assert "lora.fused_dropout needs a CUDA GPU" in caplog.text
+    assert not any(isinstance(module, lora_dropout.DropoutLinear) for module in plain.modules())
     monkeypatch.setattr(methods, "fused_dropout_available", lambda: True)
     fused = lora_model(tmp_path)
     adapted = [module for module in fused.modules() if hasattr(module, "lora_A")]

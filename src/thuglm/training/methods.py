@@ -84,10 +84,15 @@ def prepare_for_method(model: torch.nn.Module, config: TrainConfig) -> torch.nn.
         )
         # peft keeps the adapter weights in fp32 under a bf16/fp16 base (autocast_adapter_dtype).
         model = get_peft_model(model, peft_config)
-        if lora.dropout > 0 and lora.fused_dropout and fused_dropout_available():
-            from .lora_dropout import fuse_lora_dropout
+        if lora.dropout > 0 and lora.fused_dropout:
+            if fused_dropout_available():
+                from .lora_dropout import fuse_lora_dropout
 
-            logger.info("LoRA dropout drawn inside %d adapters' products (lora.fused_dropout)", fuse_lora_dropout(model))
+                logger.info("LoRA dropout drawn inside %d adapters' products (lora.fused_dropout)",
+                            fuse_lora_dropout(model))
+            else:
+                logger.warning("lora.fused_dropout needs a CUDA GPU (and Triton): this run draws LoRA's dropout with "
+                               "peft's module")
     elif config.method == "ptuning":
         model = prepare_ptuning(model, config)
     elif config.method == "freeze":
