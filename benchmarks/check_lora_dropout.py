@@ -17,17 +17,11 @@ import torch
 
 from thuglm.training.lora_dropout import (
     DropoutLinear,
+    drawn_mask,
     dropout_linear,
     dropout_linear_input_grad,
     dropout_linear_weight_grad,
 )
-
-
-def kept_mask(seed: torch.Tensor, p: float, rows: int, width: int) -> torch.Tensor:
-    """The kernels' mask for `seed`, read back through the input gradient's kernel (ones in, keep / (1 - p) out)."""
-    ones = torch.ones(rows, 1, dtype=torch.bfloat16, device="cuda")
-    return dropout_linear_input_grad(ones, torch.ones(1, width, dtype=torch.bfloat16, device="cuda"), seed, p,
-                                     width) != 0
 
 
 def check_against_mask(tokens: int, width: int, rank: int, p: float) -> bool:
@@ -37,7 +31,7 @@ def check_against_mask(tokens: int, width: int, rank: int, p: float) -> bool:
     out = dropout_linear(x, weight, seed, p)
     grad = torch.randn_like(out)
     out.backward(grad)
-    keep = kept_mask(seed, p, tokens, width)
+    keep = drawn_mask(seed, p, tokens, width)
     dropped = x.detach().float() * keep / (1 - p)
     expected = {"out": dropped @ weight.detach().float().T, "dx": (grad.float() @ weight.detach().float()) * keep / (1 - p),
                 "dA": grad.float().T @ dropped}

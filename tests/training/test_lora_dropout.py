@@ -31,13 +31,6 @@ def seed_tensor(value: int) -> torch.Tensor:
     return torch.tensor([value], dtype=torch.int64, device=DEVICE)
 
 
-def kept(seed: torch.Tensor, p: float, rows: int, width: int) -> torch.Tensor:
-    """The kernels' mask, read back through the input gradient's kernel: ones in, keep / (1 - p) out."""
-    ones = torch.ones(rows, 1, dtype=HALF, device=DEVICE)
-    return lora_dropout.dropout_linear_input_grad(ones, torch.ones(1, width, dtype=HALF, device=DEVICE), seed, p,
-                                                  width) != 0
-
-
 @pytest.mark.parametrize(("rows", "width", "rank", "p"), [(100, 128, 8, 0.3), (70, 64, 16, 0.05), (130, 192, 4, 0.5)])
 def test_the_product_and_both_gradients_are_those_of_the_mask_applied_by_hand(rows, width, rank, p):
     torch.manual_seed(0)
@@ -48,7 +41,7 @@ def test_the_product_and_both_gradients_are_those_of_the_mask_applied_by_hand(ro
     grad = torch.randn_like(out)
     out.backward(grad)
 
-    keep = kept(seed, p, rows, width)
+    keep = lora_dropout.drawn_mask(seed, p, rows, width)
     dropped = x.detach().float() * keep / (1 - p)
     w = weight.detach().float()
     for got, want in ((out, dropped @ w.T), (x.grad, (grad.float() @ w) * keep / (1 - p)),
@@ -59,11 +52,11 @@ def test_the_product_and_both_gradients_are_those_of_the_mask_applied_by_hand(ro
 
 def test_the_mask_keeps_one_minus_p_and_depends_on_the_seed_alone():
     rows, width, p = 256, 512, 0.25
-    mask = kept(seed_tensor(7), p, rows, width)
+    mask = lora_dropout.drawn_mask(seed_tensor(7), p, rows, width)
     assert abs(mask.float().mean().item() - (1 - p)) < 0.01
     assert abs(mask.float().mean(dim=0).std().item() - (p * (1 - p) / rows) ** 0.5) < 0.01  # columns alike
-    assert torch.equal(mask, kept(seed_tensor(7), p, rows, width))
-    assert (mask != kept(seed_tensor(8), p, rows, width)).float().mean() > 0.3
+    assert torch.equal(mask, lora_dropout.drawn_mask(seed_tensor(7), p, rows, width))
+    assert (mask != lora_dropout.drawn_mask(seed_tensor(8), p, rows, width)).float().mean() > 0.3
 
 
 def test_without_gradient_for_the_input_only_the_weights_gradient_is_computed(monkeypatch):

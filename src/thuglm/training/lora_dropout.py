@@ -153,6 +153,13 @@ def dropout_linear_weight_grad(grad: torch.Tensor, x: torch.Tensor, seed: torch.
     return partial.sum(dim=0)[:R] * (1.0 / (1.0 - p))
 
 
+def drawn_mask(seed: torch.Tensor, p: float, rows: int, width: int) -> torch.Tensor:
+    """The [rows, width] mask (True: kept) the kernels draw from `seed`, read back through the input gradient's
+    kernel (ones in, keep / (1 - p) out): for checking them against the same mask applied by hand."""
+    ones = torch.ones(rows, 1, dtype=torch.float16, device=seed.device)
+    return dropout_linear_input_grad(ones, ones.new_ones(1, width), seed, p, width) != 0
+
+
 def _setup_context(ctx, inputs, output):
     x, weight, seed, p = inputs
     ctx.save_for_backward(x, weight, seed)
