@@ -17,10 +17,10 @@ import torch
 
 from thuglm.training.lora_dropout import (
     DropoutLinear,
-    drawn_mask,
     dropout_linear,
     dropout_linear_input_grad,
     dropout_linear_weight_grad,
+    kept_mask,
 )
 
 
@@ -28,10 +28,10 @@ def check_against_mask(tokens: int, width: int, rank: int, p: float) -> bool:
     x = torch.randn(tokens, width, dtype=torch.bfloat16, device="cuda", requires_grad=True)
     weight = (torch.randn(rank, width, device="cuda") / width**0.5).to(torch.bfloat16).requires_grad_()
     seed = torch.randint(0, 2**62, (1,), device="cuda", dtype=torch.int64)
-    out = dropout_linear(x, weight, seed, p)
+    out, bits = dropout_linear(x, weight, seed, p)
     grad = torch.randn_like(out)
     out.backward(grad)
-    keep = drawn_mask(seed, p, tokens, width)
+    keep = kept_mask(bits)
     dropped = x.detach().float() * keep / (1 - p)
     expected = {"out": dropped @ weight.detach().float().T, "dx": (grad.float() @ weight.detach().float()) * keep / (1 - p),
                 "dA": grad.float().T @ dropped}
@@ -81,9 +81,10 @@ def time_first_product(tokens: int, width: int, p: float) -> dict[str, float]:
              for name, module in variants.items()}
     weight = linear.weight.detach().to(torch.bfloat16)
     seed = torch.randint(0, 2**62, (1,), device="cuda", dtype=torch.int64)
+    bits = dropout_linear(x.detach(), weight, seed, p)[1]
     times["kernel forward"] = milliseconds(lambda: dropout_linear(x.detach(), weight, seed, p))
-    times["kernel dx"] = milliseconds(lambda: dropout_linear_input_grad(grad, weight, seed, p, width))
-    times["kernel dA"] = milliseconds(lambda: dropout_linear_weight_grad(grad, x.detach(), seed, p))
+    times["kernel dx"] = milliseconds(lambda: dropout_linear_input_grad(grad, weight, bits, p))
+    times["kernel dA"] = milliseconds(lambda: dropout_linear_weight_grad(grad, x.detach(), bits, p))
     times["copy of x (memory floor)"] = milliseconds(lambda: x.detach().clone())
     return times
 

@@ -198,6 +198,8 @@ attn_implementation=flex_attention"
 lora.fused_dropout=true"
         [lora-bf16-b1-ckpt-log10-fused]="batch_size=1 gradient_checkpointing=true max_steps=60 logging_steps=10 \
 lora.fused_dropout=true"
+        [lora-bf16-b16-compiled-alpaca-unpacked-fused]="batch_size=16 compile=true max_steps=40 $alpaca packing=false \
+lora.fused_dropout=true"
         # issue #23's FP8 loss goal: 200 steps of one fixed SFT stream (the bundled instructions packed to 512 tokens,
         # a seeded order), bf16 against fp8; LoRA's dropout off in both, so that only the arithmetic differs
         # (needs .whl_fp8; each ~190 s on an H100)

@@ -37,11 +37,11 @@ def test_the_product_and_both_gradients_are_those_of_the_mask_applied_by_hand(ro
     x = torch.randn(rows, width, dtype=HALF, device=DEVICE, requires_grad=True)
     weight = torch.randn(rank, width, dtype=HALF, device=DEVICE, requires_grad=True)
     seed = seed_tensor(1234)
-    out = lora_dropout.dropout_linear(x, weight, seed, p)
+    out, bits = lora_dropout.dropout_linear(x, weight, seed, p)
     grad = torch.randn_like(out)
     out.backward(grad)
 
-    keep = lora_dropout.drawn_mask(seed, p, rows, width)
+    keep = lora_dropout.kept_mask(bits)
     dropped = x.detach().float() * keep / (1 - p)
     w = weight.detach().float()
     for got, want in ((out, dropped @ w.T), (x.grad, (grad.float() @ w) * keep / (1 - p)),
@@ -50,20 +50,26 @@ def test_the_product_and_both_gradients_are_those_of_the_mask_applied_by_hand(ro
         torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
 
 
+def drawn_mask(seed: int, p: float, rows: int, width: int) -> torch.Tensor:
+    x = torch.ones(rows, width, dtype=HALF, device=DEVICE)
+    return lora_dropout.kept_mask(lora_dropout.dropout_linear(x, x.new_ones(8, width), seed_tensor(seed), p)[1])
+
+
 def test_the_mask_keeps_one_minus_p_and_depends_on_the_seed_alone():
     rows, width, p = 256, 512, 0.25
-    mask = lora_dropout.drawn_mask(seed_tensor(7), p, rows, width)
+    mask = drawn_mask(7, p, rows, width)
     assert abs(mask.float().mean().item() - (1 - p)) < 0.01
     assert abs(mask.float().mean(dim=0).std().item() - (p * (1 - p) / rows) ** 0.5) < 0.01  # columns alike
-    assert torch.equal(mask, lora_dropout.drawn_mask(seed_tensor(7), p, rows, width))
-    assert (mask != lora_dropout.drawn_mask(seed_tensor(8), p, rows, width)).float().mean() > 0.3
+    assert abs(mask.float().mean(dim=1).std().item() - (p * (1 - p) / width) ** 0.5) < 0.01  # rows alike
+    assert torch.equal(mask, drawn_mask(7, p, rows, width))
+    assert (mask != drawn_mask(8, p, rows, width)).float().mean() > 0.3
 
 
 def test_without_gradient_for_the_input_only_the_weights_gradient_is_computed(monkeypatch):
     x = torch.randn(64, 64, dtype=HALF, device=DEVICE)
     weight = torch.randn(8, 64, dtype=HALF, device=DEVICE, requires_grad=True)
     monkeypatch.setattr(lora_dropout, "dropout_linear_input_grad", lambda *args: pytest.fail("input gradient made"))
-    lora_dropout.dropout_linear(x, weight, seed_tensor(3), 0.1).sum().backward()
+    lora_dropout.dropout_linear(x, weight, seed_tensor(3), 0.1)[0].sum().backward()
     assert weight.grad is not None
 
 

@@ -5,9 +5,10 @@ peft computes `lora_B(lora_A(dropout(x)))`. The dropout writes a copy of every a
 until the backward, where the weight's gradient reads it again and the input's gradient reads the mask. Here
 `lora_A` becomes a `DropoutLinear` whose Triton kernels draw the mask while they read `x`:
 
-* forward: `h = (x * keep) @ A.T / (1 - p)`, reading `x` once and writing only `h` ([tokens, r]);
-* backward: the mask is drawn again from the same seed rather than read from memory — `dx = (dh @ A) * keep / (1 - p)`
-  and `dA = dh.T @ (x * keep) / (1 - p)` — so nothing but `x`, which the adapter's gradient needs anyway, is kept.
+* forward: `h = (x * keep) @ A.T / (1 - p)`, reading `x` once and writing `h` ([tokens, r]) and the mask as bits
+  (one bit an element: a sixteenth of the dropped copy);
+* backward: `dx = (dh @ A) * keep / (1 - p)` and `dA = dh.T @ (x * keep) / (1 - p)` from those bits, so nothing but
+  `x`, which the adapter's gradient needs anyway, and the bits are kept, and the mask is drawn once.
 
 The seed is drawn from torch's generator on the device, so the random state that gradient checkpointing replays
 before a recomputation (and that compiled graphs take their seeds from) gives the same mask again. The masks are
@@ -44,9 +45,31 @@ def _kept(seed, rows, col0, width, p, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _forward_kernel(x_ptr, w_ptr, seed_ptr, partial_ptr, M, K, R, p, columns_per_split,
+def _packed(keep, BLOCK_M: tl.constexpr):
+    """A [BLOCK_M, 64] mask as [BLOCK_M, 2] int32 words, column c of the 64 in bit c % 32 of word c // 32."""
+    bits = tl.reshape(keep.to(tl.int32), (BLOCK_M, 2, 32)) << tl.arange(0, 32)[None, None, :]
+    return tl.sum(bits, axis=2)  # of distinct bits: their OR
+
+
+@triton.jit
+def _unpacked(words, BLOCK_M: tl.constexpr):
+    """`_packed`'s inverse: [BLOCK_M, 2] int32 words to a [BLOCK_M, 64] mask."""
+    bits = (words[:, :, None] >> tl.arange(0, 32)[None, None, :]) & 1
+    return tl.reshape(bits, (BLOCK_M, 64)) != 0
+
+
+@triton.jit
+def _load_kept(bits_ptr, rows, col0, M, K, BLOCK_M: tl.constexpr):
+    """The mask of x[rows, col0 : col0 + 64] as the forward stored it ([M, K // 32] int32 words)."""
+    words = tl.load(bits_ptr + rows[:, None].to(tl.int64) * (K // 32) + col0 // 32 + tl.arange(0, 2)[None, :],
+                    mask=rows[:, None] < M, other=0)
+    return _unpacked(words, BLOCK_M)
+
+
+@triton.jit
+def _forward_kernel(x_ptr, w_ptr, seed_ptr, partial_ptr, bits_ptr, M, K, R, p, columns_per_split,
                     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
-    """One split of the columns' contribution to h[rows] (fp32; the splits are summed after)."""
+    """One split of the columns' contribution to h[rows] (fp32; the splits are summed after), and their mask."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     split = tl.program_id(1)
     ranks = tl.arange(0, BLOCK_R)
@@ -56,7 +79,10 @@ def _forward_kernel(x_ptr, w_ptr, seed_ptr, partial_ptr, M, K, R, p, columns_per
     for col0 in range(split * columns_per_split, tl.minimum((split + 1) * columns_per_split, K), 64):
         x = tl.load(x_ptr + rows[:, None].to(tl.int64) * K + col0 + columns[None, :], mask=rows[:, None] < M,
                     other=0.0)
-        x = tl.where(_kept(seed, rows, col0, K, p, BLOCK_M), x, tl.zeros_like(x))
+        keep = _kept(seed, rows, col0, K, p, BLOCK_M)
+        tl.store(bits_ptr + rows[:, None].to(tl.int64) * (K // 32) + col0 // 32 + tl.arange(0, 2)[None, :],
+                 _packed(keep, BLOCK_M), mask=rows[:, None] < M)
+        x = tl.where(keep, x, tl.zeros_like(x))
         w = tl.load(w_ptr + ranks[None, :] * K + col0 + columns[:, None], mask=ranks[None, :] < R, other=0.0)
         acc = tl.dot(x, w, acc)
     tl.store(partial_ptr + split.to(tl.int64) * M * BLOCK_R + rows[:, None] * BLOCK_R + ranks[None, :], acc,
@@ -64,7 +90,7 @@ def _forward_kernel(x_ptr, w_ptr, seed_ptr, partial_ptr, M, K, R, p, columns_per
 
 
 @triton.jit
-def _input_grad_kernel(grad_ptr, w_ptr, seed_ptr, dx_ptr, M, K, R, p, scale,
+def _input_grad_kernel(grad_ptr, w_ptr, bits_ptr, dx_ptr, M, K, R, scale,
                        BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     col0 = tl.program_id(1) * 64
@@ -74,27 +100,26 @@ def _input_grad_kernel(grad_ptr, w_ptr, seed_ptr, dx_ptr, M, K, R, p, scale,
                    other=0.0)
     w = tl.load(w_ptr + ranks[:, None] * K + columns[None, :], mask=ranks[:, None] < R, other=0.0)
     dx = tl.dot(grad, w) * scale
-    dx = tl.where(_kept(tl.load(seed_ptr), rows, col0, K, p, BLOCK_M), dx, 0.0)
+    dx = tl.where(_load_kept(bits_ptr, rows, col0, M, K, BLOCK_M), dx, 0.0)
     tl.store(dx_ptr + rows[:, None].to(tl.int64) * K + columns[None, :], dx.to(dx_ptr.dtype.element_ty),
              mask=rows[:, None] < M)
 
 
 @triton.jit
-def _weight_grad_kernel(grad_ptr, x_ptr, seed_ptr, partial_ptr, M, K, R, p, rows_per_split,
+def _weight_grad_kernel(grad_ptr, x_ptr, bits_ptr, partial_ptr, M, K, R, rows_per_split,
                         BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
     """One split of the rows' contribution to dA[:, col0 : col0 + 64] (fp32; the splits are summed after)."""
     col0 = tl.program_id(0) * 64
     split = tl.program_id(1)
     columns = col0 + tl.arange(0, 64)
     ranks = tl.arange(0, BLOCK_R)
-    seed = tl.load(seed_ptr)
     acc = tl.zeros((BLOCK_R, 64), dtype=tl.float32)
     for row0 in range(split * rows_per_split, tl.minimum((split + 1) * rows_per_split, M), BLOCK_M):
         rows = row0 + tl.arange(0, BLOCK_M)
         grad = tl.load(grad_ptr + rows[:, None] * R + ranks[None, :],
                        mask=(rows[:, None] < M) & (ranks[None, :] < R), other=0.0)
         x = tl.load(x_ptr + rows[:, None].to(tl.int64) * K + columns[None, :], mask=rows[:, None] < M, other=0.0)
-        x = tl.where(_kept(seed, rows, col0, K, p, BLOCK_M), x, tl.zeros_like(x))
+        x = tl.where(_load_kept(bits_ptr, rows, col0, M, K, BLOCK_M), x, tl.zeros_like(x))
         acc = tl.dot(tl.trans(grad), x, acc)
     tl.store(partial_ptr + split * BLOCK_R * K + ranks[:, None] * K + columns[None, :], acc)
 
@@ -113,9 +138,10 @@ def _rank_block(rank: int) -> int:
 
 
 @triton_op("thuglm::dropout_linear", mutates_args=())
-def dropout_linear(x: torch.Tensor, weight: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
+def dropout_linear(x: torch.Tensor, weight: torch.Tensor, seed: torch.Tensor,
+                   p: float) -> tuple[torch.Tensor, torch.Tensor]:
     """`F.linear(F.dropout(x, p), weight)` for a contiguous [M, K] `x` (K a multiple of 64), the mask drawn from
-    `seed` (a one-element int64 tensor on x's device)."""
+    `seed` (a one-element int64 tensor on x's device); and that mask as [M, K // 32] int32 words (`kept_mask`)."""
     M, K = x.shape
     R = weight.shape[0]
     block_r = _rank_block(R)
@@ -124,23 +150,24 @@ def dropout_linear(x: torch.Tensor, weight: torch.Tensor, seed: torch.Tensor, p:
     splits = _splits(triton.cdiv(M, BLOCK_ROWS), K // MASK_COLUMNS)
     columns_per_split = triton.cdiv(K // MASK_COLUMNS, splits) * MASK_COLUMNS
     partial = x.new_empty((splits, M, block_r), dtype=torch.float32)
+    bits = x.new_empty((M, K // 32), dtype=torch.int32)
     wrap_triton(_forward_kernel)[(triton.cdiv(M, BLOCK_ROWS), splits)](
-        x, weight, seed, partial, M, K, R, p, columns_per_split, BLOCK_M=BLOCK_ROWS, BLOCK_R=block_r)
-    return (partial.sum(dim=0)[:, :R] * (1.0 / (1.0 - p))).to(x.dtype)
+        x, weight, seed, partial, bits, M, K, R, p, columns_per_split, BLOCK_M=BLOCK_ROWS, BLOCK_R=block_r)
+    return (partial.sum(dim=0)[:, :R] * (1.0 / (1.0 - p))).to(x.dtype), bits
 
 
 @triton_op("thuglm::dropout_linear_input_grad", mutates_args=())
-def dropout_linear_input_grad(grad: torch.Tensor, weight: torch.Tensor, seed: torch.Tensor, p: float,
-                              width: int) -> torch.Tensor:
+def dropout_linear_input_grad(grad: torch.Tensor, weight: torch.Tensor, bits: torch.Tensor, p: float) -> torch.Tensor:
     M, R = grad.shape
+    width = bits.shape[1] * 32
     dx = grad.new_empty((M, width))
     wrap_triton(_input_grad_kernel)[(triton.cdiv(M, BLOCK_ROWS), width // MASK_COLUMNS)](
-        grad, weight, seed, dx, M, width, R, p, 1.0 / (1.0 - p), BLOCK_M=BLOCK_ROWS, BLOCK_R=_rank_block(R))
+        grad, weight, bits, dx, M, width, R, 1.0 / (1.0 - p), BLOCK_M=BLOCK_ROWS, BLOCK_R=_rank_block(R))
     return dx
 
 
 @triton_op("thuglm::dropout_linear_weight_grad", mutates_args=())
-def dropout_linear_weight_grad(grad: torch.Tensor, x: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
+def dropout_linear_weight_grad(grad: torch.Tensor, x: torch.Tensor, bits: torch.Tensor, p: float) -> torch.Tensor:
     M, K = x.shape
     R = grad.shape[1]
     block_r = _rank_block(R)
@@ -149,31 +176,31 @@ def dropout_linear_weight_grad(grad: torch.Tensor, x: torch.Tensor, seed: torch.
     rows_per_split = triton.cdiv(triton.cdiv(M, splits), BLOCK_ROWS) * BLOCK_ROWS
     partial = x.new_empty((splits, block_r, K), dtype=torch.float32)
     wrap_triton(_weight_grad_kernel)[(K // MASK_COLUMNS, splits)](
-        grad, x, seed, partial, M, K, R, p, rows_per_split, BLOCK_M=BLOCK_ROWS, BLOCK_R=block_r)
+        grad, x, bits, partial, M, K, R, rows_per_split, BLOCK_M=BLOCK_ROWS, BLOCK_R=block_r)
     return partial.sum(dim=0)[:R] * (1.0 / (1.0 - p))
 
 
-def drawn_mask(seed: torch.Tensor, p: float, rows: int, width: int) -> torch.Tensor:
-    """The [rows, width] mask (True: kept) the kernels draw from `seed`, read back through the input gradient's
-    kernel (ones in, keep / (1 - p) out): for checking them against the same mask applied by hand."""
-    ones = torch.ones(rows, 1, dtype=torch.float16, device=seed.device)
-    return dropout_linear_input_grad(ones, ones.new_ones(1, width), seed, p, width) != 0
+def kept_mask(bits: torch.Tensor) -> torch.Tensor:
+    """The [M, K] mask (True: kept) that `dropout_linear`'s words hold: for checking the kernels against the same
+    mask applied by hand."""
+    shifts = torch.arange(32, device=bits.device, dtype=torch.int32)
+    return ((bits.unsqueeze(-1) >> shifts) & 1).bool().reshape(bits.shape[0], -1)
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, seed, p = inputs
-    ctx.save_for_backward(x, weight, seed)
+    x, weight, _, p = inputs
+    ctx.save_for_backward(x, weight, output[1])
     ctx.p = p
 
 
-def _backward(ctx, grad):
-    x, weight, seed = ctx.saved_tensors
+def _backward(ctx, grad, _):
+    x, weight, bits = ctx.saved_tensors
     grad = grad.contiguous()
     dx = dw = None
     if ctx.needs_input_grad[0]:
-        dx = dropout_linear_input_grad(grad, weight, seed, ctx.p, x.shape[1])
+        dx = dropout_linear_input_grad(grad, weight, bits, ctx.p)
     if ctx.needs_input_grad[1]:
-        dw = dropout_linear_weight_grad(grad, x, seed, ctx.p).to(weight.dtype)
+        dw = dropout_linear_weight_grad(grad, x, bits, ctx.p).to(weight.dtype)
     return dx, dw, None, None
 
 
@@ -198,7 +225,7 @@ class DropoutLinear(torch.nn.Linear):
         weight = self.weight.to(x.dtype)
         seed = torch.randint(0, 2**62, (1,), device=x.device, dtype=torch.int64)
         flat = x.reshape(-1, x.shape[-1]).contiguous()
-        return dropout_linear(flat, weight, seed, self.p).reshape(*x.shape[:-1], self.out_features)
+        return dropout_linear(flat, weight, seed, self.p)[0].reshape(*x.shape[:-1], self.out_features)
 
     def _fused_here(self, x: torch.Tensor) -> bool:
         return ((x.is_cuda or ON_CPU) and x.dtype in (torch.bfloat16, torch.float16)
