@@ -67,9 +67,10 @@ def _load_kept(bits_ptr, rows, col0, M, K, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _forward_kernel(x_ptr, w_ptr, seed_ptr, partial_ptr, bits_ptr, M, K, R, p, columns_per_split,
+def _forward_kernel(x_ptr, w_ptr, seed_ptr, partial_ptr, bits_ptr, M, K, R, p, scale, columns_per_split,
                     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
-    """One split of the columns' contribution to h[rows] (fp32; the splits are summed after), and their mask."""
+    """One split of the columns' contribution to h[rows] (fp32, scaled by 1 / (1 - p); the splits are summed
+    after), and their mask."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     split = tl.program_id(1)
     ranks = tl.arange(0, BLOCK_R)
@@ -85,7 +86,7 @@ def _forward_kernel(x_ptr, w_ptr, seed_ptr, partial_ptr, bits_ptr, M, K, R, p, c
         x = tl.where(keep, x, tl.zeros_like(x))
         w = tl.load(w_ptr + ranks[None, :] * K + col0 + columns[:, None], mask=ranks[None, :] < R, other=0.0)
         acc = tl.dot(x, w, acc)
-    tl.store(partial_ptr + split.to(tl.int64) * M * BLOCK_R + rows[:, None] * BLOCK_R + ranks[None, :], acc,
+    tl.store(partial_ptr + split.to(tl.int64) * M * BLOCK_R + rows[:, None] * BLOCK_R + ranks[None, :], acc * scale,
              mask=rows[:, None] < M)
 
 
@@ -106,9 +107,10 @@ def _input_grad_kernel(grad_ptr, w_ptr, bits_ptr, dx_ptr, M, K, R, scale,
 
 
 @triton.jit
-def _weight_grad_kernel(grad_ptr, x_ptr, bits_ptr, partial_ptr, M, K, R, rows_per_split,
+def _weight_grad_kernel(grad_ptr, x_ptr, bits_ptr, partial_ptr, M, K, R, scale, rows_per_split,
                         BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
-    """One split of the rows' contribution to dA[:, col0 : col0 + 64] (fp32; the splits are summed after)."""
+    """One split of the rows' contribution to dA[:, col0 : col0 + 64] (fp32, scaled by 1 / (1 - p); the splits are
+    summed after)."""
     col0 = tl.program_id(0) * 64
     split = tl.program_id(1)
     columns = col0 + tl.arange(0, 64)
@@ -121,7 +123,7 @@ def _weight_grad_kernel(grad_ptr, x_ptr, bits_ptr, partial_ptr, M, K, R, rows_pe
         x = tl.load(x_ptr + rows[:, None].to(tl.int64) * K + columns[None, :], mask=rows[:, None] < M, other=0.0)
         x = tl.where(_load_kept(bits_ptr, rows, col0, M, K, BLOCK_M), x, tl.zeros_like(x))
         acc = tl.dot(tl.trans(grad), x, acc)
-    tl.store(partial_ptr + split * BLOCK_R * K + ranks[:, None] * K + columns[None, :], acc)
+    tl.store(partial_ptr + split * BLOCK_R * K + ranks[:, None] * K + columns[None, :], acc * scale)
 
 
 PROGRAMS = 1024  # enough programs to keep every multiprocessor of a large GPU busy
@@ -152,8 +154,9 @@ def dropout_linear(x: torch.Tensor, weight: torch.Tensor, seed: torch.Tensor,
     partial = x.new_empty((splits, M, block_r), dtype=torch.float32)
     bits = x.new_empty((M, K // 32), dtype=torch.int32)
     wrap_triton(_forward_kernel)[(triton.cdiv(M, BLOCK_ROWS), splits)](
-        x, weight, seed, partial, bits, M, K, R, p, columns_per_split, BLOCK_M=BLOCK_ROWS, BLOCK_R=block_r)
-    return (partial.sum(dim=0)[:, :R] * (1.0 / (1.0 - p))).to(x.dtype), bits
+        x, weight, seed, partial, bits, M, K, R, p, 1.0 / (1.0 - p), columns_per_split, BLOCK_M=BLOCK_ROWS,
+        BLOCK_R=block_r)
+    return partial.sum(dim=0)[:, :R].to(x.dtype), bits
 
 
 @triton_op("thuglm::dropout_linear_input_grad", mutates_args=())
@@ -176,8 +179,8 @@ def dropout_linear_weight_grad(grad: torch.Tensor, x: torch.Tensor, bits: torch.
     rows_per_split = triton.cdiv(triton.cdiv(M, splits), BLOCK_ROWS) * BLOCK_ROWS
     partial = x.new_empty((splits, block_r, K), dtype=torch.float32)
     wrap_triton(_weight_grad_kernel)[(K // MASK_COLUMNS, splits)](
-        grad, x, bits, partial, M, K, R, rows_per_split, BLOCK_M=BLOCK_ROWS, BLOCK_R=block_r)
-    return partial.sum(dim=0)[:R] * (1.0 / (1.0 - p))
+        grad, x, bits, partial, M, K, R, 1.0 / (1.0 - p), rows_per_split, BLOCK_M=BLOCK_ROWS, BLOCK_R=block_r)
+    return partial.sum(dim=0)[:R]
 
 
 def kept_mask(bits: torch.Tensor) -> torch.Tensor:
