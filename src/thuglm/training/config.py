@@ -161,7 +161,7 @@ class LoraSettings:
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
     fused_dropout: bool = False
     """On a CUDA GPU, draw the dropout inside each adapter's first product instead of writing a dropped copy of its
-    input and keeping it for the backward (training/lora_dropout.py): less memory (b16 s512 on ChatGLM-6B: 44 GiB
+    input and keeping it for the backward (training/lora_dropout.py): less memory (b16 s512 on ChatGLM-6B: ~45 GiB
     instead of 52); false keeps peft's dropout module."""
 
 

@@ -59,11 +59,15 @@ def _unpacked(words, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
+def _words(bits_ptr, rows, col0, K):
+    """Where the mask of x[rows, col0 : col0 + 64] is kept: its two words a row in the [M, K // 32] int32 words."""
+    return bits_ptr + rows[:, None].to(tl.int64) * (K // 32) + col0 // 32 + tl.arange(0, 2)[None, :]
+
+
+@triton.jit
 def _load_kept(bits_ptr, rows, col0, M, K, BLOCK_M: tl.constexpr):
-    """The mask of x[rows, col0 : col0 + 64] as the forward stored it ([M, K // 32] int32 words)."""
-    words = tl.load(bits_ptr + rows[:, None].to(tl.int64) * (K // 32) + col0 // 32 + tl.arange(0, 2)[None, :],
-                    mask=rows[:, None] < M, other=0)
-    return _unpacked(words, BLOCK_M)
+    """The mask of x[rows, col0 : col0 + 64] as the forward stored it."""
+    return _unpacked(tl.load(_words(bits_ptr, rows, col0, K), mask=rows[:, None] < M, other=0), BLOCK_M)
 
 
 @triton.jit
@@ -81,8 +85,7 @@ def _forward_kernel(x_ptr, w_ptr, seed_ptr, partial_ptr, bits_ptr, M, K, R, p, s
         x = tl.load(x_ptr + rows[:, None].to(tl.int64) * K + col0 + columns[None, :], mask=rows[:, None] < M,
                     other=0.0)
         keep = _kept(seed, rows, col0, K, p, BLOCK_M)
-        tl.store(bits_ptr + rows[:, None].to(tl.int64) * (K // 32) + col0 // 32 + tl.arange(0, 2)[None, :],
-                 _packed(keep, BLOCK_M), mask=rows[:, None] < M)
+        tl.store(_words(bits_ptr, rows, col0, K), _packed(keep, BLOCK_M), mask=rows[:, None] < M)
         x = tl.where(keep, x, tl.zeros_like(x))
         w = tl.load(w_ptr + ranks[None, :] * K + col0 + columns[:, None], mask=ranks[None, :] < R, other=0.0)
         acc = tl.dot(x, w, acc)
