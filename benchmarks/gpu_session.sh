@@ -219,8 +219,8 @@ lora.fused_dropout=true"
         limit=$(( ${DEADLINE_S:-570} - SECONDS ))
         if (( limit < 45 )); then echo "skipped (deadline): $part"; continue; fi
         if [[ $part != lora-dropout-check && $part != official ]] && ! $folder_ready; then
-            build_6b_folder && folder_ready=true
-            echo "6B folder ready at ${SECONDS} s"
+            if build_6b_folder; then folder_ready=true; echo "6B folder ready at ${SECONDS} s"
+            else echo "6B folder not built (its error above), at ${SECONDS} s"; fi
             limit=$(( ${DEADLINE_S:-570} - SECONDS ))
             if (( limit < 45 )); then echo "skipped (deadline): $part"; continue; fi
         fi
