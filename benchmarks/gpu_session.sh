@@ -37,6 +37,9 @@ install_official_site() {  # the official code's transformers 4.34.1 and its pin
     mkdir -p /tmp/official_site && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
         --target /tmp/official_site .whl_bench/official/*.whl
 }
+seconds_left() {  # before the call's deadline (DEADLINE_S, 570 s from the script's start)
+    echo $(( ${DEADLINE_S:-570} - SECONDS ))
+}
 capped() {  # the smaller of a part's own cap ($1) and the seconds left before the deadline ($limit)
     echo $(( limit < $1 ? limit : $1 ))
 }
@@ -65,7 +68,7 @@ profile-ddp)  # where the second GPU's ~29 ms a step go: the recipe's LoRA step 
     IFS=';' read -ra variants <<< "${VARIANTS:-$default}"
     export NCCL_DEBUG=INFO NCCL_DEBUG_SUBSYS=INIT,GRAPH
     for variant in "${variants[@]}"; do
-        limit=$(( ${DEADLINE_S:-570} - SECONDS )); (( limit > 200 )) && limit=200
+        limit=$(seconds_left); (( limit > 200 )) && limit=200
         if (( limit < 45 )); then echo "skipped (deadline): $variant"; continue; fi
         gpus=${variant%%:*}; args=${variant#*:}
         echo "== $gpus GPU(s): $args" | tee -a "$OUT/ddp.log"
@@ -216,14 +219,13 @@ lora.fused_dropout=true"
     declare -A cap=([fp8-curve-bf16]=300 [fp8-curve-fp8]=300 [fp8-curve-bf16-flex]=300 [sft-curve-bf16]=300
                     [sft-curve-fp8]=300 [sft-curve-bf16-sdpa]=300 [lora-bf16-b16-compiled-autotune]=320)
     for part in ${PARTS:-dpo lora-bf16-b1-ckpt official lora-bf16-b1-ckpt-compiled lora-bf16-b16-compiled lora-bf16-auto}; do
-        limit=$(( ${DEADLINE_S:-570} - SECONDS ))
-        if (( limit < 45 )); then echo "skipped (deadline): $part"; continue; fi
-        if [[ $part != lora-dropout-check && $part != official ]] && ! $folder_ready; then
+        if [[ $part != lora-dropout-check && $part != official ]] && ! $folder_ready && (( $(seconds_left) >= 45 ))
+        then
             if build_6b_folder; then folder_ready=true; echo "6B folder ready at ${SECONDS} s"
             else echo "6B folder not built (its error above), at ${SECONDS} s"; fi
-            limit=$(( ${DEADLINE_S:-570} - SECONDS ))
-            if (( limit < 45 )); then echo "skipped (deadline): $part"; continue; fi
         fi
+        limit=$(seconds_left)  # after the build, whose time counts against the part it delays
+        if (( limit < 45 )); then echo "skipped (deadline): $part"; continue; fi
         echo "== $part at ${SECONDS} s"
         case "$part" in
         dpo)  # issue #21's DPO step of the 6B shape
