@@ -37,7 +37,7 @@ import types
 from pathlib import Path
 
 import torch
-from common import SIX_B, random_chatglm
+from common import SIX_B, kernel_time, random_chatglm
 
 GMASK, MASK, SOP, EOP, PAD = 130001, 130000, 130004, 130005, 3
 # The official code needs the real special-token ids, so the smoke shape keeps the real vocabulary.
@@ -286,9 +286,8 @@ def profile_step(trainer: TrainingStep, spec: dict) -> None:
         torch.cuda.synchronize()
     wall_ms = 1e3 * (time.perf_counter() - start)
     averages = prof.key_averages()
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    busy_ms = sum(e.device_time for e in kernels) / 1e3
-    print(f"profile {spec}: {len(kernels)} kernels, {busy_ms:.1f} ms of kernel time in {wall_ms:.1f} ms "
+    kernels, busy_ms = kernel_time(prof)
+    print(f"profile {spec}: {kernels} kernels, {busy_ms:.1f} ms of kernel time in {wall_ms:.1f} ms "
           "(profiled, so the wall time is inflated)", flush=True)
     for key in ("self_device_time_total", "self_cuda_time_total"):
         try:

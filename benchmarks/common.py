@@ -58,6 +58,13 @@ def build_6b_folder(folder: Path, tokenizer_cache: Path | None = None) -> Path:
     return folder
 
 
+def kernel_time(prof) -> tuple[int, float]:
+    """How many GPU kernels a torch.profiler run recorded, and their summed time in ms: the device's busy time,
+    without the host's time to launch them."""
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return len(kernels), sum(e.device_time for e in kernels) / 1e3
+
+
 def commit_id(cwd: Path | None = None) -> str:
     """The checkout's short commit, "+ uncommitted" when it has changes; "unknown" without git (a GPU machine's copy)."""
     try:

@@ -219,7 +219,7 @@ lora.fused_dropout=true"
     declare -A cap=([fp8-curve-bf16]=300 [fp8-curve-fp8]=300 [fp8-curve-bf16-flex]=300 [sft-curve-bf16]=300
                     [sft-curve-fp8]=300 [sft-curve-bf16-sdpa]=300 [lora-bf16-b16-compiled-autotune]=320)
     for part in ${PARTS:-dpo lora-bf16-b1-ckpt official lora-bf16-b1-ckpt-compiled lora-bf16-b16-compiled lora-bf16-auto}; do
-        if [[ $part != lora-dropout-check && $part != official ]] && ! $folder_ready && (( $(seconds_left) >= 45 ))
+        if [[ $part != lora-dropout-* && $part != official ]] && ! $folder_ready && (( $(seconds_left) >= 45 ))
         then
             if build_6b_folder; then folder_ready=true; echo "6B folder ready at ${SECONDS} s"
             else echo "6B folder not built (its error above), at ${SECONDS} s"; fi
@@ -251,7 +251,11 @@ lora.fused_dropout=true"
             ;;
         lora-dropout-check)  # the fused dropout's kernels against the mask applied by hand, and each adapter's time
             timeout $(capped 150) python3 benchmarks/check_lora_dropout.py > "$OUT/lora-dropout-check.log" 2>&1
-            grep -E "^check|^adapter|^lora|Error" "$OUT/lora-dropout-check.log" | cut -c1-300
+            grep -E "^check|^adapter|^lora|Error" "$OUT/lora-dropout-check.log" | cut -c1-400
+            ;;
+        lora-dropout-sweep)  # the same, then every launch setting of its three kernels at b16 (the Launch to ship)
+            timeout $(capped 300) python3 benchmarks/check_lora_dropout.py --sweep > "$OUT/lora-dropout-sweep.log" 2>&1
+            grep -E "^check|^adapter|^lora|^sweep .*(default|best)|Error" "$OUT/lora-dropout-sweep.log" | cut -c1-400
             ;;
         official)  # the official code's b1-with-checkpointing and b8 rows
             if [ ! -d .official ] || [ ! -d .whl_bench/official ]; then echo "skipped: no .official"; continue; fi

@@ -45,7 +45,7 @@ from pathlib import Path
 
 import torch
 from bench_multi_gpu import write_base_config
-from common import build_6b_folder
+from common import build_6b_folder, kernel_time
 from torch.profiler import ProfilerActivity, profile
 
 FIRST_PROCESS = int(os.environ.get("RANK", "0")) == 0  # under torchrun, one report (the processes run in step)
@@ -77,10 +77,9 @@ def profiled_training_step(original, trace: str | None):
 
 
 def report(prof, wall_ms: float, steps: int) -> None:
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    busy_ms = sum(e.device_time for e in kernels) / 1e3
+    kernels, busy_ms = kernel_time(prof)
     print(f"\nprofile of {steps} steps: wall {wall_ms:.0f} ms (profiled), kernels {busy_ms:.0f} ms "
-          f"({100 * busy_ms / wall_ms:.0f} % busy), {len(kernels) / steps:.0f} kernels a step", flush=True)
+          f"({100 * busy_ms / wall_ms:.0f} % busy), {kernels / steps:.0f} kernels a step", flush=True)
     averages = prof.key_averages()
     print(averages.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=80), flush=True)
     print(averages.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=80), flush=True)

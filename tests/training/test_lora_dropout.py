@@ -65,6 +65,26 @@ def test_the_mask_keeps_one_minus_p_and_depends_on_the_seed_alone():
     assert (mask != drawn_mask(8, p, rows, width)).float().mean() > 0.3
 
 
+@pytest.mark.parametrize("launch", [lora_dropout.Launch(block_rows=32, programs=16),
+                                    lora_dropout.Launch(block_rows=128, num_warps=8, num_stages=1, programs=4)])
+def test_a_kernels_launch_settings_change_neither_the_mask_nor_the_results(launch):
+    # What check_lora_dropout.py --sweep tries: other rows a program and other splits of the reductions.
+    torch.manual_seed(0)
+    x = torch.randn(200, 256, dtype=HALF, device=DEVICE)
+    weight = torch.randn(8, 256, dtype=HALF, device=DEVICE)
+    grad = torch.randn(200, 8, dtype=HALF, device=DEVICE)
+    seed = seed_tensor(11)
+    partial, bits = lora_dropout.forward_partials(x, weight, seed, 0.1)
+    other_partial, other_bits = lora_dropout.forward_partials(x, weight, seed, 0.1, launch)
+    assert other_partial.shape[0] != partial.shape[0]  # the reduction split otherwise
+    assert torch.equal(other_bits, bits)
+    torch.testing.assert_close(other_partial.sum(0), partial.sum(0), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(lora_dropout.input_grad(grad, weight, bits, 0.1, launch),
+                               lora_dropout.input_grad(grad, weight, bits, 0.1))
+    torch.testing.assert_close(lora_dropout.weight_grad_partials(grad, x, bits, 0.1, launch).sum(0),
+                               lora_dropout.weight_grad_partials(grad, x, bits, 0.1).sum(0), rtol=1e-4, atol=1e-4)
+
+
 def test_without_gradient_for_the_input_only_the_weights_gradient_is_computed(monkeypatch):
     x = torch.randn(64, 64, dtype=HALF, device=DEVICE)
     weight = torch.randn(8, 64, dtype=HALF, device=DEVICE, requires_grad=True)

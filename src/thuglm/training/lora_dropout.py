@@ -21,6 +21,8 @@ the layer does what peft does.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -29,7 +31,6 @@ from peft.tuners.lora import LoraLayer
 from torch.library import triton_op, wrap_triton
 
 MASK_COLUMNS = 64  # the columns one mask draw covers (16 Philox offsets x 4 numbers); the input width's divisor
-BLOCK_ROWS = 64
 # Run the kernels on CPU tensors too: the tests set it, with TRITON_INTERPRET=1 (Triton's CPU interpreter).
 ON_CPU = False
 
@@ -129,17 +130,81 @@ def _weight_grad_kernel(grad_ptr, x_ptr, bits_ptr, partial_ptr, M, K, R, scale, 
     tl.store(partial_ptr + split * BLOCK_R * K + ranks[:, None] * K + columns[None, :], acc * scale)
 
 
-PROGRAMS = 1024  # enough programs to keep every multiprocessor of a large GPU busy
+@dataclass(frozen=True)
+class Launch:
+    """How one of the kernels is launched. The mask and the results do not depend on it, only the speed:
+    `benchmarks/check_lora_dropout.py --sweep` times the choices on a GPU."""
+
+    block_rows: int = 64  # the rows a program (forward, input gradient) or a loop step (weight gradient) takes
+    num_warps: int = 4
+    num_stages: int = 3  # Triton's software pipelining of the column (row) loop
+    programs: int = 1024  # where a reduction splits (forward, weight gradient): into enough parts to make this many
 
 
-def _splits(programs: int, most: int) -> int:
-    """Into how many parts (at most `most`) to split a reduction that `programs` programs make, to make PROGRAMS.
+FORWARD = Launch()
+INPUT_GRAD = Launch()
+WEIGHT_GRAD = Launch()
+
+
+def _splits(programs: int, most: int, target: int) -> int:
+    """Into how many parts (at most `most`) to split a reduction that `programs` programs make, to make `target`.
     (torch.sym_*: under torch.compile a size may be symbolic, which Python's min and max would pin to one value.)"""
-    return torch.sym_max(1, torch.sym_min(most, PROGRAMS // programs))
+    return torch.sym_max(1, torch.sym_min(most, target // programs))
 
 
 def _rank_block(rank: int) -> int:
     return max(16, triton.next_power_of_2(rank))  # tl.dot's smallest side is 16
+
+
+def forward_partials(x: torch.Tensor, weight: torch.Tensor, seed: torch.Tensor, p: float,
+                     launch: Launch | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward kernel alone: h's fp32 partial sums over the column splits, [splits, M, rank block], and the
+    mask's words. `launch`: the module's FORWARD unless given."""
+    launch = launch or FORWARD
+    M, K = x.shape
+    R = weight.shape[0]
+    block_r = _rank_block(R)
+    # The columns split too where the rows alone make too few programs to fill the GPU (a batch of one row);
+    # the splits' partial sums are added in a fixed order, so the result is the same from run to run.
+    splits = _splits(triton.cdiv(M, launch.block_rows), K // MASK_COLUMNS, launch.programs)
+    columns_per_split = triton.cdiv(K // MASK_COLUMNS, splits) * MASK_COLUMNS
+    partial = x.new_empty((splits, M, block_r), dtype=torch.float32)
+    bits = x.new_empty((M, K // 32), dtype=torch.int32)
+    wrap_triton(_forward_kernel)[(triton.cdiv(M, launch.block_rows), splits)](
+        x, weight, seed, partial, bits, M, K, R, p, 1.0 / (1.0 - p), columns_per_split, BLOCK_M=launch.block_rows,
+        BLOCK_R=block_r, num_warps=launch.num_warps, num_stages=launch.num_stages)
+    return partial, bits
+
+
+def input_grad(grad: torch.Tensor, weight: torch.Tensor, bits: torch.Tensor, p: float,
+               launch: Launch | None = None) -> torch.Tensor:
+    """The input-gradient kernel: `(grad @ weight) * keep / (1 - p)`. `launch`: INPUT_GRAD unless given."""
+    launch = launch or INPUT_GRAD
+    M, R = grad.shape
+    width = bits.shape[1] * 32
+    dx = grad.new_empty((M, width))
+    wrap_triton(_input_grad_kernel)[(triton.cdiv(M, launch.block_rows), width // MASK_COLUMNS)](
+        grad, weight, bits, dx, M, width, R, 1.0 / (1.0 - p), BLOCK_M=launch.block_rows, BLOCK_R=_rank_block(R),
+        num_warps=launch.num_warps, num_stages=launch.num_stages)
+    return dx
+
+
+def weight_grad_partials(grad: torch.Tensor, x: torch.Tensor, bits: torch.Tensor, p: float,
+                         launch: Launch | None = None) -> torch.Tensor:
+    """The weight-gradient kernel alone: the fp32 partial sums over the row splits, [splits, rank block, K].
+    `launch`: WEIGHT_GRAD unless given."""
+    launch = launch or WEIGHT_GRAD
+    M, K = x.shape
+    R = grad.shape[1]
+    block_r = _rank_block(R)
+    # The rows split where the columns alone make too few programs (fixed order of the partial sums, as above).
+    splits = _splits(K // MASK_COLUMNS, triton.cdiv(M, launch.block_rows), launch.programs)
+    rows_per_split = triton.cdiv(triton.cdiv(M, splits), launch.block_rows) * launch.block_rows
+    partial = x.new_empty((splits, block_r, K), dtype=torch.float32)
+    wrap_triton(_weight_grad_kernel)[(K // MASK_COLUMNS, splits)](
+        grad, x, bits, partial, M, K, R, 1.0 / (1.0 - p), rows_per_split, BLOCK_M=launch.block_rows, BLOCK_R=block_r,
+        num_warps=launch.num_warps, num_stages=launch.num_stages)
+    return partial
 
 
 @triton_op("thuglm::dropout_linear", mutates_args=())
@@ -147,43 +212,18 @@ def dropout_linear(x: torch.Tensor, weight: torch.Tensor, seed: torch.Tensor,
                    p: float) -> tuple[torch.Tensor, torch.Tensor]:
     """`F.linear(F.dropout(x, p), weight)` for a contiguous [M, K] `x` (K a multiple of 64), the mask drawn from
     `seed` (a one-element int64 tensor on x's device); and that mask as [M, K // 32] int32 words (`kept_mask`)."""
-    M, K = x.shape
-    R = weight.shape[0]
-    block_r = _rank_block(R)
-    # The columns split too where the rows alone make too few programs to fill the GPU (a batch of one row);
-    # the splits' partial sums are added in a fixed order, so the result is the same from run to run.
-    splits = _splits(triton.cdiv(M, BLOCK_ROWS), K // MASK_COLUMNS)
-    columns_per_split = triton.cdiv(K // MASK_COLUMNS, splits) * MASK_COLUMNS
-    partial = x.new_empty((splits, M, block_r), dtype=torch.float32)
-    bits = x.new_empty((M, K // 32), dtype=torch.int32)
-    wrap_triton(_forward_kernel)[(triton.cdiv(M, BLOCK_ROWS), splits)](
-        x, weight, seed, partial, bits, M, K, R, p, 1.0 / (1.0 - p), columns_per_split, BLOCK_M=BLOCK_ROWS,
-        BLOCK_R=block_r)
-    return partial.sum(dim=0)[:, :R].to(x.dtype), bits
+    partial, bits = forward_partials(x, weight, seed, p)
+    return partial.sum(dim=0)[:, :weight.shape[0]].to(x.dtype), bits
 
 
 @triton_op("thuglm::dropout_linear_input_grad", mutates_args=())
 def dropout_linear_input_grad(grad: torch.Tensor, weight: torch.Tensor, bits: torch.Tensor, p: float) -> torch.Tensor:
-    M, R = grad.shape
-    width = bits.shape[1] * 32
-    dx = grad.new_empty((M, width))
-    wrap_triton(_input_grad_kernel)[(triton.cdiv(M, BLOCK_ROWS), width // MASK_COLUMNS)](
-        grad, weight, bits, dx, M, width, R, 1.0 / (1.0 - p), BLOCK_M=BLOCK_ROWS, BLOCK_R=_rank_block(R))
-    return dx
+    return input_grad(grad, weight, bits, p)
 
 
 @triton_op("thuglm::dropout_linear_weight_grad", mutates_args=())
 def dropout_linear_weight_grad(grad: torch.Tensor, x: torch.Tensor, bits: torch.Tensor, p: float) -> torch.Tensor:
-    M, K = x.shape
-    R = grad.shape[1]
-    block_r = _rank_block(R)
-    # The rows split where the columns alone make too few programs (fixed order of the partial sums, as above).
-    splits = _splits(K // MASK_COLUMNS, triton.cdiv(M, BLOCK_ROWS))
-    rows_per_split = triton.cdiv(triton.cdiv(M, splits), BLOCK_ROWS) * BLOCK_ROWS
-    partial = x.new_empty((splits, block_r, K), dtype=torch.float32)
-    wrap_triton(_weight_grad_kernel)[(K // MASK_COLUMNS, splits)](
-        grad, x, bits, partial, M, K, R, 1.0 / (1.0 - p), rows_per_split, BLOCK_M=BLOCK_ROWS, BLOCK_R=block_r)
-    return partial.sum(dim=0)[:R]
+    return weight_grad_partials(grad, x, bits, p).sum(dim=0)[:grad.shape[1]]
 
 
 def kept_mask(bits: torch.Tensor) -> torch.Tensor:
