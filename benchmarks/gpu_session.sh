@@ -143,6 +143,11 @@ warmup_ratio=0 lora.dropout=0"
     declare -A recipe=(
         [lora-bf16-b1-ckpt]="batch_size=1 gradient_checkpointing=true max_steps=40"
         [lora-bf16-b1-ckpt-compiled]="batch_size=1 gradient_checkpointing=true compile=true max_steps=60"
+        # the same with the compiled parts' kernels replayed as CUDA graphs (inductor's triton.cudagraphs, what
+        # torch.compile's mode reduce-overhead sets): the host-bound b1 step without its launches, if cudagraph trees
+        # take the checkpoint's recomputation (never tried: it may fall back to launches, or fail)
+        [lora-bf16-b1-ckpt-compiled-cudagraphs]="batch_size=1 gradient_checkpointing=true compile=true max_steps=60 \
+--inductor triton.cudagraphs=true"
         [lora-bf16-b16-compiled]="batch_size=16 compile=true max_steps=30"
         [lora-bf16-auto]="batch_size=auto global_batch_size=32 compile=true max_steps=20"
         # what the b1 step's time and memory are made of: the loss's chunk size, LoRA's dropout
