@@ -161,8 +161,8 @@ class LoraSettings:
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
     fused_dropout: bool = False
     """On a CUDA GPU, draw the dropout inside each adapter's first product instead of writing a dropped copy of its
-    input and keeping it for the backward (training/lora_dropout.py): less memory (b16 s512 on ChatGLM-6B: ~45 GiB
-    instead of 52); false keeps peft's dropout module."""
+    input and keeping it for the backward (training/lora_dropout.py): less memory at large batches, at the same speed
+    there (benchmarks/README.md, issue #23); false keeps peft's dropout module."""
 
 
 @dataclass
