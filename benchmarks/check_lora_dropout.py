@@ -190,6 +190,7 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, nargs="+", default=[8192, 512], help="tokens a step (b16, b1 of 512)")
     parser.add_argument("--sweep", action="store_true", help="also time each kernel's launch settings")
     args = parser.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # each line in the log as it comes: a part stopped by its cap keeps them
     ok = check_against_mask(1000, 4096, 8, 0.05)
     ok &= check_against_mask(4096, 16384, 16, 0.3)
     # ChatGLM-6B's four adapted linears: (input width, output width)
