@@ -1,11 +1,12 @@
 import json
+import re
 
 import pytest
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from thuglm.data import causal_lm_sample
-from thuglm.models import ChatGLMForConditionalGeneration, MissingGlmTokensError
+from thuglm.models import ChatGLMConfig, ChatGLMForConditionalGeneration, MissingGlmTokensError
 
 from ..conftest import random_weights
 
@@ -141,7 +142,7 @@ def test_rotary_computes_the_official_per_half_products_bit_for_bit(dtype):
         return torch.cat((-x2, x1), dim=-1)
 
     head_dim, generator = 128, torch.Generator().manual_seed(0)
-    rotary = ChatGLMRotaryEmbedding(type("Config", (), {"head_dim": head_dim})())
+    rotary = ChatGLMRotaryEmbedding(ChatGLMConfig(hidden_size=head_dim * 4, num_attention_heads=4))
     position_ids = torch.stack([torch.randint(0, 2048, (2, 50), generator=generator),
                                 torch.randint(0, 100, (2, 50), generator=generator)], dim=1)
     query_key = torch.randn(2, 50, 4, 2, head_dim, generator=generator).to(dtype)  # [batch, seq, heads, (q, k), d]
@@ -151,6 +152,47 @@ def test_rotary_computes_the_official_per_half_products_bit_for_bit(dtype):
     official = torch.cat([half * cos[:, i] + rotate_half(half) * sin[:, i]
                           for i, half in enumerate(query_key.chunk(2, dim=-1))], dim=-1)
     assert torch.equal(apply_glm_rotary(query_key, *rotary(query_key, position_ids)), official)
+
+
+def test_linear_rope_scaling_divides_every_position_by_its_factor():
+    """Position interpolation: with factor 8, position 8p rotates as position p did, in both rotary halves."""
+    from thuglm.models.modeling_chatglm import ChatGLMRotaryEmbedding
+
+    official = ChatGLMRotaryEmbedding(ChatGLMConfig(hidden_size=512, num_attention_heads=4))
+    stretched = ChatGLMRotaryEmbedding(ChatGLMConfig(hidden_size=512, num_attention_heads=4,
+                                                     rope_parameters={"rope_type": "linear", "factor": 8}))
+    positions = torch.stack([torch.arange(2048), torch.arange(2048).flip(0)])[None]  # [1, 2, seq]
+    x = torch.zeros(1, 1)
+    for official_table, stretched_table in zip(official(x, positions), stretched(x, positions * 8), strict=True):
+        torch.testing.assert_close(stretched_table, official_table, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize(
+    ("given", "stored"),
+    [
+        ({}, None),
+        ({"rope_parameters": {"rope_type": "default"}}, None),
+        ({"rope_parameters": {"rope_type": "linear", "factor": 8}}, {"rope_type": "linear", "factor": 8.0}),
+        ({"rope_scaling": {"type": "linear", "factor": 4.0}}, {"rope_type": "linear", "factor": 4.0}),  # older spelling
+    ],
+)
+def test_rope_parameters_are_stored_in_transformers_form_and_survive_a_save(tmp_path, given, stored):
+    config = ChatGLMConfig(**given)
+    assert config.rope_parameters == stored
+    config.save_pretrained(tmp_path)
+    assert ChatGLMConfig.from_pretrained(tmp_path).rope_parameters == stored
+    assert ("rope_parameters" in json.loads((tmp_path / "config.json").read_text())) == (stored is not None)
+
+
+@pytest.mark.parametrize(
+    ("rope_parameters", "message"),
+    [({"rope_type": "yarn", "factor": 4}, "rope_type 'yarn' is not one ChatGLM runs; use one of default, linear"),
+     ({"rope_type": "linear"}, "needs a factor of at least 1; got None"),
+     ({"rope_type": "linear", "factor": 0.5}, "got 0.5")],
+)
+def test_rope_parameters_chatglm_cannot_run_are_refused(rope_parameters, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ChatGLMConfig(rope_parameters=rope_parameters)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -2,7 +2,30 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from transformers import PretrainedConfig
+
+ROPE_TYPES = ("default", "linear")
+"""The rotary variants ChatGLM runs: the official one, and `linear` (position interpolation: every position divided
+by `factor`, so rows `factor` times the trained length see the positions the model knows)."""
+
+
+def standard_rope_parameters(value: dict[str, Any] | None) -> dict[str, Any] | None:
+    """`rope_parameters` (transformers' name; `rope_scaling` and its `type` key are the older spellings) as
+    `{"rope_type": "linear", "factor": float}`, or None for the official rotary; anything else is refused."""
+    if not value:
+        return None
+    rope_type = value.get("rope_type", value.get("type", "default"))
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(f"rope_parameters: rope_type {rope_type!r} is not one ChatGLM runs; use one of "
+                         f"{', '.join(ROPE_TYPES)}")
+    if rope_type == "default":
+        return None
+    factor = value.get("factor")
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor < 1:
+        raise ValueError(f"rope_parameters: a {rope_type} rotary needs a factor of at least 1; got {factor!r}")
+    return {"rope_type": rope_type, "factor": float(factor)}
 
 
 class ChatGLMConfig(PretrainedConfig):
@@ -37,6 +60,7 @@ class ChatGLMConfig(PretrainedConfig):
         prefix_projection: bool = False,
         tie_word_embeddings: bool = True,
         initializer_range: float = 0.02,
+        rope_parameters: dict[str, Any] | None = None,
         **kwargs,
     ):
         # The official config names remote classes; thuglm's own classes serve `model_type: chatglm` instead.
@@ -63,6 +87,19 @@ class ChatGLMConfig(PretrainedConfig):
             tie_word_embeddings=tie_word_embeddings,
             **kwargs,
         )
+        # After the base class, which turns a config.json's older `rope_scaling` into `rope_parameters`.
+        self.rope_parameters = standard_rope_parameters(rope_parameters or self.__dict__.get("rope_parameters"))
+
+    def to_dict(self) -> dict[str, Any]:
+        output = super().to_dict()
+        if output.get("rope_parameters") is None:  # the official rotary: config.json stays as the official one
+            output.pop("rope_parameters", None)
+        return output
+
+    @property
+    def rope_factor(self) -> float:
+        """How much the rotary's positions are divided by: 1 for the official rotary."""
+        return self.rope_parameters["factor"] if self.rope_parameters else 1.0
 
     @property
     def head_dim(self) -> int:
