@@ -8,6 +8,7 @@ from peft import PeftModel
 from thuglm.cli import main
 from thuglm.inference import ModelLoadError, load_for_inference
 from thuglm.inference.loading import resolve_dtype
+from thuglm.models.folders import BASE_CHANGES_FILE, recorded_base_changes
 
 
 def logits(tokenizer, model, texts=("你好", "春天适合做什么？")):
@@ -108,3 +109,22 @@ def test_a_command_names_the_base_in_its_own_terms(adapter_dir, tmp_path, capsys
 def test_an_adapter_folder_as_model_and_another_adapter_is_refused(adapter_dir, output_dir):
     with pytest.raises(ModelLoadError, match="itself an adapter folder"):
         load_for_inference(output_dir, adapter=adapter_dir)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [({"max_sequence_length": 4096, "vocab_size": 10}, "changes vocab_size of the base's config"),
+     ({"rope_parameters": {"rope_type": "yarn", "factor": 2}}, "rope_type 'yarn' is not one ChatGLM runs")],
+)
+def test_a_record_of_base_changes_thuglm_does_not_write_is_refused_with_the_file_named(tmp_path, changes, message):
+    (tmp_path / BASE_CHANGES_FILE).write_text(json.dumps(changes))
+    with pytest.raises(ModelLoadError, match=f"{BASE_CHANGES_FILE}.*{message}"):
+        recorded_base_changes(tmp_path)
+
+
+def test_a_record_of_base_changes_reads_in_transformers_form(tmp_path):
+    (tmp_path / BASE_CHANGES_FILE).write_text(json.dumps(
+        {"max_sequence_length": 8192, "rope_parameters": {"type": "linear", "factor": 4}}))
+    assert recorded_base_changes(tmp_path) == {"max_sequence_length": 8192,
+                                               "rope_parameters": {"rope_type": "linear", "factor": 4.0}}
+    assert recorded_base_changes(tmp_path / "elsewhere") == {}

@@ -13,6 +13,7 @@ from thuglm.training.config import (
     ConfigError,
     check_max_seq_len,
     load_config,
+    long_context_kwargs,
     valid_keys,
 )
 
@@ -100,9 +101,28 @@ def test_max_seq_len_longer_than_the_model_was_trained_on_is_refused(tmp_path):
         check_max_seq_len(load_config(path, ["max_seq_len=4096"]), chatglm_6b)
     message = str(error.value)
     assert "`max_seq_len` is 4096" in message and "at most 2048 tokens" in message
-    assert "set max_seq_len to 2048 or less" in message
+    assert "set max_seq_len to 2048 or less" in message and "or add `rope_scaling: linear`" in message
     with pytest.raises(ConfigError, match="`max_seq_len` is 512.*at most 256 tokens"):
         check_max_seq_len(load_config(path), ChatGLMConfig(max_sequence_length=256))
+
+
+def test_rope_scaling_stretches_the_context_to_max_seq_len_and_is_refused_with_nothing_to_stretch(tmp_path):
+    path = write(tmp_path, "model: tiny\ndata: {files: [a.csv]}\n")
+    chatglm_6b = ChatGLMConfig()
+    longer = load_config(path, ["max_seq_len=16384", "rope_scaling=linear"])
+    check_max_seq_len(longer, chatglm_6b)
+    assert long_context_kwargs(longer, chatglm_6b) == {
+        "max_sequence_length": 16384, "rope_parameters": {"rope_type": "linear", "factor": 8.0}}
+    # A base stretched before (a merged long-context model) is stretched further: the factors multiply.
+    stretched = ChatGLMConfig(max_sequence_length=4096, rope_parameters={"rope_type": "linear", "factor": 2})
+    assert long_context_kwargs(longer, stretched)["rope_parameters"]["factor"] == 8.0
+    assert long_context_kwargs(load_config(path), chatglm_6b) == {}  # without rope_scaling nothing changes
+    check_max_seq_len(load_config(path, ["max_seq_len=4096"]), stretched)  # within its stretched context
+    with pytest.raises(ConfigError) as error:
+        check_max_seq_len(load_config(path, ["max_seq_len=1024", "rope_scaling=linear"]), chatglm_6b)
+    assert "max_seq_len 1024 is within them: remove rope_scaling, or raise max_seq_len above 2048" in str(error.value)
+    with pytest.raises(ConfigError, match="rope_scaling.*must be one of linear"):
+        load_config(path, ["rope_scaling=dynamic"])
 
 
 @pytest.mark.parametrize(

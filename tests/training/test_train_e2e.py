@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import thuglm  # noqa: F401
 from thuglm.cli import main
+from thuglm.inference.loading import load_for_inference
 from thuglm.training import recipe
 from thuglm.training.demo import resource_path
 
@@ -175,3 +176,33 @@ def test_model_folder_without_weights_exits_2_with_the_fix(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "has a config.json but no weights" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_rope_scaling_trains_rows_past_the_context_and_every_loader_stretches_the_base_alike(tmp_path, capsys):
+    """The tiny base knows 512 positions; rows of 1024 are refused, then trained with `rope_scaling: linear`. The
+    adapter's folders record the stretch, and loading (chat, generate, serve, merge) applies it to the base."""
+    settings = base_settings(tmp_path, method="lora", max_seq_len=1024, batch_size=1, max_steps=2, save_steps=1)
+    settings["data"]["validation_split"] = 0
+    assert main(["train", str(write_config(tmp_path, **settings))]) == 2
+    assert "or add `rope_scaling: linear`" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+    assert main(["train", str(write_config(tmp_path, **settings, rope_scaling="linear"))]) == 0
+    out = tmp_path / "out"
+    stretched = {"max_sequence_length": 1024, "rope_parameters": {"rope_type": "linear", "factor": 2.0}}
+    for folder in (out, out / "checkpoint-1", out / "checkpoint-2"):
+        assert json.loads((folder / "thuglm_base_config.json").read_text()) == stretched, folder
+
+    tokenizer, tuned = load_for_inference(out / "checkpoint-2", dtype="fp32", device="cpu")
+    assert tuned.config.max_sequence_length == 1024 and tuned.config.rope_factor == 2.0
+    merged_dir = tmp_path / "merged"
+    assert main(["merge", "--adapter", str(out), "--out", str(merged_dir)]) == 0
+    merged_config = json.loads((merged_dir / "config.json").read_text())
+    assert {key: merged_config[key] for key in stretched} == stretched
+    batch = tokenizer(["春天来了，" * 150], return_tensors="pt")  # past the 512 positions the base knew
+    assert batch["input_ids"].shape[1] > 512
+    unstretched = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(OFFICIAL_TINY), out).eval()
+    with torch.no_grad():
+        expected = tuned(**batch).logits
+        got = AutoModelForCausalLM.from_pretrained(merged_dir).eval()(**batch).logits
+        assert (unstretched(**batch).logits - expected).abs().max() > 1e-3  # the stretch changes the answer
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)

@@ -177,3 +177,13 @@ def test_a_prefix_folder_is_refused_as_a_training_base(ptuning_run, tmp_path, ca
     settings = base_settings(tmp_path, method="lora", model=str(ptuning_run / "out"))
     assert main(["train", str(write_config(tmp_path, **settings))]) == 2
     assert "P-Tuning v2 checkpoint" in capsys.readouterr().err
+
+
+def test_a_ptuning_prefix_trained_past_the_context_loads_on_the_stretched_base(tmp_path):
+    settings = base_settings(tmp_path, method="ptuning", max_seq_len=1024, rope_scaling="linear", batch_size=1,
+                             max_steps=1, save_steps=0, ptuning={"pre_seq_len": PRE_SEQ_LEN})
+    settings["data"]["validation_split"] = 0
+    assert main(["train", str(write_config(tmp_path, **settings))]) == 0
+    _, model = load_for_inference(tmp_path / "out", dtype="fp32", device="cpu")
+    assert model.config.max_sequence_length == 1024 and model.config.rope_factor == 2.0
+    assert model.transformer.prefix_encoder is not None

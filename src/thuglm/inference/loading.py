@@ -25,6 +25,7 @@ from ..models.folders import (
     ModelLoadError,
     check_model_folder,
     check_tokenizer_fits,
+    recorded_base_changes,
     tokenizer_folder,
 )
 from ..models.precision import DTYPES, auto_precision
@@ -214,8 +215,10 @@ def load_for_inference(
     # A P-Tuning folder: the base, then a prefix encoder of the folder's pre_seq_len / prefix_projection on it.
     prefix = ptuning_settings(adapter) if adapter is not None and is_ptuning_folder(adapter) else {}
     official_bits = check_official_quantized(model_path, quantize)
+    # An adapter trained with `rope_scaling` runs on its base with the context it was trained at.
+    base_changes = recorded_base_changes(adapter) if adapter is not None else {}
     model = AutoModelForCausalLM.from_pretrained(
-        model_path, dtype=dtype, device_map=str(device), **quantize_kwargs(quantize, dtype)
+        model_path, dtype=dtype, device_map=str(device), **quantize_kwargs(quantize, dtype), **base_changes
     )
     if official_bits:  # a missing or corrupt weight_scale is named now, not at the first answer
         check_official_checkpoint(model)

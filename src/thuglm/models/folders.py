@@ -6,17 +6,24 @@ each fails with the same message, naming the folder and what to do, instead of t
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
 from ..errors import ThuglmError
+from .configuration_chatglm import standard_rope_parameters
 from .prefix import is_ptuning_folder
 from .tokenization_chatglm import ChatGLMTokenizer
 
 TOKENIZER_FILE = ChatGLMTokenizer.vocab_files_names["vocab_file"]  # ice_text.model
 WEIGHT_FILES = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
+BASE_CHANGES_FILE = "thuglm_base_config.json"
+"""In a trained folder: the keys of its base model's config.json that the run changed (`rope_scaling`'s longer
+context), which an adapter folder has no config.json of its own to hold."""
+CONTEXT_KEYS = ("max_sequence_length", "rope_parameters")
 
 
 class ModelLoadError(ThuglmError, ValueError):
@@ -80,3 +87,27 @@ def tokenizer_folder(*candidates: Path | None) -> Path:
         f"no tokenizer: none of {', '.join(map(str, folders))} holds {TOKENIZER_FILE}. Copy ice_text.model and "
         "tokenizer_config.json from the ChatGLM-6B checkpoint into the model folder."
     )
+
+
+def record_base_changes(folder: Path, config) -> None:
+    """Write BASE_CHANGES_FILE into a saved `folder` when `config` (the trained model's) has a stretched context."""
+    if getattr(config, "rope_parameters", None):
+        changes = {key: getattr(config, key) for key in CONTEXT_KEYS}
+        (Path(folder) / BASE_CHANGES_FILE).write_text(json.dumps(changes, indent=2) + "\n")
+
+
+def recorded_base_changes(folder: Path) -> dict[str, Any]:
+    """The base config keys to load an adapter's base with (`from_pretrained` arguments): none unless recorded."""
+    path = Path(folder) / BASE_CHANGES_FILE
+    if not path.is_file():
+        return {}
+    changes = json.loads(path.read_text())
+    unknown = sorted(set(changes) - set(CONTEXT_KEYS))
+    if unknown:
+        raise ModelLoadError(f"{path} changes {', '.join(unknown)} of the base's config, which thuglm does not write "
+                             f"there (only {', '.join(CONTEXT_KEYS)}): remove those keys")
+    try:
+        changes["rope_parameters"] = standard_rope_parameters(changes.get("rope_parameters"))
+    except ValueError as error:
+        raise ModelLoadError(f"{path}: {error}") from None
+    return changes

@@ -224,7 +224,12 @@ class TrainConfig:
     """`ptuning`: P-Tuning v2 (the `ptuning` section); the output is in the official checkpoint layout."""
     output_dir: str = "outputs/run"
     max_seq_len: int = DEFAULT_MAX_SEQ_LEN
-    """Tokens a row (a sample, or several packed); at most the model's `max_sequence_length` (2048 for ChatGLM-6B)."""
+    """Tokens a row (a sample, or several packed); at most the model's `max_sequence_length` (2048 for ChatGLM-6B),
+    unless `rope_scaling` stretches it."""
+    rope_scaling: Literal["linear"] | None = None
+    """`linear`: train on rows longer than the model's `max_sequence_length` by position interpolation (every rotary
+    position divided by max_seq_len / max_sequence_length, so the longer rows see the positions the model knows).
+    The trained folder records it; chat, generate, serve and merge load the base that way."""
     packing: bool | None = None
     """Several samples a row, each with its own positions and mask. Default: on for text, off for alpaca."""
     max_steps: int = -1
@@ -367,14 +372,36 @@ def resolve_defaults(config: TrainConfig) -> None:
 
 def check_max_seq_len(config: TrainConfig, model_config: Any) -> None:
     """`max_seq_len` against the model's `max_sequence_length` (its config.json: 2048 for ChatGLM-6B): the model
-    was trained on no longer rows, so a longer one is refused before any data is read."""
+    was trained on no longer rows, so a longer one is refused before any data is read, unless `rope_scaling`
+    stretches the positions to it; a `rope_scaling` with nothing to stretch is refused too."""
     limit = getattr(model_config, "max_sequence_length", None)
-    if limit is not None and config.max_seq_len > limit:
+    if limit is None:
+        return
+    if config.max_seq_len > limit and config.rope_scaling is None:
         raise ConfigError(
             f"config key `max_seq_len` is {config.max_seq_len}, and the model ({config.model}) was trained on at most "
-            f"{limit} tokens (max_sequence_length in its config.json): set max_seq_len to {limit} or less; longer "
-            "texts are split into windows of max_seq_len (text) or lose their oldest rounds first (dialogues)"
+            f"{limit} tokens (max_sequence_length in its config.json): set max_seq_len to {limit} or less (longer "
+            "texts are split into windows of max_seq_len (text) or lose their oldest rounds first (dialogues)), or "
+            "add `rope_scaling: linear` to train on the longer rows with the positions interpolated"
         )
+    if config.rope_scaling is not None and config.max_seq_len <= limit:
+        raise ConfigError(
+            f"config key `rope_scaling: {config.rope_scaling}` stretches the positions past the {limit} tokens the "
+            f"model ({config.model}) was trained on, and max_seq_len {config.max_seq_len} is within them: remove "
+            f"rope_scaling, or raise max_seq_len above {limit}"
+        )
+
+
+def long_context_kwargs(config: TrainConfig, model_config: Any) -> dict[str, Any]:
+    """The base config's keys a `rope_scaling` run changes (`from_pretrained` arguments; none without it): the
+    context becomes max_seq_len, and the rotary's factor grows by max_seq_len / the old context (on a base that is
+    already stretched, its factor times that)."""
+    if config.rope_scaling is None:
+        return {}
+    limit = model_config.max_sequence_length
+    factor = getattr(model_config, "rope_factor", 1.0) * config.max_seq_len / limit
+    return {"max_sequence_length": config.max_seq_len,
+            "rope_parameters": {"rope_type": config.rope_scaling, "factor": factor}}
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -32,7 +32,14 @@ from .checkpoints import (
     staging_root,
     start_afresh,
 )
-from .config import ConfigError, TrainConfig, check_max_seq_len, check_optimizer_placement, load_config
+from .config import (
+    ConfigError,
+    TrainConfig,
+    check_max_seq_len,
+    check_optimizer_placement,
+    load_config,
+    long_context_kwargs,
+)
 from .distributed import (
     data_parallel_size,
     fsdp_checkpoints_layers,
@@ -104,7 +111,9 @@ def train(config: TrainConfig) -> dict[str, Any] | None:
     with main_process_first(state):  # the tiny model and the datasets cache are built once, then read by the others
         model_dir = resolve_model_dir(config.model)
         check_model_folder(model_dir)  # config, weights and tokenizer, as `thuglm chat` checks them
-        check_max_seq_len(config, AutoConfig.from_pretrained(model_dir))  # before any data is read
+        base_config = AutoConfig.from_pretrained(model_dir)
+        check_max_seq_len(config, base_config)  # before any data is read
+        long_context = long_context_kwargs(config, base_config)  # rope_scaling: the base's context stretched
         check_official_quantized_base(model_dir, config)  # an official int4/int8 folder trains P-Tuning only
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder(model_dir))
         check_tokenizer_fits(tokenizer, model_dir)
@@ -122,7 +131,10 @@ def train(config: TrainConfig) -> dict[str, Any] | None:
     args = None if probe_batch_size else training_arguments(config, precision, eval_dataset is not None, accumulation)
 
     model = task.load_model(model_dir, weights_dtype(config.method, precision), attn_implementation,
-                            **load_kwargs)
+                            **load_kwargs, **long_context)
+    if long_context:
+        logger.info("rope_scaling %s: rows of up to %d tokens, the rotary's positions divided by %g (recorded in the "
+                    "saved folders)", config.rope_scaling, config.max_seq_len, model.config.rope_factor)
     model = prepare_for_method(model, config)
     if config.precision == "fp8":  # the frozen base's matmuls in FP8 (training/fp8.py), before compile fuses them
         from .fp8 import convert_base_to_fp8

@@ -9,6 +9,7 @@ import torch
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 from transformers import AutoConfig
 
+from ...models.folders import record_base_changes
 from ..ptuning import saving_prefix_only
 
 
@@ -20,7 +21,8 @@ class FaithfulSaving:
       gathers 16-bit ones), and config.json says so;
     * tied weights (ChatGLM's lm_head and word embeddings) written once, as the official checkpoint has them;
     * FSDP's activation-checkpoint wrappers stepped aside, so that peft finds the adapter's weights by name;
-    * a P-Tuning model saves its prefix encoder alone.
+    * a P-Tuning model saves its prefix encoder alone;
+    * a run that stretched the base's context (`rope_scaling`) records that beside the weights (BASE_CHANGES_FILE).
     """
 
     def __init__(self, *args, **kwargs):
@@ -36,6 +38,7 @@ class FaithfulSaving:
             state_dict = without_tied_copies(in_loaded_dtypes(state_dict, self._loaded_dtypes), self._tied_weights)
         with without_checkpoint_wrappers(self.model), saving_prefix_only(self.model):
             super()._save(output_dir, state_dict=state_dict)
+        record_base_changes(Path(output_dir or self.args.output_dir), self.model.config)  # rope_scaling's context
         # save_pretrained records the dtype of the (upcast) weights it holds in config.json, not of those it wrote.
         config_file = Path(output_dir or self.args.output_dir) / "config.json"
         if gathered and config_file.is_file():
