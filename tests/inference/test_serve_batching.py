@@ -10,7 +10,14 @@ import httpx
 import openai
 import pytest
 
-from thuglm.inference.batching import ContinuousBatcher, GenerationRequest, QueueFullError, Sampling
+from thuglm.inference.batching import (
+    CacheTooLargeError,
+    ContinuousBatcher,
+    GenerationRequest,
+    QueueFullError,
+    Sampling,
+    check_cache_fits,
+)
 from thuglm.inference.loading import load_for_inference
 from thuglm.inference.serve import ChatService
 
@@ -99,3 +106,18 @@ def test_stop_cancels_what_is_left(tiny_dir):
     batcher.submit(GenerationRequest(prompt, prompt.index(tokenizer.gmask_token_id), Sampling(4), deliver))
     batcher.stop()  # never started: the waiting request is told it was cancelled
     assert done.is_set() and ends == ["cancelled"]
+
+
+def test_a_kv_cache_larger_than_the_free_memory_is_refused_with_settings_that_fit():
+    """ChatGLM-6B in bf16 keeps 448 KiB of keys and values a token: 16 slots of a 16,384-token context (a model
+    trained with rope_scaling) need 112 GiB."""
+    bytes_a_token = 2 * 28 * 4096 * 2
+    check_cache_fits(16, 2048, bytes_a_token, 20 * 2**30)  # 14 GiB: fits
+    with pytest.raises(CacheTooLargeError) as error:
+        check_cache_fits(16, 16384, bytes_a_token, 50 * 2**30)
+    assert str(error.value) == ("16 slots of 16,384 tokens need 112.0 GiB of KV cache, and this GPU has 50.0 GiB free "
+                                "after the model: pass --max-batch 7 or --max-seq-len 7168 (tokens a slot)")
+    with pytest.raises(CacheTooLargeError, match="pass --max-seq-len 256 .tokens a slot.$"):
+        check_cache_fits(16, 16384, bytes_a_token, 2 * 2**30)  # not even one long slot
+    with pytest.raises(CacheTooLargeError, match="free after the model: use a GPU with more memory$"):
+        check_cache_fits(16, 16384, bytes_a_token, 2**20)

@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import TemperatureLogitsWarper, TopPLogitsWarper
 
+from ..errors import ThuglmError
+
 logger = logging.getLogger("thuglm.serve")
 
 # The attended key span of a decode step is the longest active row rounded up to a multiple of this: a few shapes
@@ -49,6 +51,31 @@ class QueueFullError(RuntimeError):
 
 class PromptTooLongError(ValueError):
     """A prompt that leaves no room in a slot for even one answer token (answered 400)."""
+
+
+class CacheTooLargeError(ThuglmError, ValueError):
+    """The slots' KV cache does not fit the GPU's free memory; the message gives settings that do."""
+
+
+SLOT_TOKENS_STEP = 256  # a --max-seq-len proposed in an error is a multiple of this
+
+
+def check_cache_fits(slots: int, capacity: int, bytes_a_token: int, free_bytes: int) -> None:
+    """Refuse `slots` rows of `capacity` tokens (`bytes_a_token` of keys and values over all layers) that need more
+    than `free_bytes`, naming the most slots that fit at this length and the longest slots that fit this many."""
+    needed = slots * capacity * bytes_a_token
+    if needed <= free_bytes:
+        return
+    fitting_slots = free_bytes // (capacity * bytes_a_token)
+    fitting_length = free_bytes // (slots * bytes_a_token) // SLOT_TOKENS_STEP * SLOT_TOKENS_STEP
+    fixes = [f"--max-batch {fitting_slots}" if fitting_slots else None,
+             f"--max-seq-len {fitting_length} (tokens a slot)" if fitting_length else None]
+    fixes = [fix for fix in fixes if fix]
+    raise CacheTooLargeError(
+        f"{slots} slots of {capacity:,} tokens need {needed / 2**30:.1f} GiB of KV cache, and this GPU has "
+        f"{free_bytes / 2**30:.1f} GiB free after the model: "
+        + (f"pass {' or '.join(fixes)}" if fixes else "use a GPU with more memory")
+    )
 
 
 @dataclass
@@ -223,6 +250,9 @@ class ContinuousBatcher:
             self.dtype = probe.dtype if probe is not None else torch.get_default_dtype()
         self.capacity = capacity or config.max_sequence_length
         self.end_ids = {end_token_ids} if isinstance(end_token_ids, int) else set(end_token_ids)
+        if self.device.type == "cuda":  # a clear refusal instead of an out-of-memory error at start-up
+            bytes_a_token = 2 * config.num_layers * config.hidden_size * self.dtype.itemsize  # keys and values
+            check_cache_fits(slots, self.capacity, bytes_a_token, torch.cuda.mem_get_info(self.device)[0])
         self.cache = SlotCache(config.num_layers, slots, config.num_attention_heads, self.capacity,
                                config.hidden_size // config.num_attention_heads, self.dtype, self.device)
         self.slots: list[_Slot | None] = [None] * slots
