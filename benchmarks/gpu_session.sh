@@ -149,6 +149,12 @@ warmup_ratio=0 lora.dropout=0"
         [lora-bf16-b1-ckpt-compiled-cudagraphs]="batch_size=1 gradient_checkpointing=true compile=true max_steps=60 \
 --inductor triton.cudagraphs=true"
         [lora-bf16-b16-compiled]="batch_size=16 compile=true max_steps=30"
+        # issue #23's long rows through thuglm train (goal: 16,384+ tokens a row under 24 GiB), past ChatGLM-6B's
+        # 2,048 positions with rope_scaling (position interpolation); the benchmark alone had measured them before
+        [lora-bf16-b1-ckpt-s16384]="batch_size=1 gradient_checkpointing=true max_seq_len=16384 rope_scaling=linear \
+max_steps=10"
+        [lora-bf16-b1-ckpt-s20480]="batch_size=1 gradient_checkpointing=true max_seq_len=20480 rope_scaling=linear \
+max_steps=10"
         [lora-bf16-auto]="batch_size=auto global_batch_size=32 compile=true max_steps=20"
         # what the b1 step's time and memory are made of: the loss's chunk size, LoRA's dropout
         [lora-bf16-b1-ckpt-chunk64]="batch_size=1 gradient_checkpointing=true max_steps=40 --loss-chunk-mib 64"
