@@ -188,7 +188,8 @@ def test_rope_parameters_are_stored_in_transformers_form_and_survive_a_save(tmp_
     ("rope_parameters", "message"),
     [({"rope_type": "yarn", "factor": 4}, "rope_type 'yarn' is not one ChatGLM runs; use one of default, linear"),
      ({"rope_type": "linear"}, "needs a factor of at least 1; got None"),
-     ({"rope_type": "linear", "factor": 0.5}, "got 0.5")],
+     ({"rope_type": "linear", "factor": 0.5}, "got 0.5"),
+     ("linear", "rope_parameters must be a mapping such as {'rope_type': 'linear', 'factor': 8}; got 'linear'")],
 )
 def test_rope_parameters_chatglm_cannot_run_are_refused(rope_parameters, message):
     with pytest.raises(ValueError, match=re.escape(message)):

@@ -16,6 +16,9 @@ def standard_rope_parameters(value: dict[str, Any] | None) -> dict[str, Any] | N
     `{"rope_type": "linear", "factor": float}`, or None for the official rotary; anything else is refused."""
     if not value:
         return None
+    if not isinstance(value, dict):
+        raise ValueError(f"rope_parameters must be a mapping such as {{'rope_type': 'linear', 'factor': 8}}; "
+                         f"got {value!r}")
     rope_type = value.get("rope_type", value.get("type", "default"))
     if rope_type not in ROPE_TYPES:
         raise ValueError(f"rope_parameters: rope_type {rope_type!r} is not one ChatGLM runs; use one of "
