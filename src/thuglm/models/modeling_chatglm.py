@@ -73,12 +73,11 @@ class ChatGLMRotaryEmbedding(nn.Module):
 
     def inv_freq(self, device: torch.device) -> torch.Tensor:
         # The official code rounds the frequencies through fp16; keep exactly those frequencies (a linear scaling
-        # divides them after). Kept out of the module's buffers, so that casting the model to bf16/fp16 never
-        # coarsens them further and loading on the meta device never leaves them empty.
+        # divides them after; by 1, exactly). Kept out of the module's buffers, so that casting the model to bf16/fp16
+        # never coarsens them further and loading on the meta device never leaves them empty.
         if device not in self._inv_freq:
             exponents = torch.arange(0, self.dim, 2, dtype=torch.float32) / self.dim
-            inv_freq = (1.0 / (self.base**exponents)).half().float()
-            self._inv_freq[device] = (inv_freq / self.factor if self.factor != 1.0 else inv_freq).to(device)
+            self._inv_freq[device] = ((1.0 / (self.base**exponents)).half().float() / self.factor).to(device)
         return self._inv_freq[device]
 
     @torch.no_grad()

@@ -38,9 +38,10 @@ class FaithfulSaving:
             state_dict = without_tied_copies(in_loaded_dtypes(state_dict, self._loaded_dtypes), self._tied_weights)
         with without_checkpoint_wrappers(self.model), saving_prefix_only(self.model):
             super()._save(output_dir, state_dict=state_dict)
-        record_base_changes(Path(output_dir or self.args.output_dir), self.model.config)  # rope_scaling's context
+        folder = Path(output_dir or self.args.output_dir)
+        record_base_changes(folder, self.model.config)  # rope_scaling's context
         # save_pretrained records the dtype of the (upcast) weights it holds in config.json, not of those it wrote.
-        config_file = Path(output_dir or self.args.output_dir) / "config.json"
+        config_file = folder / "config.json"
         if gathered and config_file.is_file():
             config = AutoConfig.from_pretrained(config_file.parent)
             if config.dtype != self._loaded_dtype:
