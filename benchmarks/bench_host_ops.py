@@ -39,10 +39,11 @@ import time
 from pathlib import Path
 
 import torch
+from bench_host_walks import cpu_name
+from common import SIX_B, commit_id
 from torch.utils._python_dispatch import TorchDispatchMode
 
 COUNTED_STEP = 3  # the third training_step call: the warm-up steps' one-time work is done
-SIX_B_VOCABULARY = 130528
 RESULT = "RESULT "  # the official worker's line of JSON
 VIEWS = {"view", "_unsafe_view", "t", "transpose", "detach", "slice", "select", "unbind", "unsqueeze", "squeeze",
          "split", "split_with_sizes", "chunk", "expand", "permute", "as_strided", "alias", "unflatten", "flatten",
@@ -126,15 +127,12 @@ def with_the_6b_vocabulary(model_dir: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    model.resize_token_embeddings(SIX_B_VOCABULARY)
+    model.resize_token_embeddings(SIX_B["vocab_size"])
     model.save_pretrained(model_dir)
 
 
 def row(run_id: str, impl: str, layers: int, checkpointing: bool, counts, steady: list[float], command: str,
         overrides: list[str], vocabulary: str) -> dict:
-    from bench_host_walks import cpu_name
-    from common import commit_id
-
     kernels = sum(n for name, n in counts.items() if name not in VIEWS)
     return {
         "run_id": run_id, "date": datetime.date.today().isoformat(), "commit": commit_id(), "device": cpu_name(),
